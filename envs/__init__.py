@@ -1,0 +1,32 @@
+"""Environments shipped with flowrl, registered with gymnasium on import.
+
+| id | file | what |
+|---|---|---|
+| flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from envs import toy
+from envs.wrappers import ActionChunk
+
+if "flowrl/TwoGoal-v0" not in gym.registry:
+    gym.register("flowrl/TwoGoal-v0", entry_point="envs.toy:TwoGoalEnv", max_episode_steps=30)
+
+# Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
+DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
+    "flowrl/TwoGoal-v0": toy.scripted_demos,
+}
+
+
+def make_env(env_id: str, horizon: int) -> gym.Env:
+    """An env that takes action chunks of ``horizon`` steps."""
+    return ActionChunk(gym.make(env_id), horizon)
+
+
+__all__ = ["DEMONSTRATORS", "ActionChunk", "make_env"]

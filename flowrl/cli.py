@@ -1,0 +1,93 @@
+"""Command line: ``flowrl pretrain|train|eval EXPERIMENT.yaml [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flowrl.errors import FlowRLError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of flow-matching policies.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, experiment_required: bool = True) -> None:
+        sp.add_argument("experiment", nargs="?" if not experiment_required else None,
+                        help="experiment YAML file (experiments/*.yaml)")
+        sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. ppo.iterations=10")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("pretrain", help="flow-matching behaviour cloning only")
+    common(sp)
+    sp.add_argument("--run-dir", help="run folder (default: runs_dir/NAME-TIMESTAMP)")
+
+    sp = sub.add_parser("train", help="pretrain (unless policy.pretrained is set), then PPO fine-tuning")
+    common(sp, experiment_required=False)
+    sp.add_argument("--run-dir", help="run folder (default: runs_dir/NAME-TIMESTAMP)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+
+    sp = sub.add_parser("eval", help="evaluate a policy checkpoint with the deterministic ODE policy")
+    common(sp)
+    sp.add_argument("--checkpoint", help="policy checkpoint (default: policy.pretrained of the experiment)")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Heavy imports after argument parsing, so `flowrl --help` is instant.
+    from flowrl import experiment as ex
+    from flowrl.config import load_config
+    from flowrl.runtime import resolve_device
+
+    overrides = list(args.overrides)
+    if args.command == "train" and args.resume:
+        if args.experiment is not None:
+            if "=" not in args.experiment:
+                raise FlowRLError("with --resume RUN_DIR, give no experiment file: the run's config.yaml is used")
+            overrides.insert(0, args.experiment)
+        if args.run_dir:
+            raise FlowRLError("--resume and --run-dir exclude each other: --resume already names the run folder")
+        run_dir = Path(args.resume)
+        cfg = ex.load_run_config(run_dir, overrides)
+        print(f"run folder: {run_dir}", flush=True)
+        ex.train(cfg, run_dir, resume=True, progress=not args.no_progress)
+        return 0
+    if args.experiment is None:
+        raise FlowRLError(f"flowrl {args.command}: give an experiment file, e.g. experiments/quickstart.yaml")
+    cfg = load_config(args.experiment, overrides)
+    if args.command == "eval":
+        checkpoint = args.checkpoint or cfg.policy.pretrained
+        if checkpoint is None:
+            raise FlowRLError("flowrl eval: give --checkpoint PATH (or set policy.pretrained)")
+        metrics = ex.evaluate_checkpoint(cfg, checkpoint)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    run_dir = ex.new_run_dir(cfg, args.run_dir)
+    print(f"run folder: {run_dir}", flush=True)
+    if args.command == "pretrain":
+        ex.save_config(cfg, run_dir / "config.yaml")
+        ex.seed_everything(cfg.seed)
+        velocity = ex.pretrain(cfg, run_dir, resolve_device(cfg.device), progress=not args.no_progress)
+        print(f"pretrained policy: {run_dir / 'pretrained.pt'}")
+        del velocity
+        return 0
+    ex.train(cfg, run_dir, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except FlowRLError as exc:
+        print(f"flowrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
