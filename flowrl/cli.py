@@ -15,8 +15,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, experiment_required: bool = True) -> None:
-        sp.add_argument("experiment", nargs="?" if not experiment_required else None,
-                        help="experiment YAML file (experiments/*.yaml)")
+        sp.add_argument(
+            "experiment",
+            nargs="?" if not experiment_required else None,
+            help="experiment YAML file (experiments/*.yaml)",
+        )
         sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. ppo.iterations=10")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -210,8 +210,10 @@ class ExperimentConfig(_Strict):
         if not isinstance(self.mdp.converter, NoiseNetConverter):
             for key in LEARNED_NOISE_KEYS:
                 if key in self.ppo.model_fields_set:
-                    raise ValueError(f"ppo.{key} only applies to a learned noise "
-                                     "(mdp.converter.type reinflow or flow_noise); remove it")
+                    raise ValueError(
+                        f"ppo.{key} only applies to a learned noise "
+                        "(mdp.converter.type reinflow or flow_noise); remove it"
+                    )
         return self
 
     @model_serializer(mode="wrap")
@@ -282,8 +284,11 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
     lines = []
     for err in exc.errors():
         key = _dotted_loc(err["loc"], data)
-        origin = " (command-line override)" if any(key == o or key.startswith(o + ".") or o.startswith(key + ".")
-                                                   for o in overridden) else ""
+        origin = (
+            " (command-line override)"
+            if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden)
+            else ""
+        )
         if err["type"] == "extra_forbidden":
             parent = key.rpartition(".")[0]
             valid = _section_keys(parent)
@@ -292,7 +297,9 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
         elif err["type"] == "union_tag_not_found":
             lines.append(f"{source}: {key}: missing '{key}.type' (it chooses the kind, e.g. {key}.type=...)")
         elif err["type"] == "union_tag_invalid":
-            lines.append(f"{source}: {key}.type: {err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}{origin}")
+            lines.append(
+                f"{source}: {key}.type: {err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}{origin}"
+            )
         elif err["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
         else:
@@ -302,7 +309,9 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
     return "\n".join(lines)
 
 
-def build_config(data: dict[str, Any], source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def build_config(
+    data: dict[str, Any], source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Validate a raw dict plus ``key=value`` overrides into an ExperimentConfig."""
     data = dict(data)
     overridden = set()

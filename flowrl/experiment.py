@@ -20,7 +20,6 @@ from flowrl.models.build import build_policy, build_velocity, load_velocity, vel
 from flowrl.models.networks import ValueMLP, VelocityMLP
 from flowrl.rollout.collector import evaluate_policy
 from flowrl.runlog import atomic_save
-from flowrl.config import save_config as save_config  # re-exported for the CLI
 from flowrl.runtime import resolve_device, seed_everything
 
 
@@ -95,7 +94,9 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
         path = run_dir / "checkpoints" / "last.pt"
         if path.exists():
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            tqdm.write(f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})")
+            tqdm.write(
+                f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})"
+            )
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     velocity = initial_velocity(cfg, run_dir, device, progress)
@@ -105,8 +106,10 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     tqdm.write(f"fine-tuning on {device} ({cfg.mdp.converter.type} steps, window {cfg.mdp.window.type})")
     result = train_ppo(cfg, run_dir, policy, critic, device, resume=checkpoint, progress=progress)
     before, after = result["before"], result["after"]
-    print(f"success before fine-tuning: {before['eval/success_rate']:.2f} -> after: {after['eval/success_rate']:.2f} "
-          f"(return {before['eval/return']:.3f} -> {after['eval/return']:.3f})")
+    print(
+        f"success before fine-tuning: {before['eval/success_rate']:.2f} -> after: {after['eval/success_rate']:.2f} "
+        f"(return {before['eval/return']:.3f} -> {after['eval/return']:.3f})"
+    )
     print(f"run folder: {run_dir}")
     return result
 

@@ -45,8 +45,11 @@ class RunLog:
         if resume_after is not None:
             purge_step = resume_after + 1
             if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["env_steps"] <= resume_after]
+                kept = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["env_steps"] <= resume_after
+                ]
                 self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import sys
+from collections.abc import Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from flowrl.errors import FlowRLError
 
@@ -28,3 +31,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise FlowRLError("device: cuda was requested but no CUDA GPU is visible; use device: auto or cpu")
     return torch.device(name)
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, **kwargs) -> tqdm:
+    """A progress bar on stderr; in logs (no terminal) it refreshes every 10 s, not every step."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        iterable,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=interactive,
+        mininterval=0.2 if interactive else 10.0,
+        **kwargs,
+    )

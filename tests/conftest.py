@@ -9,3 +9,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# The suite's networks are tiny: one intra-op thread is as fast, and it stays fast when
+# the other core is busy (2 threads on a loaded 2-core machine made small matmuls ~100x slower).
+torch.set_num_threads(1)

@@ -28,9 +28,13 @@ def test_experiments_exist_and_load():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("ppo.clip=0.1", ("ppo.clip", 0.1)), ("policy.hidden_dims=[8, 8]", ("policy.hidden_dims", [8, 8])),
-     ("policy.pretrained=null", ("policy.pretrained", None)), ("name=abc", ("name", "abc")),
-     ("ppo.iterations=3", ("ppo.iterations", 3))],
+    [
+        ("ppo.clip=0.1", ("ppo.clip", 0.1)),
+        ("policy.hidden_dims=[8, 8]", ("policy.hidden_dims", [8, 8])),
+        ("policy.pretrained=null", ("policy.pretrained", None)),
+        ("name=abc", ("name", "abc")),
+        ("ppo.iterations=3", ("ppo.iterations", 3)),
+    ],
 )
 def test_parse_override(text, expected):
     assert parse_override(text) == expected
@@ -43,8 +47,10 @@ def test_bad_override_syntax(bad):
 
 
 def test_overrides_apply_nested():
-    cfg = build_config({"name": "x", "mdp": {"converter": {"type": "reinflow"}}},
-                       overrides=["ppo.clip=0.05", "mdp.converter.std_max=0.3", "env.num_envs=3"])
+    cfg = build_config(
+        {"name": "x", "mdp": {"converter": {"type": "reinflow"}}},
+        overrides=["ppo.clip=0.05", "mdp.converter.std_max=0.3", "env.num_envs=3"],
+    )
     assert cfg.ppo.clip == 0.05 and cfg.env.num_envs == 3
     assert isinstance(cfg.mdp.converter, NoiseNetConverter) and cfg.mdp.converter.std_max == 0.3
 
@@ -77,8 +83,9 @@ def test_converter_and_window_types():
         build_config({"name": "x", "mdp": {"converter": {"type": "flow_sde", "std_min": 0.1}}})
     with pytest.raises(ConfigError, match=r"missing required key 'mdp.window.size'"):
         build_config({"name": "x", "mdp": {"window": {"type": "sliding"}}})
-    cfg = build_config({"name": "x", "mdp": {"window": {"type": "sliding", "size": 2, "mode": "decay",
-                                                        "decay_rate": 0.5}}})
+    cfg = build_config(
+        {"name": "x", "mdp": {"window": {"type": "sliding", "size": 2, "mode": "decay", "decay_rate": 0.5}}}
+    )
     assert isinstance(cfg.mdp.window, SlidingWindowConfig) and cfg.mdp.window.decay_rate == 0.5
 
 
@@ -101,8 +108,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_save_roundtrip(tmp_path):
-    cfg = build_config({"name": "x", "mdp": {"converter": {"type": "cps", "noise_level": 0.5},
-                                             "window": {"type": "sliding", "size": 2, "mode": "random"}}})
+    cfg = build_config(
+        {
+            "name": "x",
+            "mdp": {
+                "converter": {"type": "cps", "noise_level": 0.5},
+                "window": {"type": "sliding", "size": 2, "mode": "random"},
+            },
+        }
+    )
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["mdp"]["converter"]["type"] == "cps"

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 import envs as flowrl_envs
 from flowrl.config import DemosConfig, PretrainConfig
 from flowrl.errors import FlowRLError
 from flowrl.models.networks import VelocityMLP
+from flowrl.runtime import progress as progress_bar
 
 DEMO_KEYS = ("observations", "actions", "episode_ends")
 
@@ -66,11 +66,12 @@ def action_chunks(demos: dict[str, np.ndarray], horizon: int) -> tuple[Tensor, T
         steps = np.arange(start, end)
         index.append(np.minimum(steps[:, None] + np.arange(horizon)[None], end - 1))
     idx = np.concatenate(index)
-    return (torch.as_tensor(obs[idx[:, 0]], dtype=torch.float32),
-            torch.as_tensor(actions[idx], dtype=torch.float32))
+    return (torch.as_tensor(obs[idx[:, 0]], dtype=torch.float32), torch.as_tensor(actions[idx], dtype=torch.float32))
 
 
-def flow_matching_loss(velocity: VelocityMLP, obs: Tensor, chunks: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def flow_matching_loss(
+    velocity: VelocityMLP, obs: Tensor, chunks: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Rectified-flow loss on a batch: obs ``[B, O]``, chunks ``[B, Ta, Da]``."""
     b = chunks.shape[0]
     t = torch.rand(b, generator=generator, device=chunks.device)
@@ -90,7 +91,7 @@ def pretrain_flow(
     opt = torch.optim.AdamW(velocity.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(cfg.steps), "pretrain", progress)
     for step in bar:
         idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
         loss = flow_matching_loss(velocity, obs[idx], chunks[idx], gen)

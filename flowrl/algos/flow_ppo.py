@@ -29,6 +29,7 @@ from flowrl.models.flow_policy import FlowPolicy
 from flowrl.rollout.collector import Collector, InProcessCollector, Rollout, evaluate_policy
 from flowrl.runlog import RunLog, atomic_save
 from flowrl.runtime import derive_seed
+from flowrl.runtime import progress as progress_bar
 
 
 class RatioCheckError(FlowRLError, RuntimeError):
@@ -56,9 +57,13 @@ class FlowPPO:
         self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
-                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-                "generator": self.generator.get_state()}
+        return {
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -71,16 +76,25 @@ class FlowPPO:
         cfg, dev = self.cfg, self.device
         if not torch.isfinite(rollout.rewards).all():
             t, n = (~torch.isfinite(rollout.rewards)).nonzero()[0].tolist()
-            raise RewardError(f"the env returned reward {rollout.rewards[t, n].item()} at policy step {t} of env {n}; "
-                              "fix the env's reward (flowrl does not replace bad rewards)")
+            raise RewardError(
+                f"the env returned reward {rollout.rewards[t, n].item()} at policy step {t} of env {n}; "
+                "fix the env's reward (flowrl does not replace bad rewards)"
+            )
         T, N = rollout.rewards.shape
         obs, next_obs = rollout.obs.to(dev), rollout.next_obs.to(dev)
         with torch.no_grad():
             values = self.critic(obs.flatten(0, 1)).view(T, N)
             next_values = self.critic(next_obs.flatten(0, 1)).view(T, N)
         dones = rollout.terminated | rollout.truncated
-        adv, returns = gae(rollout.rewards.to(dev), values, next_values, rollout.terminated.to(dev), dones.to(dev),
-                           cfg.gamma, cfg.gae_lambda)
+        adv, returns = gae(
+            rollout.rewards.to(dev),
+            values,
+            next_values,
+            rollout.terminated.to(dev),
+            dones.to(dev),
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
         b_obs, b_chains = obs.flatten(0, 1), rollout.chains.to(dev).flatten(0, 1)
         b_masks, b_old_lp = rollout.masks.to(dev).flatten(0, 1), rollout.log_probs.to(dev).flatten(0, 1)
         b_adv, b_ret, b_val = adv.flatten(), returns.flatten(), values.flatten()
@@ -112,9 +126,13 @@ class FlowPPO:
                 nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 self.critic_opt.step()
 
-                for key, value in {"losses/policy": pg_loss.item(), "losses/value": v_loss.item(),
-                                   "losses/entropy": entropy_mean.item(), "train/grad_norm": float(grad_norm),
-                                   **{f"train/{k}": v for k, v in pg_metrics.items()}}.items():
+                for key, value in {
+                    "losses/policy": pg_loss.item(),
+                    "losses/value": v_loss.item(),
+                    "losses/entropy": entropy_mean.item(),
+                    "train/grad_norm": float(grad_norm),
+                    **{f"train/{k}": v for k, v in pg_metrics.items()},
+                }.items():
                     history.setdefault(key, []).append(value)
                 if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
                     kl_stop = True
@@ -127,9 +145,15 @@ class FlowPPO:
         metrics["train/ratio_min"] = float(np.min(history["train/ratio_min"]))
         with torch.no_grad():
             _, v_metrics = value_loss(self.critic(b_obs), b_ret)
-        metrics.update({"train/epochs": float(epochs_done), "train/ratio_check_dev": ratio_dev,
-                        "train/explained_variance": v_metrics["explained_variance"],
-                        "train/advantage_std": b_adv.std().item(), "train/value_mean": b_val.mean().item()})
+        metrics.update(
+            {
+                "train/epochs": float(epochs_done),
+                "train/ratio_check_dev": ratio_dev,
+                "train/explained_variance": v_metrics["explained_variance"],
+                "train/advantage_std": b_adv.std().item(),
+                "train/value_mean": b_val.mean().item(),
+            }
+        )
         return metrics
 
     @torch.no_grad()
@@ -152,9 +176,11 @@ class FlowPPO:
 def _episode_metrics(rollout: Rollout) -> dict[str, float]:
     if not rollout.episode_returns:
         return {}
-    return {"charts/episode_return": float(np.mean(rollout.episode_returns)),
-            "charts/success_rate": float(np.mean(rollout.episode_successes)),
-            "charts/episodes": float(len(rollout.episode_returns))}
+    return {
+        "charts/episode_return": float(np.mean(rollout.episode_returns)),
+        "charts/success_rate": float(np.mean(rollout.episode_successes)),
+        "charts/episodes": float(len(rollout.episode_returns)),
+    }
 
 
 def train_ppo(
@@ -189,19 +215,28 @@ def train_ppo(
         return evaluate_policy(rollout_policy, env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed)
 
     def save_checkpoint() -> None:
-        atomic_save({"iteration": iteration, "env_steps": env_steps, "eval_before": before,
-                     "learner": learner.state_dict(), **velocity_record(policy.velocity, cfg.policy)},
-                    run_dir / "checkpoints" / "last.pt")
+        atomic_save(
+            {
+                "iteration": iteration,
+                "env_steps": env_steps,
+                "eval_before": before,
+                "learner": learner.state_dict(),
+                **velocity_record(policy.velocity, cfg.policy),
+            },
+            run_dir / "checkpoints" / "last.pt",
+        )
 
     try:
         if before is None:
             before = evaluate()
             log.log(0, before, iteration=0)
-            tqdm.write(f"before fine-tuning: success {before['eval/success_rate']:.2f}, "
-                       f"return {before['eval/return']:.3f}")
+            tqdm.write(
+                f"before fine-tuning: success {before['eval/success_rate']:.2f}, return {before['eval/return']:.3f}"
+            )
         last_eval = before
-        bar = tqdm(range(iteration, cfg.ppo.iterations), desc="ppo", initial=iteration, total=cfg.ppo.iterations,
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(
+            range(iteration, cfg.ppo.iterations), "ppo", progress, initial=iteration, total=cfg.ppo.iterations
+        )
         for it in bar:
             t0 = time.perf_counter()
             if rollout_policy is not policy:
@@ -215,8 +250,13 @@ def train_ppo(
             if iteration % cfg.eval.every == 0 or iteration == cfg.ppo.iterations:
                 last_eval = evaluate()
                 metrics.update(last_eval)
-            metrics.update({"time/collect_s": t1 - t0, "time/update_s": t2 - t1,
-                            "time/env_steps_per_s": rollout.env_steps / max(t2 - t0, 1e-9)})
+            metrics.update(
+                {
+                    "time/collect_s": t1 - t0,
+                    "time/update_s": t2 - t1,
+                    "time/env_steps_per_s": rollout.env_steps / max(t2 - t0, 1e-9),
+                }
+            )
             log.log(env_steps, metrics, iteration=iteration)
             bar.set_postfix(success=f"{last_eval['eval/success_rate']:.2f}", ret=f"{last_eval['eval/return']:.2f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.ppo.iterations:

@@ -70,8 +70,9 @@ def gaussian_entropy(std: Tensor, event_shape: torch.Size | tuple[int, ...]) -> 
     returns ``[B]``.
     """
     if std.ndim != len(event_shape) + 1:
-        raise ValueError(f"gaussian_entropy: std needs shape [B, *{tuple(event_shape)}] (batch first), "
-                         f"got {tuple(std.shape)}")
+        raise ValueError(
+            f"gaussian_entropy: std needs shape [B, *{tuple(event_shape)}] (batch first), got {tuple(std.shape)}"
+        )
     std = torch.broadcast_to(std, (std.shape[0], *event_shape))
     return _sum_event(0.5 + _LOG_SQRT_2PI + torch.log(std))
 

@@ -40,15 +40,23 @@ def build_window(cfg: ExperimentConfig) -> StepWindow:
     if isinstance(w, OneRandomStepWindow):
         return OneRandomStep()
     assert isinstance(w, SlidingWindowConfig)
-    return SlidingWindow(w.size, w.mode, w.shift_interval, w.stride, w.decay_rate, w.min_shift_interval,
-                         w.roll_back, seed=cfg.seed)
+    return SlidingWindow(
+        w.size, w.mode, w.shift_interval, w.stride, w.decay_rate, w.min_shift_interval, w.roll_back, seed=cfg.seed
+    )
 
 
 def build_converter(cfg: ExperimentConfig, obs_dim: int, action_dim: int) -> Converter:
     c = cfg.mdp.converter
     if isinstance(c, NoiseNetConverter):
-        net = ReinFlowNoiseNet(obs_dim, cfg.policy.horizon, action_dim, c.std_min, c.std_max, c.hidden_dims,
-                               condition_on_x=c.type == "flow_noise")
+        net = ReinFlowNoiseNet(
+            obs_dim,
+            cfg.policy.horizon,
+            action_dim,
+            c.std_min,
+            c.std_max,
+            c.hidden_dims,
+            condition_on_x=c.type == "flow_noise",
+        )
         return ReinFlowConverter(net)
     if isinstance(c, FlowSDEConverterConfig):
         return FlowSDEConverter(c.noise_level)
@@ -73,8 +81,11 @@ def velocity_record(velocity: VelocityMLP, cfg: PolicyConfig) -> dict[str, Any]:
     """What a checkpoint stores to rebuild the velocity field."""
     return {
         "velocity": velocity.state_dict(),
-        "arch": {"obs_dim": velocity.obs_dim, "action_dim": velocity.action_dim,
-                 **{k: getattr(cfg, k) for k in ARCH_KEYS}},
+        "arch": {
+            "obs_dim": velocity.obs_dim,
+            "action_dim": velocity.action_dim,
+            **{k: getattr(cfg, k) for k in ARCH_KEYS},
+        },
     }
 
 

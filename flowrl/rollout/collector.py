@@ -47,8 +47,9 @@ class Rollout:
     @staticmethod
     def concat_envs(parts: list[Rollout]) -> Rollout:
         """Join rollouts of different env shards (same T) along the env axis."""
-        tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1)
-                   for f in fields(Rollout) if f.type == "Tensor"}
+        tensors = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(Rollout) if f.type == "Tensor"
+        }
         return Rollout(
             **tensors,
             env_steps=sum(p.env_steps for p in parts),
@@ -98,8 +99,9 @@ class EnvShard:
     def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        buf: dict[str, list] = {k: [] for k in ("obs", "next_obs", "chains", "masks", "log_probs", "rewards",
-                                                "terminated", "truncated")}
+        buf: dict[str, list] = {
+            k: [] for k in ("obs", "next_obs", "chains", "masks", "log_probs", "rewards", "terminated", "truncated")
+        }
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
@@ -116,14 +118,24 @@ class EnvShard:
                 ep_successes.append(float(bool(_final_info_value(info, "success", i, False))))
                 self._returns[i] = 0.0
             env_steps += int(sum(_final_info_value(info, "chunk_steps", i, 1) for i in range(self.num_envs)))
-            for key, value in (("obs", obs), ("next_obs", torch.from_numpy(real_next)), ("chains", sample.chain),
-                               ("masks", sample.mask), ("log_probs", sample.log_prob),
-                               ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
-                               ("terminated", torch.as_tensor(terminated)), ("truncated", torch.as_tensor(truncated))):
+            for key, value in (
+                ("obs", obs),
+                ("next_obs", torch.from_numpy(real_next)),
+                ("chains", sample.chain),
+                ("masks", sample.mask),
+                ("log_probs", sample.log_prob),
+                ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
+                ("terminated", torch.as_tensor(terminated)),
+                ("truncated", torch.as_tensor(truncated)),
+            ):
                 buf[key].append(value)
             self._obs = next_obs
-        return Rollout(**{k: torch.stack(v) for k, v in buf.items()}, env_steps=env_steps,
-                       episode_returns=ep_returns, episode_successes=ep_successes)
+        return Rollout(
+            **{k: torch.stack(v) for k, v in buf.items()},
+            env_steps=env_steps,
+            episode_returns=ep_returns,
+            episode_successes=ep_successes,
+        )
 
     def close(self) -> None:
         self.envs.close()
@@ -150,9 +162,7 @@ class InProcessCollector:
             shard.close()
 
 
-def evaluate_policy(
-    policy: FlowPolicy, env_id: str, horizon: int, episodes: int, seed: int
-) -> dict[str, float]:
+def evaluate_policy(policy: FlowPolicy, env_id: str, horizon: int, episodes: int, seed: int) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
 
     The seeds and the initial noise are the same at every call, so successive evaluations
@@ -177,8 +187,11 @@ def evaluate_policy(
                 success[i] = bool(info.get("success", False))
     for env in env_list:
         env.close()
-    return {"eval/return": float(returns.mean()), "eval/success_rate": float(success.mean()),
-            "eval/episode_length": float(lengths.mean())}
+    return {
+        "eval/return": float(returns.mean()),
+        "eval/success_rate": float(success.mean()),
+        "eval/episode_length": float(lengths.mean()),
+    }
 
 
 __all__ = ["Collector", "EnvShard", "InProcessCollector", "Rollout", "evaluate_policy"]

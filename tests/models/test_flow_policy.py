@@ -241,7 +241,7 @@ def test_gradients_reach_velocity_and_noise_net(kind) -> None:
     obs = _obs()
     s = policy.sample(obs, 0, torch.Generator().manual_seed(5))
     lp, ent = policy.log_prob(obs, s.chain, s.mask)
-    lp.mean().backward()
+    lp.mean().backward(retain_graph=True)
     for name, p in policy.velocity.named_parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
     assert any(float(p.grad.abs().max()) > 0 for p in policy.velocity.parameters())
@@ -255,7 +255,6 @@ def test_gradients_reach_velocity_and_noise_net(kind) -> None:
         net.zero_grad()
         ent.mean().backward()
         assert float(net.net[-1].weight.grad.abs().sum()) > 0
-        # (no gradient to the velocity from the entropy of a state-independent-of-v std)
         # a finite-difference check of d log_prob / d (noise-net output bias)
         bias = net.net[-1].bias
         g = torch.autograd.grad(policy.log_prob(obs, s.chain, s.mask)[0].sum(), bias)[0]

@@ -1,0 +1,181 @@
+"""End to end through the CLI: errors, determinism, kill-and-resume, and the quickstart's learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowrl.cli import main
+from flowrl.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+# A few seconds of work: tiny pretraining, a few PPO iterations on a few envs.
+TINY = [
+    "pretrain.steps=150",
+    "pretrain.demos.episodes=40",
+    "env.num_envs=4",
+    "ppo.steps_per_iteration=4",
+    "ppo.epochs=2",
+    "ppo.minibatch_size=8",
+    "eval.episodes=8",
+    "eval.every=2",
+    "policy.hidden_dims=[32,32]",
+]
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flowrl.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def _run_dir(runs: Path) -> Path:
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("no.such.key=1", "unknown key 'no'"),
+        ("ppo.clip=abc", "ppo.clip"),
+        ("mdp.converter.std_min=0.5", "noise range is inverted"),
+    ],
+)
+def test_bad_config_is_one_line_error(override, needle, tmp_path):
+    proc = _cli("train", QUICKSTART, override, f"runs_dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "quickstart.yaml" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir()), "no run folder for a config error"
+
+
+def test_missing_dataset_and_checkpoint_are_clear_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.npz"
+    assert (
+        main(["pretrain", QUICKSTART, f"pretrain.demos={{path: {missing}}}", f"runs_dir={tmp_path}", "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "demonstration file not found" in err and str(missing) in err and "pretrain.demos.path" in err
+    assert main(["eval", QUICKSTART, "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _strip_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_same_seed_same_metrics_and_eval_command(tmp_path, capsys):
+    runs = []
+    for name in ("a", "b"):
+        assert (
+            main(["train", QUICKSTART, *TINY, "ppo.iterations=3", f"runs_dir={tmp_path / name}", "--no-progress"]) == 0
+        )
+        runs.append(_run_dir(tmp_path / name))
+    first, second = (read_metrics(r) for r in runs)
+    assert [r["iteration"] for r in first] == [0, 1, 2, 3]
+    assert all("env_steps" in r for r in first)
+    assert "eval/success_rate" in first[0] and "eval/return" in first[-1]
+    assert _strip_time(first) == _strip_time(second)
+    # The run folder holds what the README promises.
+    run = runs[0]
+    for name in ("config.yaml", "pretrained.pt", "policy.pt", "checkpoints/last.pt", "metrics.jsonl"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # `flowrl eval` on the fine-tuned policy reproduces the last logged evaluation.
+    capsys.readouterr()
+    assert main(["eval", QUICKSTART, *TINY, "--checkpoint", str(run / "policy.pt")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["eval/success_rate"] == first[-1]["eval/success_rate"]
+    assert metrics["eval/return"] == first[-1]["eval/return"]
+
+
+def _tensorboard_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [event.step for event in acc.Scalars(tag)]
+
+
+def test_sigkill_then_resume_gives_one_continuous_run(tmp_path):
+    iterations = 15
+    args = [
+        "train",
+        QUICKSTART,
+        *TINY,
+        f"ppo.iterations={iterations}",
+        "checkpoint_every=3",
+        f"runs_dir={tmp_path}",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowrl.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        killed_at = None
+        while time.time() < deadline and proc.poll() is None:
+            runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+            if runs and (runs[0] / "metrics.jsonl").exists():
+                done = read_metrics(runs[0])
+                if done and done[-1]["iteration"] >= 7:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    killed_at = done[-1]["iteration"]
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed_at is not None and killed_at < iterations, "the run ended before it could be killed"
+    run = _run_dir(tmp_path)
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["iteration"] % 3 == 0 and checkpoint["iteration"] <= killed_at
+
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    records = read_metrics(run)
+    assert [r["iteration"] for r in records] == list(range(iterations + 1))
+    steps = [r["env_steps"] for r in records]
+    assert steps == sorted(set(steps)), "env_steps must increase strictly across the resume"
+    for tag in ("losses/value", "eval/success_rate"):
+        tb_steps = _tensorboard_steps(run, tag)
+        assert tb_steps == sorted(set(tb_steps)), f"{tag}: TensorBoard steps repeat or go back"
+    assert _tensorboard_steps(run, "losses/value") == steps[1:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["iteration"] == iterations
+
+
+def test_resume_rejects_an_experiment_file(tmp_path, capsys):
+    assert main(["train", QUICKSTART, "--resume", str(tmp_path)]) == 2
+    assert "give no experiment file" in capsys.readouterr().err
+
+
+def test_quickstart_learns(tmp_path):
+    """The README's quickstart, unchanged: success <= 0.7 before fine-tuning, >= 0.9 after."""
+    assert main(["train", QUICKSTART, f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    records = read_metrics(_run_dir(tmp_path))
+    evals = [r["eval/success_rate"] for r in records if "eval/success_rate" in r]
+    assert evals[0] <= 0.7, evals
+    assert evals[-1] >= 0.9, evals
+
+
+@pytest.mark.gpu
+def test_learner_on_cuda(tmp_path):
+    assert (
+        main(["train", QUICKSTART, *TINY, "ppo.iterations=2", "device=cuda", f"runs_dir={tmp_path}", "--no-progress"])
+        == 0
+    )
+    assert len(read_metrics(_run_dir(tmp_path))) == 3
