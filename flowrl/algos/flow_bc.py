@@ -105,5 +105,5 @@ def pretrain_flow(
                 p_ema.lerp_(p, 1.0 - cfg.ema_decay)
         losses.append(loss.item())
         if step % 100 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", refresh=False)
     return ema.requires_grad_(True), {"pretrain/loss": float(np.mean(losses[-100:]))}

@@ -258,7 +258,9 @@ def train_ppo(
                 }
             )
             log.log(env_steps, metrics, iteration=iteration)
-            bar.set_postfix(success=f"{last_eval['eval/success_rate']:.2f}", ret=f"{last_eval['eval/return']:.2f}")
+            bar.set_postfix(
+                success=f"{last_eval['eval/success_rate']:.2f}", ret=f"{last_eval['eval/return']:.2f}", refresh=False
+            )
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.ppo.iterations:
                 save_checkpoint()
     finally:
