@@ -3,11 +3,13 @@
 | id | file | what |
 |---|---|---|
 | flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
+| flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that raises or kills its process at a chosen step (worker-recovery tests) |
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -17,6 +19,8 @@ from envs.wrappers import ActionChunk
 
 if "flowrl/TwoGoal-v0" not in gym.registry:
     gym.register("flowrl/TwoGoal-v0", entry_point="envs.toy:TwoGoalEnv", max_episode_steps=30)
+if "flowrl/FaultInjection-v0" not in gym.registry:
+    gym.register("flowrl/FaultInjection-v0", entry_point="envs.faults:FaultInjectionEnv", max_episode_steps=30)
 
 # Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
 DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
@@ -24,9 +28,13 @@ DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
 }
 
 
-def make_env(env_id: str, horizon: int) -> gym.Env:
-    """An env that takes action chunks of ``horizon`` steps."""
-    return ActionChunk(gym.make(env_id), horizon)
+def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) -> gym.Env:
+    """An env that takes action chunks of ``horizon`` steps (``kwargs`` go to gym.make)."""
+    try:
+        env = gym.make(env_id, **(kwargs or {}))
+    except gym.error.Error as exc:
+        raise ValueError(f"cannot make env {env_id!r} (env.id / env.kwargs): {exc}") from None
+    return ActionChunk(env, horizon)
 
 
 __all__ = ["DEMONSTRATORS", "ActionChunk", "make_env"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     common(sp, experiment_required=False)
     sp.add_argument("--run-dir", help="run folder (default: runs_dir/NAME-TIMESTAMP)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    sp.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster ('auto' = the local one)")
 
     sp = sub.add_parser("eval", help="evaluate a policy checkpoint with the deterministic ODE policy")
     common(sp)
@@ -45,6 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     from flowrl.runtime import resolve_device
 
     overrides = list(args.overrides)
+    if getattr(args, "ray_address", None):
+        overrides.append(f"ray.address={args.ray_address}")
     if args.command == "train" and args.resume:
         if args.experiment is not None:
             if "=" not in args.experiment:
@@ -80,8 +84,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console_logging() -> None:
+    logger = logging.getLogger("flowrl")
+    if not any(getattr(h, "_flowrl_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("flowrl: %(message)s"))
+        handler._flowrl_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _console_logging()
     try:
         return _run(args)
     except FlowRLError as exc:

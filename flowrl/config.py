@@ -47,7 +47,28 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- env
 class EnvConfig(_Strict):
     id: str = Field("flowrl/TwoGoal-v0", description="gymnasium id of a task registered by `envs`")
-    num_envs: int = Field(16, ge=1, description="parallel envs used to collect rollouts")
+    num_envs: int = Field(16, ge=1, description="parallel envs used to collect rollouts (over all workers)")
+    kwargs: dict[str, Any] = Field({}, description="keyword arguments of the env's constructor (gym.make)")
+
+
+# --------------------------------------------------------------------------- Ray
+class RayConfig(_Strict):
+    enabled: bool = Field(True, description="env workers as Ray actors; false = the same workers in this process")
+    address: str | None = Field(
+        None, description="null = start a local Ray; 'auto' or 'HOST:PORT' = join a running cluster"
+    )
+    num_workers: int = Field(2, ge=1, description="env workers; each owns env.num_envs / num_workers envs")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (null = all of this machine)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per env worker")
+    max_restarts: int = Field(3, ge=0, description="restarts of a failed worker within one iteration")
+
+    def _inactive(self) -> dict[str, str]:
+        if not self.enabled:
+            why = "with ray.enabled: true"
+            return {k: why for k in ("address", "num_cpus", "cpus_per_worker", "max_restarts")}
+        if self.address is not None:
+            return {"num_cpus": "to a local Ray (ray.address: null)"}
+        return {}
 
 
 # --------------------------------------------------------------------------- policy
@@ -178,6 +199,9 @@ class PPOConfig(_Strict):
     actor_lr: float = Field(3e-4, gt=0, description="velocity field learning rate")
     noise_lr: float = Field(3e-4, gt=0, description="noise net learning rate (reinflow / flow_noise)")
     critic_lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear = anneal every learning rate to 0 over the iterations (CleanRL's anneal_lr)"
+    )
     entropy_coef: float = Field(0.0, ge=0, description="bonus on the learned steps' entropy")
     max_grad_norm: float = Field(1.0, gt=0)
     target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
@@ -204,6 +228,15 @@ class ExperimentConfig(_Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _envs_split_over_workers(self) -> ExperimentConfig:
+        if self.env.num_envs % self.ray.num_workers:
+            raise ValueError(
+                f"env.num_envs={self.env.num_envs} must be a multiple of ray.num_workers={self.ray.num_workers}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _learned_noise_keys(self) -> ExperimentConfig:

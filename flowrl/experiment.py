@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,20 @@ from flowrl.config import ExperimentConfig, load_config, save_config
 from flowrl.errors import FlowRLError
 from flowrl.models.build import build_policy, build_velocity, load_velocity, velocity_record
 from flowrl.models.networks import ValueMLP, VelocityMLP
-from flowrl.rollout.collector import evaluate_policy
+from flowrl.rollout.collector import Collector, InProcessCollector, evaluate_policy
 from flowrl.runlog import atomic_save
 from flowrl.runtime import resolve_device, seed_everything
 
 
-def env_dims(env_id: str) -> tuple[int, int]:
+def env_dims(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
     """(observation dim, action dim) of a registered env with flat Box spaces."""
     if env_id not in gym.registry:
         known = ", ".join(sorted(k for k in gym.registry if k.startswith("flowrl/")))
         raise FlowRLError(f"unknown env id {env_id!r} (env.id); flowrl's envs: {known}")
-    env = gym.make(env_id)
+    try:
+        env = gym.make(env_id, **(kwargs or {}))
+    except TypeError as exc:
+        raise FlowRLError(f"env.kwargs do not fit {env_id}: {exc}") from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
@@ -57,7 +62,7 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
 def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool = True) -> VelocityMLP:
     """Flow-matching BC from the experiment's demos; writes ``pretrained.pt`` in the run folder."""
     env_flowrl = flowrl_envs  # noqa: F841  (import registers the envs)
-    obs_dim, action_dim = env_dims(cfg.env.id)
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed)
     if demos["observations"].shape[1] != obs_dim or demos["actions"].shape[1] != action_dim:
         raise FlowRLError(
@@ -76,7 +81,7 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
 
 def initial_velocity(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool) -> VelocityMLP:
     """The policy to fine-tune: policy.pretrained, else this run's pretrained.pt, else pretrain now."""
-    obs_dim, action_dim = env_dims(cfg.env.id)
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:
         return load_velocity(cfg.policy.pretrained, cfg.policy, obs_dim, action_dim)
     if (run_dir / "pretrained.pt").exists():
@@ -100,11 +105,27 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     velocity = initial_velocity(cfg, run_dir, device, progress)
-    obs_dim, action_dim = env_dims(cfg.env.id)
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     policy = build_policy(cfg, velocity, obs_dim, action_dim)
     critic = ValueMLP(obs_dim)
-    tqdm.write(f"fine-tuning on {device} ({cfg.mdp.converter.type} steps, window {cfg.mdp.window.type})")
-    result = train_ppo(cfg, run_dir, policy, critic, device, resume=checkpoint, progress=progress)
+    where = (
+        f"{cfg.ray.num_workers} Ray env workers" if cfg.ray.enabled else f"{cfg.ray.num_workers} in-process env shards"
+    )
+    tqdm.write(
+        f"fine-tuning: learner on {device}, {where}, {cfg.mdp.converter.type} steps, window {cfg.mdp.window.type}"
+    )
+    events = logging.FileHandler(run_dir / "events.log")
+    events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("flowrl").addHandler(events)
+    try:
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus) if cfg.ray.enabled else contextlib.nullcontext():
+            collector = make_collector(cfg)
+            result = train_ppo(
+                cfg, run_dir, policy, critic, device, resume=checkpoint, progress=progress, collector=collector
+            )
+    finally:
+        logging.getLogger("flowrl").removeHandler(events)
+        events.close()
     before, after = result["before"], result["after"]
     print(
         f"success before fine-tuning: {before['eval/success_rate']:.2f} -> after: {after['eval/success_rate']:.2f} "
@@ -114,11 +135,38 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     return result
 
 
+def make_collector(cfg: ExperimentConfig) -> Collector:
+    """Ray env workers (ray.enabled), or the same shards in this process."""
+    env, horizon = cfg.env, cfg.policy.horizon
+    if cfg.ray.enabled:
+        from flowrl.rollout.ray_collector import RayCollector
+
+        return RayCollector(
+            env.id,
+            horizon,
+            env.num_envs,
+            cfg.seed,
+            cfg.ray.num_workers,
+            cfg.ray.cpus_per_worker,
+            cfg.ray.max_restarts,
+            env.kwargs,
+        )
+    return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, cfg.ray.num_workers, env.kwargs)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None):
+    from flowrl.rollout.ray_runtime import ray_session as session
+
+    with session(address, num_cpus) as ray:
+        yield ray
+
+
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, float]:
-    obs_dim, action_dim = env_dims(cfg.env.id)
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     velocity = load_velocity(checkpoint, cfg.policy, obs_dim, action_dim)
     policy = build_policy(cfg, velocity, obs_dim, action_dim)
-    return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed)
+    return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs)
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str]) -> ExperimentConfig:

@@ -55,6 +55,16 @@ class FlowPPO:
         self.actor_opt = torch.optim.Adam(groups)
         self.critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
         self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
+        for opt in (self.actor_opt, self.critic_opt):
+            for group in opt.param_groups:
+                group["base_lr"] = group["lr"]
+
+    def set_progress(self, fraction_done: float) -> None:
+        """Learning rates for the ``lr_schedule`` at this point of training (0 = start)."""
+        scale = 1.0 - fraction_done if self.cfg.lr_schedule == "linear" else 1.0
+        for opt in (self.actor_opt, self.critic_opt):
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -207,12 +217,14 @@ def train_ppo(
         iteration, env_steps, before = resume["iteration"], resume["env_steps"], resume["eval_before"]
     # Rollouts run on the CPU (like remote workers); the learner may sit on the GPU.
     rollout_policy = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()
-    collector = collector or InProcessCollector(env.id, cfg.policy.horizon, env.num_envs, cfg.seed)
+    collector = collector or InProcessCollector(
+        env.id, cfg.policy.horizon, env.num_envs, cfg.seed, num_shards=cfg.ray.num_workers, env_kwargs=env.kwargs
+    )
     collector.reset(epoch=iteration)
     log = RunLog(run_dir, resume_after=env_steps if resume is not None else None)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(rollout_policy, env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed)
+        return evaluate_policy(rollout_policy, env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, env.kwargs)
 
     def save_checkpoint() -> None:
         atomic_save(
@@ -243,10 +255,13 @@ def train_ppo(
                 rollout_policy.load_state_dict(policy.state_dict())
             rollout = collector.collect(rollout_policy, cfg.ppo.steps_per_iteration, it)
             t1 = time.perf_counter()
+            learner.set_progress(it / cfg.ppo.iterations)
             metrics = learner.update(rollout)
             t2 = time.perf_counter()
             iteration, env_steps = it + 1, env_steps + rollout.env_steps
             metrics.update(_episode_metrics(rollout))
+            if hasattr(collector, "restarts"):
+                metrics["ray/worker_restarts"] = float(collector.restarts)
             if iteration % cfg.eval.every == 0 or iteration == cfg.ppo.iterations:
                 last_eval = evaluate()
                 metrics.update(last_eval)

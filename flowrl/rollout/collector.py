@@ -80,10 +80,12 @@ def _final_info_value(info: dict, key: str, index: int, default):
 class EnvShard:
     """A vector of ``num_envs`` envs and the noise generator of the policy sampling for it."""
 
-    def __init__(self, env_id: str, horizon: int, num_envs: int, seed: int, index: int) -> None:
+    def __init__(
+        self, env_id: str, horizon: int, num_envs: int, seed: int, index: int, env_kwargs: dict | None = None
+    ) -> None:
         self.num_envs, self.seed, self.index = num_envs, seed, index
         self.envs = SyncVectorEnv(
-            [lambda: flowrl_envs.make_env(env_id, horizon) for _ in range(num_envs)],
+            [lambda: flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(num_envs)],
             autoreset_mode=AutoresetMode.SAME_STEP,
         )
         self.generator = torch.Generator()
@@ -144,11 +146,13 @@ class EnvShard:
 class InProcessCollector:
     """Collector running its env shards one after the other in this process."""
 
-    def __init__(self, env_id: str, horizon: int, num_envs: int, seed: int, num_shards: int = 1) -> None:
+    def __init__(
+        self, env_id: str, horizon: int, num_envs: int, seed: int, num_shards: int = 1, env_kwargs: dict | None = None
+    ) -> None:
         if num_envs % num_shards:
             raise ValueError(f"num_envs={num_envs} must be divisible by the number of shards ({num_shards})")
         per_shard = num_envs // num_shards
-        self.shards = [EnvShard(env_id, horizon, per_shard, seed, i) for i in range(num_shards)]
+        self.shards = [EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs) for i in range(num_shards)]
 
     def reset(self, epoch: int) -> None:
         for shard in self.shards:
@@ -162,13 +166,15 @@ class InProcessCollector:
             shard.close()
 
 
-def evaluate_policy(policy: FlowPolicy, env_id: str, horizon: int, episodes: int, seed: int) -> dict[str, float]:
+def evaluate_policy(
+    policy: FlowPolicy, env_id: str, horizon: int, episodes: int, seed: int, env_kwargs: dict | None = None
+) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
 
     The seeds and the initial noise are the same at every call, so successive evaluations
     of a changing policy are compared on common random numbers.
     """
-    env_list = [flowrl_envs.make_env(env_id, horizon) for _ in range(episodes)]
+    env_list = [flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(episodes)]
     base = derive_seed(seed, 10**6)
     obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
     generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))

@@ -1,0 +1,163 @@
+"""RayCollector: env workers as Ray actors, same Rollout as the in-process collector.
+
+Each EnvWorker actor owns one EnvShard (a vector of envs + the seeded noise generator) and
+runs the policy itself: per iteration the learner puts the weights in the object store once
+and each worker collects all its steps locally, so there is no Ray round trip per env step.
+Worker i of a RayCollector and shard i of an InProcessCollector are seeded alike, so with
+the same seed both return identical rollouts.
+
+A worker that dies (process killed) or whose env raises is replaced by a fresh actor that
+redoes its share of the iteration; the event is logged with the worker's index and cause.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from flowrl.errors import FlowRLError
+from flowrl.models.flow_policy import FlowPolicy
+from flowrl.rollout.collector import EnvShard, Rollout
+from flowrl.rollout.ray_runtime import describe_failure
+
+log = logging.getLogger("flowrl")
+
+
+class WorkerError(FlowRLError):
+    """A worker failed more often than ray.max_restarts allows."""
+
+
+class EnvWorker:
+    """Body of the env-worker actor (``ray.remote(EnvWorker)``)."""
+
+    def __init__(self, env_id: str, horizon: int, num_envs: int, seed: int, index: int, env_kwargs: dict | None):
+        torch.set_num_threads(1)  # small policies; more threads would fight the other workers
+        self.shard = EnvShard(env_id, horizon, num_envs, seed, index, env_kwargs)
+        self.policy: FlowPolicy | None = None
+
+    def set_policy(self, policy: FlowPolicy) -> None:
+        self.policy = policy.cpu()
+
+    def reset(self, epoch: int) -> None:
+        self.shard.reset(epoch)
+
+    def collect(self, weights: dict[str, torch.Tensor], num_steps: int, iteration: int) -> Rollout:
+        if self.policy is None:
+            raise RuntimeError("EnvWorker.collect before set_policy")
+        self.policy.load_state_dict(weights)
+        return self.shard.collect(self.policy, num_steps, iteration)
+
+    def where(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+class RayCollector:
+    """Collector over ``num_workers`` EnvWorker actors, spread over the cluster's nodes."""
+
+    def __init__(
+        self,
+        env_id: str,
+        horizon: int,
+        num_envs: int,
+        seed: int,
+        num_workers: int,
+        cpus_per_worker: float = 1.0,
+        max_restarts: int = 3,
+        env_kwargs: dict | None = None,
+    ) -> None:
+        if num_envs % num_workers:
+            raise ValueError(f"num_envs={num_envs} must be divisible by num_workers={num_workers}")
+        if not ray.is_initialized():
+            raise RuntimeError("RayCollector needs a running Ray (flowrl.rollout.ray_runtime.ray_session)")
+        need, have = num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0.0)
+        if need > have:
+            raise FlowRLError(
+                f"{num_workers} env workers x {cpus_per_worker:g} CPUs need {need:g} CPUs, the Ray cluster has "
+                f"{have:g}: lower ray.num_workers or ray.cpus_per_worker, or add nodes"
+            )
+        self._actor = ray.remote(EnvWorker).options(num_cpus=cpus_per_worker, scheduling_strategy="SPREAD")
+        self._args = (env_id, horizon, num_envs // num_workers, seed)
+        self._env_kwargs = env_kwargs
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self._policy_ref: ray.ObjectRef | None = None
+        self._epoch = 0
+        self.workers = [self._start(i) for i in range(num_workers)]
+        try:
+            self._run("where", ())  # surfaces a worker that cannot even start (bad env id or kwargs)
+        except WorkerError:
+            self.close()
+            raise
+
+    def _start(self, index: int):
+        return self._actor.remote(*self._args, index, self._env_kwargs)
+
+    def _run(self, method: str, args: tuple, iteration: int | None = None) -> list[Any]:
+        """Call ``method`` on every worker in parallel; results in worker order."""
+        futures = [getattr(w, method).remote(*args) for w in self.workers]
+        results = []
+        for index, future in enumerate(futures):
+            try:
+                results.append(ray.get(future))
+            except (RayActorError, RayTaskError) as exc:
+                results.append(self._recover(index, method, args, iteration, exc))
+        return results
+
+    def _recover(self, index: int, method: str, args: tuple, iteration: int | None, exc: Exception) -> Any:
+        """Replace failed worker ``index`` by a fresh actor (new env seeds, policy re-sent) and
+        redo its call, up to ``max_restarts`` times."""
+        when = f"iteration {iteration}" if iteration is not None else "set-up"
+        for attempt in range(1, self.max_restarts + 1):
+            self.restarts += 1
+            log.warning(
+                "env worker %d failed in %s (%s): %s; restarting it (attempt %d of %d) and redoing its share",
+                index,
+                method,
+                when,
+                describe_failure(exc),
+                attempt,
+                self.max_restarts,
+            )
+            ray.kill(self.workers[index], no_restart=True)
+            worker = self.workers[index] = self._start(index)
+            calls = []
+            if self._policy_ref is not None and method != "set_policy":
+                calls.append(worker.set_policy.remote(self._policy_ref))
+            if method != "reset":
+                calls.append(worker.reset.remote(self._epoch * 1000 + self.restarts))
+            calls.append(getattr(worker, method).remote(*args))
+            try:
+                return ray.get(calls)[-1]
+            except (RayActorError, RayTaskError) as again:
+                exc = again
+        raise WorkerError(
+            f"env worker {index} failed {self.max_restarts + 1} times in a row ({method}, {when}); last cause: "
+            f"{describe_failure(exc)}. Fix the env, or raise ray.max_restarts if it is only flaky"
+        )
+
+    def reset(self, epoch: int) -> None:
+        self._epoch = epoch
+        self._run("reset", (epoch,))
+
+    def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
+        if self._policy_ref is None:
+            # The module (architecture, converter, window) travels once; weights every iteration.
+            self._policy_ref = ray.put(copy.deepcopy(policy).cpu())
+            self._run("set_policy", (self._policy_ref,))
+        weights = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+        return Rollout.concat_envs(self._run("collect", (weights, num_steps, iteration), iteration))
+
+    def where(self) -> list[dict[str, Any]]:
+        """Node id and pid of every worker."""
+        return ray.get([w.where.remote() for w in self.workers])
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []

@@ -1,0 +1,49 @@
+"""A two-node Ray cluster on this machine: env workers spread over both nodes."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from flowrl.config import build_config
+from flowrl.models.build import build_policy, build_velocity
+from flowrl.rollout.collector import InProcessCollector
+from flowrl.rollout.ray_collector import RayCollector
+from flowrl.rollout.ray_runtime import ray_session
+
+
+@pytest.fixture
+def two_node_cluster():
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_workers_spread_over_two_nodes(two_node_cluster):
+    # What `flowrl train --ray-address HOST:PORT` does: join the running cluster.
+    with ray_session(two_node_cluster.address):
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = build_config({"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8}})
+        torch.manual_seed(0)
+        policy = build_policy(cfg, build_velocity(cfg.policy, 2, 2), 2, 2)
+        collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_workers=2)
+        try:
+            nodes = {w["node_id"] for w in collector.where()}
+            assert len(nodes) == 2, "one worker per node"
+            collector.reset(0)
+            rollout = collector.collect(policy, 4, 0)
+        finally:
+            collector.close()
+    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_shards=2)
+    local.reset(0)
+    expected = local.collect(policy, 4, 0)
+    local.close()
+    assert torch.equal(rollout.chains, expected.chains) and torch.equal(rollout.rewards, expected.rewards)
