@@ -3,7 +3,7 @@
 | id | file | what |
 |---|---|---|
 | flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
-| flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that raises or kills its process at a chosen step (worker-recovery tests) |
+| flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that fails at a chosen step (worker-recovery tests) |
 """
 
 from __future__ import annotations
