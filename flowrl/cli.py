@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     sp.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster ('auto' = the local one)")
 
+    sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart")
+    sp.add_argument("bench", choices=["rollout"], help="rollout: env steps/s of raw envs vs collectors")
+    sp.add_argument("--tasks", default="toy,mujoco", help="comma list: toy, mujoco (HalfCheetah-v5) or env ids")
+    sp.add_argument("--num-envs", type=int, default=16, help="envs in total (equal for every variant)")
+    sp.add_argument("--steps", type=int, default=50, help="policy steps per timed collection")
+    sp.add_argument("--max-workers", type=int, help="largest Ray worker count (default: the CPU count)")
+    sp.add_argument("--out", default="benchmarks/results", help="folder for rollout.json and rollout.png")
+
     sp = sub.add_parser("eval", help="evaluate a policy checkpoint with the deterministic ODE policy")
     common(sp)
     sp.add_argument("--checkpoint", help="policy checkpoint (default: policy.pretrained of the experiment)")
@@ -46,6 +54,19 @@ def _run(args: argparse.Namespace) -> int:
     from flowrl.config import load_config
     from flowrl.runtime import resolve_device
 
+    if args.command == "bench":
+        from flowrl.bench.rollout import format_table, run_rollout_bench
+
+        results = run_rollout_bench(
+            args.out,
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            num_envs=args.num_envs,
+            steps=args.steps,
+            max_workers=args.max_workers,
+        )
+        print(format_table(results))
+        print(f"written: {Path(args.out) / 'rollout.json'}, {Path(args.out) / 'rollout.png'}")
+        return 0
     overrides = list(args.overrides)
     if getattr(args, "ray_address", None):
         overrides.append(f"ray.address={args.ray_address}")

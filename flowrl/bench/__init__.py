@@ -1,0 +1,1 @@
+"""Benchmarks: ``flowrl bench NAME``. Each compares its variants side by side in one run."""
