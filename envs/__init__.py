@@ -25,6 +25,7 @@ if "flowrl/FaultInjection-v0" not in gym.registry:
 # Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
 DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
     "flowrl/TwoGoal-v0": toy.scripted_demos,
+    "flowrl/FaultInjection-v0": toy.scripted_demos,  # the same task, until its fault fires
 }
 
 

@@ -102,6 +102,9 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
             tqdm.write(
                 f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})"
             )
+            if checkpoint["iteration"] >= cfg.ppo.iterations:
+                tqdm.write(f"this run has done all {cfg.ppo.iterations} iterations; to go on, resume with "
+                           f"ppo.iterations=N (N > {cfg.ppo.iterations})")
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     velocity = initial_velocity(cfg, run_dir, device, progress)

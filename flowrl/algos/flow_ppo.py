@@ -211,10 +211,11 @@ def train_ppo(
     policy.to(device)
     critic.to(device)
     learner = FlowPPO(policy, critic, cfg.ppo, device, cfg.seed)
-    iteration, env_steps, before = 0, 0, None
+    iteration, env_steps, before, last_eval = 0, 0, None, None
     if resume is not None:
         learner.load_state_dict(resume["learner"])
-        iteration, env_steps, before = resume["iteration"], resume["env_steps"], resume["eval_before"]
+        iteration, env_steps = resume["iteration"], resume["env_steps"]
+        before, last_eval = resume["eval_before"], resume["eval_last"]
     # Rollouts run on the CPU (like remote workers); the learner may sit on the GPU.
     rollout_policy = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()
     collector = collector or InProcessCollector(
@@ -232,6 +233,7 @@ def train_ppo(
                 "iteration": iteration,
                 "env_steps": env_steps,
                 "eval_before": before,
+                "eval_last": last_eval,
                 "learner": learner.state_dict(),
                 **velocity_record(policy.velocity, cfg.policy),
             },
@@ -245,7 +247,7 @@ def train_ppo(
             tqdm.write(
                 f"before fine-tuning: success {before['eval/success_rate']:.2f}, return {before['eval/return']:.3f}"
             )
-        last_eval = before
+        last_eval = last_eval or before
         bar = progress_bar(
             range(iteration, cfg.ppo.iterations), "ppo", progress, initial=iteration, total=cfg.ppo.iterations
         )
