@@ -49,9 +49,9 @@ def test_bad_override_syntax(bad):
 def test_overrides_apply_nested():
     cfg = build_config(
         {"name": "x", "mdp": {"converter": {"type": "reinflow"}}},
-        overrides=["ppo.clip=0.05", "mdp.converter.std_max=0.3", "env.num_envs=3"],
+        overrides=["ppo.clip=0.05", "mdp.converter.std_max=0.3", "env.num_envs=6"],
     )
-    assert cfg.ppo.clip == 0.05 and cfg.env.num_envs == 3
+    assert cfg.ppo.clip == 0.05 and cfg.env.num_envs == 6
     assert isinstance(cfg.mdp.converter, NoiseNetConverter) and cfg.mdp.converter.std_max == 0.3
 
 
@@ -120,3 +120,15 @@ def test_save_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["mdp"]["converter"]["type"] == "cps"
+
+
+def test_ray_section():
+    cfg = build_config({"name": "x"})
+    assert cfg.ray.enabled and cfg.ray.address is None and cfg.env.num_envs % cfg.ray.num_workers == 0
+    with pytest.raises(ConfigError, match="env.num_envs=5 must be a multiple of ray.num_workers=2"):
+        build_config({"name": "x", "env": {"num_envs": 5}})
+    with pytest.raises(ConfigError, match="address only applies with ray.enabled: true"):
+        build_config({"name": "x", "ray": {"enabled": False, "address": "auto"}})
+    with pytest.raises(ConfigError, match="num_cpus only applies to a local Ray"):
+        build_config({"name": "x", "ray": {"address": "auto", "num_cpus": 4}})
+    assert build_config({"name": "x", "ray": {"address": "10.0.0.1:6379"}}).ray.address == "10.0.0.1:6379"
