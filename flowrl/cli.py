@@ -52,7 +52,6 @@ def _run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing, so `flowrl --help` is instant.
     from flowrl import experiment as ex
     from flowrl.config import load_config
-    from flowrl.runtime import resolve_device
 
     if args.command == "bench":
         from flowrl.bench.rollout import format_table, run_rollout_bench
@@ -95,11 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = ex.new_run_dir(cfg, args.run_dir)
     print(f"run folder: {run_dir}", flush=True)
     if args.command == "pretrain":
-        ex.save_config(cfg, run_dir / "config.yaml")
-        ex.seed_everything(cfg.seed)
-        velocity = ex.pretrain(cfg, run_dir, resolve_device(cfg.device), progress=not args.no_progress)
-        print(f"pretrained policy: {run_dir / 'pretrained.pt'}")
-        del velocity
+        ex.pretrain_only(cfg, run_dir, progress=not args.no_progress)
         return 0
     ex.train(cfg, run_dir, progress=not args.no_progress)
     return 0

@@ -79,6 +79,17 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     return ema
 
 
+def pretrain_only(cfg: ExperimentConfig, run_dir: Path, progress: bool = True) -> dict[str, float]:
+    """``flowrl pretrain``: behaviour cloning, then one evaluation of the pretrained policy."""
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
+    metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt")
+    print(f"pretrained policy: {run_dir / 'pretrained.pt'} (success {metrics['eval/success_rate']:.2f}, "
+          f"return {metrics['eval/return']:.3f})")
+    return metrics
+
+
 def initial_velocity(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool) -> VelocityMLP:
     """The policy to fine-tune: policy.pretrained, else this run's pretrained.pt, else pretrain now."""
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)

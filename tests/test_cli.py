@@ -205,3 +205,25 @@ def test_training_survives_a_worker_killed_mid_iteration(tmp_path):
     records = read_metrics(run)
     assert [r["iteration"] for r in records] == [0, 1, 2, 3]
     assert records[-1]["ray/worker_restarts"] == 1.0
+
+
+def test_ray_training_equals_in_process_training(tmp_path):
+    """Env workers on Ray and the same shards in this process: identical learning metrics."""
+    records = {}
+    for name, enabled in (("ray", "true"), ("local", "false")):
+        assert main(["train", QUICKSTART, *TINY, "ppo.iterations=2", f"ray.enabled={enabled}",
+                     f"runs_dir={tmp_path / name}", "--no-progress"]) == 0
+        records[name] = [{k: v for k, v in r.items() if not k.startswith(("time/", "ray/"))}
+                         for r in read_metrics(_run_dir(tmp_path / name))]
+    assert records["ray"] == records["local"]
+
+
+def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
+    assert main(["pretrain", QUICKSTART, *TINY, f"runs_dir={tmp_path / 'pre'}", "--no-progress"]) == 0
+    pretrained = _run_dir(tmp_path / "pre") / "pretrained.pt"
+    success = float(capsys.readouterr().out.split("(success ")[1].split(",")[0])
+    assert main(["train", QUICKSTART, *TINY, "ppo.iterations=1", f"policy.pretrained={pretrained}",
+                 f"runs_dir={tmp_path / 'ft'}", "--no-progress"]) == 0
+    run = _run_dir(tmp_path / "ft")
+    assert not (run / "pretrained.pt").exists(), "no pretraining when policy.pretrained is given"
+    assert read_metrics(run)[0]["eval/success_rate"] == pytest.approx(success, abs=0.005)
