@@ -85,8 +85,10 @@ def pretrain_only(cfg: ExperimentConfig, run_dir: Path, progress: bool = True) -
     seed_everything(cfg.seed)
     pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
     metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt")
-    print(f"pretrained policy: {run_dir / 'pretrained.pt'} (success {metrics['eval/success_rate']:.2f}, "
-          f"return {metrics['eval/return']:.3f})")
+    print(
+        f"pretrained policy: {run_dir / 'pretrained.pt'} (success {metrics['eval/success_rate']:.2f}, "
+        f"return {metrics['eval/return']:.3f})"
+    )
     return metrics
 
 
@@ -109,13 +111,15 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     if resume:
         path = run_dir / "checkpoints" / "last.pt"
         if path.exists():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             tqdm.write(
                 f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})"
             )
             if checkpoint["iteration"] >= cfg.ppo.iterations:
-                tqdm.write(f"this run has done all {cfg.ppo.iterations} iterations; to go on, resume with "
-                           f"ppo.iterations=N (N > {cfg.ppo.iterations})")
+                tqdm.write(
+                    f"this run has done all {cfg.ppo.iterations} iterations; to go on, resume with "
+                    f"ppo.iterations=N (N > {cfg.ppo.iterations})"
+                )
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     velocity = initial_velocity(cfg, run_dir, device, progress)

@@ -253,12 +253,12 @@ def train_ppo(
         )
         for it in bar:
             t0 = time.perf_counter()
-            if rollout_policy is not policy:
-                rollout_policy.load_state_dict(policy.state_dict())
             rollout = collector.collect(rollout_policy, cfg.ppo.steps_per_iteration, it)
             t1 = time.perf_counter()
             learner.set_progress(it / cfg.ppo.iterations)
             metrics = learner.update(rollout)
+            if rollout_policy is not policy:  # the CPU copy that collects and evaluates
+                rollout_policy.load_state_dict(policy.state_dict())
             t2 = time.perf_counter()
             iteration, env_steps = it + 1, env_steps + rollout.env_steps
             metrics.update(_episode_metrics(rollout))

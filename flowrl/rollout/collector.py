@@ -2,7 +2,7 @@
 
 The Collector interface is what the learner sees; ``InProcessCollector`` implements it in
 this process. An ``EnvShard`` (a gymnasium vector env plus the random generator that drives
-the policy's noise, both seeded from (seed, shard index)) is the unit a Ray worker will own.
+the policy's noise, both seeded from (seed, shard index)) is the unit a Ray EnvWorker owns.
 """
 
 from __future__ import annotations
