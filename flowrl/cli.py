@@ -123,7 +123,16 @@ def _console_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options too: `flowrl train X.yaml --ray-address A ppo.clip=0.1`.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"flowrl {args.command} takes no overrides: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _console_logging()
     try:
         return _run(args)

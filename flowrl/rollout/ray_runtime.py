@@ -5,10 +5,24 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 from flowrl.errors import FlowRLError
 
 log = logging.getLogger("flowrl")
+
+
+def _token_auth_for_joining() -> None:
+    """`ray start` (Ray >= 2.5x) runs clusters with token authentication, and a client that
+    names an explicit address sends no token unless RAY_AUTH_MODE=token; it is then refused
+    with InvalidAuthToken warnings. When a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+    or ~/.ray/auth_token, where `ray start` keeps it), send it; a cluster without
+    authentication ignores it."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    default_path = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default_path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _quiet_environment() -> None:
@@ -21,6 +35,8 @@ def _quiet_environment() -> None:
 def ray_session(address: str | None, num_cpus: int | None = None):
     """Join ``address`` ('auto' or 'HOST:PORT'), or start a local Ray (dashboard off);
     shut down on exit only what this call started. Re-uses an already initialised Ray."""
+    if address is not None:
+        _token_auth_for_joining()  # before Ray is imported: it reads its auth mode once
     import ray
 
     if ray.is_initialized():
@@ -41,8 +57,9 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         raise FlowRLError(
-            f"could not start or join {where}: {exc}. Check ray.address (or --ray-address), "
-            "or set ray.enabled: false to run without Ray"
+            f"could not start or join {where}: {exc}. Check ray.address (or --ray-address); a cluster "
+            "with token authentication needs its token here too (`ray get-auth-token` on the head, into "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN); or set ray.enabled: false to run without Ray"
         ) from None
     try:
         yield ray

@@ -1,0 +1,15 @@
+"""The library core imports without Ray (and without TensorBoard)."""
+
+import subprocess
+import sys
+
+
+def test_core_imports_without_ray():
+    code = (
+        "import sys; import flowrl.core, flowrl.models, flowrl.models.build, flowrl.rollout, flowrl.rewards, "
+        "flowrl.algos.flow_ppo, flowrl.algos.flow_bc, flowrl.config, envs; "
+        "bad = [m for m in ('ray', 'tensorboard') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
