@@ -45,12 +45,8 @@ class RunLog:
         if resume_after is not None:
             purge_step = resume_after + 1
             if self.path.exists():
-                kept = [
-                    line
-                    for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["env_steps"] <= resume_after
-                ]
-                self.path.write_text("".join(line + "\n" for line in kept))
+                kept = [r for r in _records(self.path.read_text()) if r["env_steps"] <= resume_after]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, env_steps: int, metrics: dict[str, float], **fields: Any) -> None:
@@ -72,6 +68,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _records(text: str) -> list[dict[str, Any]]:
+    """Parsed lines; a last line torn by a killed process is dropped."""
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run's metrics.jsonl, in order."""
+    return _records((Path(run_dir) / "metrics.jsonl").read_text())
