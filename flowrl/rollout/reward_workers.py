@@ -86,6 +86,9 @@ class RewardPool:
         """Start scoring ``batch``; returns at once when on Ray."""
         index = self._next
         self._next = (self._next + 1) % len(self.workers)
+        return self._send(batch, index)
+
+    def _send(self, batch: Any, index: int) -> RewardFuture:
         future = RewardFuture(batch, index)
         if self.use_ray:
             future.ref = self.workers[index].score.remote(batch)
@@ -120,7 +123,7 @@ class RewardPool:
                     self.max_retries,
                 )
                 self._restart(future.worker)
-                future = self._resubmit(future)
+                future = self._send(future.batch, future.worker)
         return check_scores(scores, _batch_size(future.batch), source)
 
     def score(self, batch: Any) -> torch.Tensor:
@@ -143,17 +146,6 @@ class RewardPool:
             self.workers[index] = self._actor.remote(self.factory)
         else:
             self.workers[index] = RewardWorker(self.factory)
-
-    def _resubmit(self, future: RewardFuture) -> RewardFuture:
-        again = RewardFuture(future.batch, future.worker)
-        if self.use_ray:
-            again.ref = self.workers[future.worker].score.remote(future.batch)
-        else:
-            try:
-                again.ref = self.workers[future.worker].score(future.batch)
-            except Exception as exc:  # noqa: BLE001
-                again.error = exc
-        return again
 
     def close(self) -> None:
         if self.use_ray:
