@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -64,6 +65,8 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     env_flowrl = flowrl_envs  # noqa: F841  (import registers the envs)
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed)
+    if cfg.pretrain.demos.path is None:  # keep the generated demonstrations with the run
+        np.savez(run_dir / "demos.npz", **demos)
     if demos["observations"].shape[1] != obs_dim or demos["actions"].shape[1] != action_dim:
         raise FlowRLError(
             f"demonstrations have obs dim {demos['observations'].shape[1]} / action dim {demos['actions'].shape[1]}, "

@@ -227,3 +227,11 @@ def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
     run = _run_dir(tmp_path / "ft")
     assert not (run / "pretrained.pt").exists(), "no pretraining when policy.pretrained is given"
     assert read_metrics(run)[0]["eval/success_rate"] == pytest.approx(success, abs=0.005)
+    # The generated demonstrations were kept: pretraining from that file gives the same policy.
+    demos = _run_dir(tmp_path / "pre") / "demos.npz"
+    tiny_from_file = [a for a in TINY if not a.startswith("pretrain.demos.")]
+    assert main(["pretrain", QUICKSTART, *tiny_from_file, f"pretrain.demos={{path: {demos}}}",
+                 f"runs_dir={tmp_path / 'file'}", "--no-progress"]) == 0
+    again = torch.load(_run_dir(tmp_path / "file") / "pretrained.pt", weights_only=True)["velocity"]
+    first = torch.load(pretrained, weights_only=True)["velocity"]
+    assert all(torch.equal(again[k], first[k]) for k in first)
