@@ -91,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = ex.evaluate_checkpoint(cfg, checkpoint)
         print(json.dumps(metrics, indent=2))
         return 0
+    ex.preflight(cfg)
     run_dir = ex.new_run_dir(cfg, args.run_dir)
     print(f"run folder: {run_dir}", flush=True)
     if args.command == "pretrain":

@@ -44,6 +44,15 @@ def env_dims(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple[int, in
     return obs_space.shape[0], act_space.shape[0]
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Checks that need no run folder (device, env, given checkpoint), so that bad input
+    fails before one is created."""
+    resolve_device(cfg.device)
+    env_dims(cfg.env.id, cfg.env.kwargs)
+    if cfg.policy.pretrained is not None and not Path(cfg.policy.pretrained).expanduser().is_file():
+        raise FlowRLError(f"checkpoint not found: {cfg.policy.pretrained} (policy.pretrained)")
+
+
 def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
     if run_dir is not None:
         path = Path(run_dir)

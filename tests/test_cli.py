@@ -62,6 +62,19 @@ def test_bad_config_is_one_line_error(override, needle, tmp_path):
     assert not any(tmp_path.iterdir()), "no run folder for a config error"
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("device=cuda", "no CUDA GPU is visible"), ("env.id=Nope-v0", "unknown env id 'Nope-v0'"),
+     ("env.kwargs={bad: 1}", "env.kwargs do not fit"), ("policy.pretrained=/no/such.pt", "checkpoint not found")],
+)
+def test_bad_run_input_fails_before_a_run_folder_exists(override, needle, tmp_path, capsys):
+    if override == "device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["train", QUICKSTART, override, f"runs_dir={tmp_path}", "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_missing_dataset_and_checkpoint_are_clear_errors(tmp_path, capsys):
     missing = tmp_path / "nope.npz"
     assert (
