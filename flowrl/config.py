@@ -179,11 +179,25 @@ class DemosConfig(_Strict):
 
 class PretrainConfig(_Strict):
     demos: DemosConfig = Field(default_factory=DemosConfig)
+    method: Literal["rectified_flow", "shortcut"] = Field(
+        "rectified_flow",
+        description="rectified_flow: velocity v(x, t); shortcut: a step-size-conditioned velocity that also "
+        "works with one denoising step (policy.denoising_steps: 1)",
+    )
+    self_consistency_fraction: float = Field(
+        0.25, gt=0, lt=1, description="shortcut: share of each batch trained for self-consistency"
+    )
     steps: int = Field(3000, ge=1, description="gradient steps of flow-matching behaviour cloning")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA of the weights; the EMA copy is saved")
+
+    def _inactive(self) -> dict[str, str]:
+        off = {}
+        if self.method != "shortcut":
+            off["self_consistency_fraction"] = "to method: shortcut"
+        return off
 
 
 # --------------------------------------------------------------------------- PPO

@@ -82,8 +82,11 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
             f"env {cfg.env.id} has {obs_dim} / {action_dim}"
         )
     obs, chunks = action_chunks(demos, cfg.policy.horizon)
-    velocity = build_velocity(cfg.policy, obs_dim, action_dim).to(device)
-    tqdm.write(f"pretraining on {len(demos['episode_ends'])} demonstration episodes ({len(obs)} chunks)")
+    velocity = build_velocity(cfg.policy, obs_dim, action_dim, cfg.pretrain.method != "rectified_flow").to(device)
+    tqdm.write(
+        f"pretraining ({cfg.pretrain.method}) on {len(demos['episode_ends'])} demonstration episodes "
+        f"({len(obs)} chunks)"
+    )
     ema, metrics = pretrain_flow(velocity, obs, chunks, cfg.pretrain, cfg.seed, progress)
     ema = ema.cpu()
     atomic_save(velocity_record(ema, cfg.policy), run_dir / "pretrained.pt")

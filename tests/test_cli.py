@@ -248,3 +248,14 @@ def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
     again = torch.load(_run_dir(tmp_path / "file") / "pretrained.pt", weights_only=True)["velocity"]
     first = torch.load(pretrained, weights_only=True)["velocity"]
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_shortcut_policy_fine_tunes_with_one_denoising_step(tmp_path):
+    """A shortcut-model policy, pretrained and fine-tuned with ReinFlow at K = 1."""
+    assert main(["train", QUICKSTART, *TINY, "ppo.iterations=2", "pretrain.method=shortcut",
+                 "policy.denoising_steps=1", f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    run = _run_dir(tmp_path)
+    records = read_metrics(run)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert records[1]["train/ratio_check_dev"] <= 1e-4
+    assert torch.load(run / "policy.pt", weights_only=True)["arch"]["step_conditioned"] is True

@@ -132,3 +132,11 @@ def test_ray_section():
     with pytest.raises(ConfigError, match="num_cpus only applies to a local Ray"):
         build_config({"name": "x", "ray": {"address": "auto", "num_cpus": 4}})
     assert build_config({"name": "x", "ray": {"address": "10.0.0.1:6379"}}).ray.address == "10.0.0.1:6379"
+
+
+def test_pretrain_method_keys():
+    assert build_config({"name": "x", "pretrain": {"method": "shortcut"}}).pretrain.method == "shortcut"
+    with pytest.raises(ConfigError, match="self_consistency_fraction only applies to method: shortcut"):
+        build_config({"name": "x", "pretrain": {"self_consistency_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="pretrain.method"):
+        build_config({"name": "x", "pretrain": {"method": "meanflow"}})

@@ -1,7 +1,12 @@
-"""Flow-matching behaviour cloning (rectified flow) of an action-chunk policy, with EMA.
+"""Flow-matching behaviour cloning of an action-chunk policy, with EMA weights.
 
-Loss: t ~ U(0, 1), eps ~ N(0, I), x_t = (1 - t) eps + t a, || v(obs, x_t, t) - (a - eps) ||^2,
-where ``a`` is the demonstrated action chunk ``[Ta, Da]`` that follows ``obs``.
+``a`` is the demonstrated action chunk ``[Ta, Da]`` that follows ``obs``; t ~ U(0, 1),
+eps ~ N(0, I), x_t = (1 - t) eps + t a, and v = a - eps is the conditional velocity.
+
+- rectified_flow: || v_theta(obs, x_t, t) - v ||^2.
+- shortcut (Frans et al. 2024): a field u(x, t, t + d) conditioned on the step size d. Part of
+  each batch learns flow matching at d = 0; the rest learns self-consistency: one step of 2d
+  equals two steps of d, target (u(x_t, t, t+d) + u(x', t+d, t+2d)) / 2 with x' = x_t + d u(...).
 """
 
 from __future__ import annotations
@@ -78,13 +83,51 @@ def flow_matching_loss(
     eps = torch.randn(chunks.shape, generator=generator, device=chunks.device)
     tb = t.view(-1, 1, 1)
     x_t = (1.0 - tb) * eps + tb * chunks
-    return ((velocity(obs, x_t, t) - (chunks - eps)) ** 2).mean()
+    return ((velocity(obs, x_t, t, t) - (chunks - eps)) ** 2).mean()
+
+
+def shortcut_loss(
+    velocity: VelocityMLP,
+    obs: Tensor,
+    chunks: Tensor,
+    consistency_fraction: float,
+    generator: torch.Generator | None = None,
+    max_halvings: int = 7,
+) -> Tensor:
+    """Shortcut-model loss: flow matching at d = 0 plus self-consistency at d = 2^-k."""
+    b, dev = chunks.shape[0], chunks.device
+    n_sc = min(b - 1, max(1, round(b * consistency_fraction)))
+    eps = torch.randn(chunks.shape, generator=generator, device=dev)
+    # Self-consistency part: d = 2^-k (k = 1..max_halvings), t on the d-grid with t + 2d <= 1.
+    k = torch.randint(1, max_halvings + 1, (n_sc,), generator=generator, device=dev)
+    d = 2.0 ** (-k.float())
+    t_sc = torch.floor(torch.rand(n_sc, generator=generator, device=dev) * (1.0 / d - 1.0)) * d
+    # Flow-matching part: continuous t, step size 0.
+    t_fm = torch.rand(b - n_sc, generator=generator, device=dev)
+    t = torch.cat([t_sc, t_fm])
+    x_t = (1.0 - t.view(-1, 1, 1)) * eps + t.view(-1, 1, 1) * chunks
+    o_sc, x_sc = obs[:n_sc], x_t[:n_sc]
+    with torch.no_grad():
+        first = velocity(o_sc, x_sc, t_sc, t_sc + d)
+        x_mid = x_sc + d.view(-1, 1, 1) * first
+        second = velocity(o_sc, x_mid, t_sc + d, t_sc + 2 * d)
+        sc_target = 0.5 * (first + second)
+    pred_sc = velocity(o_sc, x_sc, t_sc, t_sc + 2 * d)
+    pred_fm = velocity(obs[n_sc:], x_t[n_sc:], t_fm, t_fm)
+    fm_target = chunks[n_sc:] - eps[n_sc:]
+    errors = torch.cat([(pred_sc - sc_target).flatten(1), (pred_fm - fm_target).flatten(1)])
+    return (errors**2).mean()
 
 
 def pretrain_flow(
     velocity: VelocityMLP, obs: Tensor, chunks: Tensor, cfg: PretrainConfig, seed: int, progress: bool = True
 ) -> tuple[VelocityMLP, dict[str, float]]:
-    """Train ``velocity`` by flow matching; returns the EMA copy and final metrics."""
+    """Train ``velocity`` with ``cfg.method``; returns the EMA copy and final metrics."""
+    if velocity.step_conditioned != (cfg.method != "rectified_flow"):
+        raise ValueError(
+            f"pretrain.method {cfg.method} needs a velocity field with step_conditioned="
+            f"{cfg.method != 'rectified_flow'}"
+        )
     device = next(velocity.parameters()).device
     obs, chunks = obs.to(device), chunks.to(device)
     ema = copy.deepcopy(velocity).requires_grad_(False)
@@ -94,7 +137,10 @@ def pretrain_flow(
     bar = progress_bar(range(cfg.steps), "pretrain", progress)
     for step in bar:
         idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
-        loss = flow_matching_loss(velocity, obs[idx], chunks[idx], gen)
+        if cfg.method == "shortcut":
+            loss = shortcut_loss(velocity, obs[idx], chunks[idx], cfg.self_consistency_fraction, gen)
+        else:
+            loss = flow_matching_loss(velocity, obs[idx], chunks[idx], gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
         opt.zero_grad(set_to_none=True)

@@ -29,8 +29,9 @@ class CheckpointError(FlowRLError, ValueError):
     """A checkpoint that is missing or does not fit the experiment."""
 
 
-def build_velocity(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> VelocityMLP:
-    return VelocityMLP(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.time_embed_dim)
+def build_velocity(cfg: PolicyConfig, obs_dim: int, action_dim: int, step_conditioned: bool = False) -> VelocityMLP:
+    """``step_conditioned``: a shortcut-model field (see VelocityMLP)."""
+    return VelocityMLP(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.time_embed_dim, step_conditioned)
 
 
 def build_window(cfg: ExperimentConfig) -> StepWindow:
@@ -84,6 +85,7 @@ def velocity_record(velocity: VelocityMLP, cfg: PolicyConfig) -> dict[str, Any]:
         "arch": {
             "obs_dim": velocity.obs_dim,
             "action_dim": velocity.action_dim,
+            "step_conditioned": velocity.step_conditioned,
             **{k: getattr(cfg, k) for k in ARCH_KEYS},
         },
     }
@@ -103,6 +105,6 @@ def load_velocity(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim:
     if wrong:
         detail = ", ".join(f"{k}: checkpoint {a} vs experiment {b}" for k, (a, b) in wrong.items())
         raise CheckpointError(f"{path} does not fit this experiment ({detail}); set policy.* to match")
-    velocity = build_velocity(cfg, obs_dim, action_dim)
+    velocity = build_velocity(cfg, obs_dim, action_dim, bool(arch.get("step_conditioned", False)))
     velocity.load_state_dict(record["velocity"])
     return velocity

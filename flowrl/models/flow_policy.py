@@ -134,7 +134,7 @@ class FlowPolicy(nn.Module):
         x = torch.randn((obs.shape[0], *self.event_shape), generator=generator, device=obs.device)
         for k in range(self.num_steps):
             t, t_next = self.grid[k], self.grid[k + 1]
-            x = euler_step(x, self.velocity(obs, x, t), t, t_next).next_x
+            x = euler_step(x, self.velocity(obs, x, t, t_next), t, t_next).next_x
         return x
 
     @torch.no_grad()
@@ -148,7 +148,7 @@ class FlowPolicy(nn.Module):
         step_log_probs = torch.zeros(b, device=obs.device)
         for k in range(self.num_steps):
             t, t_next = self.grid[k], self.grid[k + 1]
-            v = self.velocity(obs, x, t)
+            v = self.velocity(obs, x, t, t_next)
             x_next = euler_step(x, v, t, t_next).next_x
             stochastic = mask[:, k]
             if bool(stochastic.any()):
@@ -175,7 +175,7 @@ class FlowPolicy(nn.Module):
         x, x_next = chain[rows, steps], chain[rows, steps + 1]
         t, t_next = self.grid[steps], self.grid[steps + 1]
         sub_obs = obs[rows]
-        v = self.velocity(sub_obs, x, t)
+        v = self.velocity(sub_obs, x, t, t_next)
         out = converter(sub_obs, x, v, t, t_next, self._t_floor(), next_x=x_next)
         zeros = torch.zeros(b, device=obs.device, dtype=out.log_prob.dtype)
         count = mask.sum(dim=1)

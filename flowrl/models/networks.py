@@ -40,23 +40,40 @@ def _batch_time(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
 
 
 class VelocityMLP(nn.Module):
-    """Velocity field v(x, t | obs) over action chunks.
+    """Velocity field over action chunks.
 
-    forward(obs ``[B, O]``, x ``[B, Ta, Da]``, t ``[B]`` or scalar) -> ``[B, Ta, Da]``.
+    forward(obs ``[B, O]``, x ``[B, Ta, Da]``, t, t_next) -> ``[B, Ta, Da]``; t and t_next are
+    ``[B]`` or scalars. A plain rectified-flow field v(x, t | obs) ignores t_next. A
+    ``step_conditioned`` field also sees the step size d = t_next - t and predicts the
+    average velocity over the step, so that x + d * u lands on the flow's trajectory
+    (shortcut models, Frans et al. 2024), which works down to K = 1.
     """
 
     def __init__(
-        self, obs_dim: int, horizon: int, action_dim: int, hidden_dims: Sequence[int] = (256, 256), time_dim: int = 32
+        self,
+        obs_dim: int,
+        horizon: int,
+        action_dim: int,
+        hidden_dims: Sequence[int] = (256, 256),
+        time_dim: int = 32,
+        step_conditioned: bool = False,
     ) -> None:
         super().__init__()
         self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
+        self.step_conditioned = step_conditioned
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
-        self.net = mlp(obs_dim + horizon * action_dim + time_dim, hidden_dims, horizon * action_dim)
+        in_dim = obs_dim + horizon * action_dim + time_dim * (2 if step_conditioned else 1)
+        self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
 
-    def forward(self, obs: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None) -> Tensor:
         b = x.shape[0]
-        feats = torch.cat([obs, x.reshape(b, -1), self.time_embed(_batch_time(t, b, x))], dim=-1)
-        return self.net(feats).view(b, self.horizon, self.action_dim)
+        t_b = _batch_time(t, b, x)
+        parts = [obs, x.reshape(b, -1), self.time_embed(t_b)]
+        if self.step_conditioned:
+            if t_next is None:
+                raise ValueError("a step-conditioned velocity field needs t_next (the end of the step)")
+            parts.append(self.time_embed(_batch_time(t_next, b, x) - t_b))
+        return self.net(torch.cat(parts, dim=-1)).view(b, self.horizon, self.action_dim)
 
 
 class ReinFlowNoiseNet(nn.Module):
