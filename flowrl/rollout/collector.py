@@ -68,13 +68,15 @@ class Collector(Protocol):
     def close(self) -> None: ...
 
 
-def _final_info_value(info: dict, key: str, index: int, default):
-    final = info.get("final_info", {})
-    if key in final and final.get(f"_{key}", np.ones(index + 1, bool))[index]:
-        return final[key][index]
-    if key in info and info.get(f"_{key}", np.ones(index + 1, bool))[index]:
-        return info[key][index]
-    return default
+def _per_env(info: dict, key: str, num_envs: int, default) -> np.ndarray:
+    """``info[key]`` of every env after a SAME_STEP autoreset step: from ``final_info`` for
+    the envs whose episode just ended, from ``info`` for the others, else ``default``."""
+    out = np.full(num_envs, default)
+    for source in (info, info.get("final_info", {})):
+        if key in source:
+            present = source.get(f"_{key}", np.ones(num_envs, dtype=bool))
+            out[present] = source[key][present]
+    return out
 
 
 class EnvShard:
@@ -114,12 +116,14 @@ class EnvShard:
             real_next = np.array(next_obs, dtype=np.float32, copy=True)
             done = terminated | truncated
             self._returns += reward
-            for i in np.flatnonzero(done):
-                real_next[i] = info["final_obs"][i]
-                ep_returns.append(float(self._returns[i]))
-                ep_successes.append(float(bool(_final_info_value(info, "success", i, False))))
-                self._returns[i] = 0.0
-            env_steps += int(sum(_final_info_value(info, "chunk_steps", i, 1) for i in range(self.num_envs)))
+            if done.any():
+                success = _per_env(info, "success", self.num_envs, False)
+                for i in np.flatnonzero(done):
+                    real_next[i] = info["final_obs"][i]
+                    ep_returns.append(float(self._returns[i]))
+                    ep_successes.append(float(bool(success[i])))
+                    self._returns[i] = 0.0
+            env_steps += int(_per_env(info, "chunk_steps", self.num_envs, 1).sum())
             for key, value in (
                 ("obs", obs),
                 ("next_obs", torch.from_numpy(real_next)),
