@@ -151,7 +151,12 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("flowrl").addHandler(events)
     try:
-        with ray_session(cfg.ray.address, cfg.ray.num_cpus) if cfg.ray.enabled else contextlib.nullcontext():
+        session = contextlib.nullcontext()
+        if cfg.ray.enabled:
+            from flowrl.rollout.ray_runtime import ray_session  # Ray is imported only when used
+
+            session = ray_session(cfg.ray.address, cfg.ray.num_cpus)
+        with session:
             collector = make_collector(cfg)
             result = train_ppo(
                 cfg, run_dir, policy, critic, device, resume=checkpoint, progress=progress, collector=collector
@@ -185,14 +190,6 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
             env.kwargs,
         )
     return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, cfg.ray.num_workers, env.kwargs)
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None):
-    from flowrl.rollout.ray_runtime import ray_session as session
-
-    with session(address, num_cpus) as ray:
-        yield ray
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, float]:
