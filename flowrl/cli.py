@@ -1,4 +1,5 @@
-"""Command line: ``flowrl pretrain|train|eval EXPERIMENT.yaml [key.sub=value ...]``."""
+"""Command line: ``flowrl pretrain|train|eval EXPERIMENT.yaml [key.sub=value ...]``, ``flowrl collect RUN``,
+``flowrl bench NAME``."""
 
 from __future__ import annotations
 
@@ -35,12 +36,36 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster ('auto' = the local one)")
 
     sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart")
-    sp.add_argument("bench", choices=["rollout"], help="rollout: env steps/s of raw envs vs collectors")
-    sp.add_argument("--tasks", default="toy,mujoco", help="comma list: toy, mujoco (HalfCheetah-v5) or env ids")
+    sp.add_argument(
+        "bench",
+        choices=["rollout", "locomotion"],
+        help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / DPPO / Gaussian PPO "
+        "fine-tuning side by side on Hopper and Walker2d",
+    )
+    sp.add_argument(
+        "--tasks",
+        help="comma list; rollout: toy, mujoco (HalfCheetah-v5) or env ids (default toy,mujoco); "
+        "locomotion: hopper, walker2d (default both)",
+    )
+    sp.add_argument("--variants", help="locomotion: comma list of variant labels or method names (default all)")
+    sp.add_argument("--size", choices=["cpu", "paper"], default="cpu", help="locomotion: experiment files")
+    sp.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="locomotion: override for every run"
+    )
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.add_argument("--num-envs", type=int, default=16, help="envs in total (equal for every variant)")
     sp.add_argument("--steps", type=int, default=50, help="policy steps per timed collection")
     sp.add_argument("--max-workers", type=int, help="largest Ray worker count (default: the CPU count)")
-    sp.add_argument("--out", default="benchmarks/results", help="folder for rollout.json and rollout.png")
+    sp.add_argument("--out", default="benchmarks/results", help="folder for the results (JSON, PNG)")
+
+    sp = sub.add_parser("collect", help="record a demonstration dataset with a trained run's policy")
+    sp.add_argument("run", help="run folder of a finished `flowrl train` (its config.yaml and policy.pt)")
+    sp.add_argument("--out", required=True, help="dataset file to write (.npz), e.g. cache/datasets/hopper-medium.npz")
+    sp.add_argument("--episodes", type=int, default=100, help="episodes to record")
+    sp.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian noise added to every action")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the env resets and the noise")
+    sp.add_argument("--checkpoint", help="policy checkpoint (default: RUN/policy.pt)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("eval", help="evaluate a policy checkpoint with the deterministic ODE policy")
     common(sp)
@@ -53,18 +78,37 @@ def _run(args: argparse.Namespace) -> int:
     from flowrl import experiment as ex
     from flowrl.config import load_config
 
+    if args.command == "bench" and args.bench == "locomotion":
+        from flowrl.bench import locomotion
+
+        results = locomotion.run_locomotion_bench(
+            args.out,
+            _split(args.tasks or "hopper,walker2d"),
+            _split(args.variants) if args.variants else None,
+            args.size,
+            args.set,
+            progress=not args.no_progress,
+        )
+        print(locomotion.format_table(results))
+        print(f"written: {Path(args.out) / 'locomotion.json'}, {Path(args.out) / 'locomotion.png'}")
+        return 0
     if args.command == "bench":
         from flowrl.bench.rollout import format_table, run_rollout_bench
 
         results = run_rollout_bench(
             args.out,
-            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            _split(args.tasks or "toy,mujoco"),
             num_envs=args.num_envs,
             steps=args.steps,
             max_workers=args.max_workers,
         )
         print(format_table(results))
         print(f"written: {Path(args.out) / 'rollout.json'}, {Path(args.out) / 'rollout.png'}")
+        return 0
+    if args.command == "collect":
+        ex.collect(
+            args.run, args.out, args.episodes, args.action_noise, args.seed, args.checkpoint, not args.no_progress
+        )
         return 0
     overrides = list(args.overrides)
     if getattr(args, "ray_address", None):
@@ -99,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     ex.train(cfg, run_dir, progress=not args.no_progress)
     return 0
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -72,17 +72,63 @@ class RayConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- policy
+FLOW_TYPES = ("rectified_flow", "shortcut", "meanflow")
+PolicyType = Literal["rectified_flow", "shortcut", "meanflow", "diffusion", "gaussian"]
+
+
 class PolicyConfig(_Strict):
+    type: PolicyType = Field(
+        "rectified_flow",
+        description="policy family: rectified_flow (velocity v(x, t)); shortcut (step-size-conditioned velocity, "
+        "self-consistency); meanflow (average velocity u(x, t, t_next), one-step); diffusion (DDPM/DDIM "
+        "epsilon model, the DPPO baseline); gaussian (mean MLP + learned std, the Gaussian PPO baseline)",
+    )
     horizon: int = Field(4, ge=1, description="action chunk length Ta executed per policy step")
-    denoising_steps: int = Field(4, ge=1, description="K, the number of integration steps of the flow")
+    denoising_steps: int = Field(
+        4, ge=1, description="K, integration steps of a flow; sampling steps of a diffusion policy (<= train_steps)"
+    )
     time_shift: float = Field(
         1.0, gt=0, description="SD3-style time-grid shift; 1 = uniform grid, > 1 = more steps near the noise end"
     )
-    hidden_dims: list[int] = Field([256, 256], min_length=1, description="velocity MLP widths")
+    hidden_dims: list[int] = Field([256, 256], min_length=1, description="MLP widths of the policy network")
     time_embed_dim: int = Field(32, ge=2, description="sinusoidal time-embedding size (even)")
+    obs_norm: Literal["dataset", "running", "none"] = Field(
+        "dataset",
+        description="observation normalisation: dataset = mean/std of the demonstrations, frozen (kept from "
+        "policy.pretrained when given); running = running estimate over the rollouts (training from scratch); "
+        "none",
+    )
+    train_steps: int = Field(20, ge=1, description="diffusion: DDPM training steps T (cosine schedule)")
+    min_std: float = Field(
+        0.1, ge=0, description="diffusion: lower bound of every denoising step's std when sampling (DPPO)"
+    )
+    denoised_clip: float | None = Field(
+        1.0, gt=0, description="diffusion: clip of the predicted clean action chunk; null = no clip"
+    )
+    init_std: float = Field(0.5, gt=0, description="gaussian: initial action std")
     pretrained: str | None = Field(
         None, description="checkpoint of a pretrained policy; null = pretrain from `pretrain` first"
     )
+
+    def _inactive(self) -> dict[str, str]:
+        diffusion = {k: "to policy.type: diffusion" for k in ("train_steps", "min_std", "denoised_clip")}
+        if self.type in FLOW_TYPES:
+            return {**diffusion, "init_std": "to policy.type: gaussian"}
+        if self.type == "diffusion":
+            return {"time_shift": "to flow policies", "init_std": "to policy.type: gaussian"}
+        return {
+            **diffusion,
+            **{k: "to flow and diffusion policies" for k in ("denoising_steps", "time_shift", "time_embed_dim")},
+        }
+
+    @model_validator(mode="after")
+    def _diffusion_steps(self) -> PolicyConfig:
+        if self.type == "diffusion" and self.denoising_steps > self.train_steps:
+            raise ValueError(
+                f"denoising_steps={self.denoising_steps} > train_steps={self.train_steps}: a diffusion policy "
+                "samples at most its training steps; lower denoising_steps or raise train_steps"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- MDP
@@ -178,26 +224,21 @@ class DemosConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
+    """Behaviour cloning of the policy family named by policy.type."""
+
     demos: DemosConfig = Field(default_factory=DemosConfig)
-    method: Literal["rectified_flow", "shortcut"] = Field(
-        "rectified_flow",
-        description="rectified_flow: velocity v(x, t); shortcut: a step-size-conditioned velocity that also "
-        "works with one denoising step (policy.denoising_steps: 1)",
-    )
-    self_consistency_fraction: float = Field(
-        0.25, gt=0, lt=1, description="shortcut: share of each batch trained for self-consistency"
+    consistency_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="shortcut / meanflow: share of each batch trained on steps of non-zero size (self-consistency "
+        "or average-velocity targets); the rest learns flow matching",
     )
     steps: int = Field(3000, ge=1, description="gradient steps of flow-matching behaviour cloning")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA of the weights; the EMA copy is saved")
-
-    def _inactive(self) -> dict[str, str]:
-        off = {}
-        if self.method != "shortcut":
-            off["self_consistency_fraction"] = "to method: shortcut"
-        return off
 
 
 # --------------------------------------------------------------------------- PPO
@@ -217,9 +258,21 @@ class PPOConfig(_Strict):
         "constant", description="linear = anneal every learning rate to 0 over the iterations (CleanRL's anneal_lr)"
     )
     entropy_coef: float = Field(0.0, ge=0, description="bonus on the learned steps' entropy")
+    critic_warmup_iterations: int = Field(
+        0, ge=0, description="first iterations that train only the critic (a fresh critic next to a pretrained actor)"
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
     normalize_advantages: bool = True
+    normalize_rewards: bool = Field(
+        False, description="divide rewards by a running std of the discounted return (for training from scratch)"
+    )
+    w2_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a W2 regulariser to the initial policy: mean squared distance per action "
+        "dimension between both policies' deterministic actions from the same noise; 0 = off",
+    )
     ratio_check_tol: float = Field(
         1e-4, gt=0, description="max |ratio - 1| allowed when re-evaluating a fresh rollout before the first update"
     )
@@ -239,7 +292,10 @@ class ExperimentConfig(_Strict):
     env: EnvConfig = Field(default_factory=EnvConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     mdp: MDPConfig = Field(default_factory=MDPConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig | None = Field(
+        default_factory=PretrainConfig,
+        description="behaviour cloning before fine-tuning; null = start from random weights (policy from scratch)",
+    )
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -253,27 +309,54 @@ class ExperimentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _learned_noise_keys(self) -> ExperimentConfig:
-        if not isinstance(self.mdp.converter, NoiseNetConverter):
-            for key in LEARNED_NOISE_KEYS:
-                if key in self.ppo.model_fields_set:
-                    raise ValueError(
-                        f"ppo.{key} only applies to a learned noise "
-                        "(mdp.converter.type reinflow or flow_noise); remove it"
-                    )
+    def _obs_norm_source(self) -> ExperimentConfig:
+        if self.policy.obs_norm == "dataset" and self.pretrain is None and self.policy.pretrained is None:
+            raise ValueError(
+                "policy.obs_norm: dataset needs demonstrations (pretrain) or policy.pretrained; a policy trained "
+                "from scratch (pretrain: null) uses policy.obs_norm: running or none"
+            )
+        return self
+
+    def _dead_paths(self) -> dict[str, str]:
+        """Keys of one section that do nothing because of another section."""
+        dead: dict[str, str] = {}
+        family = self.policy.type
+        if family not in FLOW_TYPES:
+            dead["mdp"] = "to flow policies (policy.type rectified_flow, shortcut or meanflow)"
+        if family not in FLOW_TYPES or not isinstance(self.mdp.converter, NoiseNetConverter):
+            dead["ppo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
+        if family == "diffusion" or (family in FLOW_TYPES and not isinstance(self.mdp.converter, NoiseNetConverter)):
+            dead["ppo.entropy_coef"] = "to a learned std (reinflow / flow_noise converters, gaussian policies)"
+        if family not in ("shortcut", "meanflow"):
+            dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
+        return dead
+
+    def _was_set(self, dotted: str) -> bool:
+        node: Any = self
+        for part in dotted.split("."):
+            if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+                return False
+            node = getattr(node, part)
+        return True
+
+    @model_validator(mode="after")
+    def _no_dead_paths(self) -> ExperimentConfig:
+        unused = {k: why for k, why in self._dead_paths().items() if self._was_set(k)}
+        if unused:
+            raise ValueError("; ".join(f"{k} only applies {why}; remove it" for k, why in unused.items()))
         return self
 
     @model_serializer(mode="wrap")
     def _drop_inactive(self, handler):
         data = handler(self)
-        if not isinstance(self.mdp.converter, NoiseNetConverter):
-            for key in LEARNED_NOISE_KEYS:
-                data["ppo"].pop(key, None)
+        for dotted in self._dead_paths():
+            *parents, last = dotted.split(".")
+            node = data
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
         return data
-
-
-# The std of flow_sde / cps steps is fixed: these PPO keys act only on a learned noise net.
-LEARNED_NOISE_KEYS = ("noise_lr", "entropy_coef")
 
 
 # --------------------------------------------------------------------------- loading

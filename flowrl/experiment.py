@@ -14,13 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import envs as flowrl_envs
-from flowrl.algos.flow_bc import action_chunks, load_demos, pretrain_flow
-from flowrl.algos.flow_ppo import train_ppo
+from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, dataset_obs_stats, load_demos
+from flowrl.algos.ppo import train_ppo
 from flowrl.config import ExperimentConfig, load_config, save_config
 from flowrl.errors import FlowRLError
-from flowrl.models.build import build_policy, build_velocity, load_velocity, velocity_record
-from flowrl.models.networks import ValueMLP, VelocityMLP
+from flowrl.models.build import Actor, actor_record, build_actor, build_critic, build_policy, load_actor
 from flowrl.rollout.collector import Collector, InProcessCollector, evaluate_policy
 from flowrl.runlog import atomic_save
 from flowrl.runtime import resolve_device, seed_everything
@@ -69,9 +67,10 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
     return path
 
 
-def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool = True) -> VelocityMLP:
-    """Flow-matching BC from the experiment's demos; writes ``pretrained.pt`` in the run folder."""
-    env_flowrl = flowrl_envs  # noqa: F841  (import registers the envs)
+def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool = True) -> Actor:
+    """Behaviour cloning of ``policy.type`` from the experiment's demos; writes
+    ``pretrained.pt`` in the run folder."""
+    assert cfg.pretrain is not None
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed)
     if cfg.pretrain.demos.path is None:  # keep the generated demonstrations with the run
@@ -82,20 +81,24 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
             f"env {cfg.env.id} has {obs_dim} / {action_dim}"
         )
     obs, chunks = action_chunks(demos, cfg.policy.horizon)
-    velocity = build_velocity(cfg.policy, obs_dim, action_dim, cfg.pretrain.method != "rectified_flow").to(device)
+    actor = build_actor(cfg.policy, obs_dim, action_dim)
+    if cfg.policy.obs_norm == "dataset":
+        actor.obs_norm.set_stats(*dataset_obs_stats(obs), count=len(obs))
     tqdm.write(
-        f"pretraining ({cfg.pretrain.method}) on {len(demos['episode_ends'])} demonstration episodes "
-        f"({len(obs)} chunks)"
+        f"pretraining ({cfg.policy.type}) on {len(demos['episode_ends'])} demonstration episodes ({len(obs)} chunks)"
     )
-    ema, metrics = pretrain_flow(velocity, obs, chunks, cfg.pretrain, cfg.seed, progress)
+    loss = bc_loss(cfg.policy, cfg.pretrain)
+    ema, metrics = behaviour_clone(actor.to(device), obs, chunks, loss, cfg.pretrain, cfg.seed, progress)
     ema = ema.cpu()
-    atomic_save(velocity_record(ema, cfg.policy), run_dir / "pretrained.pt")
+    atomic_save(actor_record(ema, cfg.policy), run_dir / "pretrained.pt")
     (run_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
     return ema
 
 
 def pretrain_only(cfg: ExperimentConfig, run_dir: Path, progress: bool = True) -> dict[str, float]:
     """``flowrl pretrain``: behaviour cloning, then one evaluation of the pretrained policy."""
+    if cfg.pretrain is None:
+        raise FlowRLError("flowrl pretrain: this experiment has pretrain: null (nothing to pretrain)")
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
     pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
@@ -107,13 +110,16 @@ def pretrain_only(cfg: ExperimentConfig, run_dir: Path, progress: bool = True) -
     return metrics
 
 
-def initial_velocity(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool) -> VelocityMLP:
-    """The policy to fine-tune: policy.pretrained, else this run's pretrained.pt, else pretrain now."""
+def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool) -> Actor:
+    """The network to train: policy.pretrained, else this run's pretrained.pt, else pretrain
+    now, or fresh weights when the experiment has pretrain: null."""
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:
-        return load_velocity(cfg.policy.pretrained, cfg.policy, obs_dim, action_dim)
+        return load_actor(cfg.policy.pretrained, cfg.policy, obs_dim, action_dim)
     if (run_dir / "pretrained.pt").exists():
-        return load_velocity(run_dir / "pretrained.pt", cfg.policy, obs_dim, action_dim)
+        return load_actor(run_dir / "pretrained.pt", cfg.policy, obs_dim, action_dim)
+    if cfg.pretrain is None:
+        return build_actor(cfg.policy, obs_dim, action_dim)
     return pretrain(cfg, run_dir, device, progress)
 
 
@@ -137,15 +143,15 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
                 )
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
-    velocity = initial_velocity(cfg, run_dir, device, progress)
-    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
-    policy = build_policy(cfg, velocity, obs_dim, action_dim)
-    critic = ValueMLP(obs_dim)
+    actor = initial_actor(cfg, run_dir, device, progress)
+    policy = build_policy(cfg, actor)
+    critic = build_critic(actor)
     where = (
         f"{cfg.ray.num_workers} Ray env workers" if cfg.ray.enabled else f"{cfg.ray.num_workers} in-process env shards"
     )
     tqdm.write(
-        f"fine-tuning: learner on {device}, {where}, {cfg.mdp.converter.type} steps, window {cfg.mdp.window.type}"
+        f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
+        f"({_method(cfg)}): learner on {device}, {where}"
     )
     events = logging.FileHandler(run_dir / "events.log")
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -173,6 +179,15 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     return result
 
 
+def _method(cfg: ExperimentConfig) -> str:
+    if cfg.policy.type == "gaussian":
+        return "Gaussian PPO"
+    if cfg.policy.type == "diffusion":
+        return f"DPPO, {cfg.policy.denoising_steps} denoising steps"
+    c, w = cfg.mdp.converter.type, cfg.mdp.window.type
+    return f"{cfg.policy.type} flow, K = {cfg.policy.denoising_steps}, {c} steps, window {w}"
+
+
 def make_collector(cfg: ExperimentConfig) -> Collector:
     """Ray env workers (ray.enabled), or the same shards in this process."""
     env, horizon = cfg.env, cfg.policy.horizon
@@ -194,9 +209,43 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, float]:
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
-    velocity = load_velocity(checkpoint, cfg.policy, obs_dim, action_dim)
-    policy = build_policy(cfg, velocity, obs_dim, action_dim)
+    policy = build_policy(cfg, load_actor(checkpoint, cfg.policy, obs_dim, action_dim))
     return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs)
+
+
+def collect(
+    run_dir: str | Path,
+    out: str | Path,
+    episodes: int,
+    action_noise: float,
+    seed: int,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``flowrl collect``: a demonstration dataset from a trained run's policy (see
+    flowrl.rollout.demos); returns the dataset's return statistics."""
+    from flowrl.rollout.demos import collect_demos, save_demos
+
+    cfg = load_run_config(run_dir, [])
+    path = Path(checkpoint) if checkpoint else Path(run_dir) / "policy.pt"
+    if not path.is_file():
+        raise FlowRLError(f"{path} not found: train the run to its end first, or pass --checkpoint")
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
+    policy = build_policy(cfg, load_actor(path, cfg.policy, obs_dim, action_dim))
+    demos = collect_demos(policy, cfg.env.id, episodes, seed, action_noise, cfg.env.kwargs, progress)
+    returns = demos["episode_returns"]
+    written = save_demos(demos, out, env_id=cfg.env.id, policy=path.resolve(), action_noise=action_noise, seed=seed)
+    stats = {
+        "episodes": float(len(returns)),
+        "steps": float(len(demos["observations"])),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+    }
+    print(
+        f"wrote {written}: {len(returns)} episodes, {len(demos['observations'])} steps, return "
+        f"{stats['return_mean']:.1f} +- {stats['return_std']:.1f} (action noise {action_noise})"
+    )
+    return stats
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str]) -> ExperimentConfig:

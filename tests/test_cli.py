@@ -64,8 +64,12 @@ def test_bad_config_is_one_line_error(override, needle, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("device=cuda", "no CUDA GPU is visible"), ("env.id=Nope-v0", "unknown env id 'Nope-v0'"),
-     ("env.kwargs={bad: 1}", "env.kwargs do not fit"), ("policy.pretrained=/no/such.pt", "checkpoint not found")],
+    [
+        ("device=cuda", "no CUDA GPU is visible"),
+        ("env.id=Nope-v0", "unknown env id 'Nope-v0'"),
+        ("env.kwargs={bad: 1}", "env.kwargs do not fit"),
+        ("policy.pretrained=/no/such.pt", "checkpoint not found"),
+    ],
 )
 def test_bad_run_input_fails_before_a_run_folder_exists(override, needle, tmp_path, capsys):
     if override == "device=cuda" and torch.cuda.is_available():
@@ -208,9 +212,21 @@ def test_training_survives_a_worker_killed_mid_iteration(tmp_path):
     finishes, events.log names the restart, metrics count it."""
     marker = tmp_path / "fault-fired"
     args = [a for a in TINY if a != "ray.enabled=false"]
-    assert main(["train", QUICKSTART, *args, "ppo.iterations=3", "env.id=flowrl/FaultInjection-v0",
-                 f"env.kwargs={{fail_at_step: 40, mode: exit, once_marker: {marker}}}", f"runs_dir={tmp_path / 'runs'}",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *args,
+                "ppo.iterations=3",
+                "env.id=flowrl/FaultInjection-v0",
+                f"env.kwargs={{fail_at_step: 40, mode: exit, once_marker: {marker}}}",
+                f"runs_dir={tmp_path / 'runs'}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = _run_dir(tmp_path / "runs")
     assert marker.exists()
     events = (run / "events.log").read_text()
@@ -224,10 +240,24 @@ def test_ray_training_equals_in_process_training(tmp_path):
     """Env workers on Ray and the same shards in this process: identical learning metrics."""
     records = {}
     for name, enabled in (("ray", "true"), ("local", "false")):
-        assert main(["train", QUICKSTART, *TINY, "ppo.iterations=2", f"ray.enabled={enabled}",
-                     f"runs_dir={tmp_path / name}", "--no-progress"]) == 0
-        records[name] = [{k: v for k, v in r.items() if not k.startswith(("time/", "ray/"))}
-                         for r in read_metrics(_run_dir(tmp_path / name))]
+        assert (
+            main(
+                [
+                    "train",
+                    QUICKSTART,
+                    *TINY,
+                    "ppo.iterations=2",
+                    f"ray.enabled={enabled}",
+                    f"runs_dir={tmp_path / name}",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        records[name] = [
+            {k: v for k, v in r.items() if not k.startswith(("time/", "ray/"))}
+            for r in read_metrics(_run_dir(tmp_path / name))
+        ]
     assert records["ray"] == records["local"]
 
 
@@ -235,27 +265,63 @@ def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
     assert main(["pretrain", QUICKSTART, *TINY, f"runs_dir={tmp_path / 'pre'}", "--no-progress"]) == 0
     pretrained = _run_dir(tmp_path / "pre") / "pretrained.pt"
     success = float(capsys.readouterr().out.split("(success ")[1].split(",")[0])
-    assert main(["train", QUICKSTART, *TINY, "ppo.iterations=1", f"policy.pretrained={pretrained}",
-                 f"runs_dir={tmp_path / 'ft'}", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *TINY,
+                "ppo.iterations=1",
+                f"policy.pretrained={pretrained}",
+                f"runs_dir={tmp_path / 'ft'}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = _run_dir(tmp_path / "ft")
     assert not (run / "pretrained.pt").exists(), "no pretraining when policy.pretrained is given"
     assert read_metrics(run)[0]["eval/success_rate"] == pytest.approx(success, abs=0.005)
     # The generated demonstrations were kept: pretraining from that file gives the same policy.
     demos = _run_dir(tmp_path / "pre") / "demos.npz"
     tiny_from_file = [a for a in TINY if not a.startswith("pretrain.demos.")]
-    assert main(["pretrain", QUICKSTART, *tiny_from_file, f"pretrain.demos={{path: {demos}}}",
-                 f"runs_dir={tmp_path / 'file'}", "--no-progress"]) == 0
-    again = torch.load(_run_dir(tmp_path / "file") / "pretrained.pt", weights_only=True)["velocity"]
-    first = torch.load(pretrained, weights_only=True)["velocity"]
+    assert (
+        main(
+            [
+                "pretrain",
+                QUICKSTART,
+                *tiny_from_file,
+                f"pretrain.demos={{path: {demos}}}",
+                f"runs_dir={tmp_path / 'file'}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    again = torch.load(_run_dir(tmp_path / "file") / "pretrained.pt", weights_only=True)["actor"]
+    first = torch.load(pretrained, weights_only=True)["actor"]
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_shortcut_policy_fine_tunes_with_one_denoising_step(tmp_path):
     """A shortcut-model policy, pretrained and fine-tuned with ReinFlow at K = 1."""
-    assert main(["train", QUICKSTART, *TINY, "ppo.iterations=2", "pretrain.method=shortcut",
-                 "policy.denoising_steps=1", f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *TINY,
+                "ppo.iterations=2",
+                "policy.type=shortcut",
+                "policy.denoising_steps=1",
+                f"runs_dir={tmp_path}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = _run_dir(tmp_path)
     records = read_metrics(run)
     assert [r["iteration"] for r in records] == [0, 1, 2]
     assert records[1]["train/ratio_check_dev"] <= 1e-4
-    assert torch.load(run / "policy.pt", weights_only=True)["arch"]["step_conditioned"] is True
+    assert torch.load(run / "policy.pt", weights_only=True)["arch"]["type"] == "shortcut"

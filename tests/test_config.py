@@ -134,9 +134,27 @@ def test_ray_section():
     assert build_config({"name": "x", "ray": {"address": "10.0.0.1:6379"}}).ray.address == "10.0.0.1:6379"
 
 
-def test_pretrain_method_keys():
-    assert build_config({"name": "x", "pretrain": {"method": "shortcut"}}).pretrain.method == "shortcut"
-    with pytest.raises(ConfigError, match="self_consistency_fraction only applies to method: shortcut"):
-        build_config({"name": "x", "pretrain": {"self_consistency_fraction": 0.5}})
-    with pytest.raises(ConfigError, match="pretrain.method"):
-        build_config({"name": "x", "pretrain": {"method": "meanflow"}})
+def test_policy_family_keys():
+    assert build_config({"name": "x", "policy": {"type": "shortcut"}}).policy.type == "shortcut"
+    with pytest.raises(ConfigError, match="consistency_fraction only applies to policy.type shortcut or meanflow"):
+        build_config({"name": "x", "pretrain": {"consistency_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="policy.type"):
+        build_config({"name": "x", "policy": {"type": "consistency"}})
+    with pytest.raises(ConfigError, match="mdp only applies to flow policies"):
+        build_config({"name": "x", "policy": {"type": "gaussian"}, "mdp": {"log_prob_reduce": "sum"}})
+    with pytest.raises(ConfigError, match="noise_lr only applies to a learned noise"):
+        build_config({"name": "x", "policy": {"type": "diffusion"}, "ppo": {"noise_lr": 0.1}})
+    with pytest.raises(ConfigError, match="min_std only applies to policy.type: diffusion"):
+        build_config({"name": "x", "policy": {"min_std": 0.2}})
+    with pytest.raises(ConfigError, match="denoising_steps only applies to flow and diffusion"):
+        build_config({"name": "x", "policy": {"type": "gaussian", "denoising_steps": 2}})
+    with pytest.raises(ConfigError, match="denoising_steps=30 > train_steps=20"):
+        build_config({"name": "x", "policy": {"type": "diffusion", "denoising_steps": 30}})
+    with pytest.raises(ConfigError, match="obs_norm: dataset needs demonstrations"):
+        build_config({"name": "x", "pretrain": None})
+    scratch = build_config({"name": "x", "policy": {"type": "gaussian", "obs_norm": "running"}, "pretrain": None})
+    assert scratch.pretrain is None
+    # dead keys are dropped when the resolved config is written
+    dumped = scratch.model_dump(mode="json")
+    assert "mdp" not in dumped and "noise_lr" not in dumped["ppo"] and "min_std" not in dumped["policy"]
+    assert build_config(dumped) == scratch

@@ -7,7 +7,7 @@ import sys
 def test_core_imports_without_ray():
     code = (
         "import sys; import flowrl.core, flowrl.models, flowrl.models.build, flowrl.rollout, flowrl.rewards, "
-        "flowrl.algos.flow_ppo, flowrl.algos.flow_bc, flowrl.config, envs; "
+        "flowrl.algos.ppo, flowrl.algos.bc, flowrl.algos.flow_bc, flowrl.config, envs; "
         "bad = [m for m in ('ray', 'tensorboard') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -21,7 +21,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import envs as flowrl_envs
 from flowrl.config import build_config
-from flowrl.models.build import build_policy, build_velocity
+from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
 
 TASKS = {"toy": "flowrl/TwoGoal-v0", "mujoco": "HalfCheetah-v5"}
@@ -33,7 +33,7 @@ def _policy(env_id: str, horizon: int, denoising_steps: int):
     env.close()
     cfg = build_config({"name": "bench", "policy": {"horizon": horizon, "denoising_steps": denoising_steps}})
     torch.manual_seed(0)
-    return build_policy(cfg, build_velocity(cfg.policy, obs_dim, act_dim), obs_dim, act_dim)
+    return build_policy(cfg, build_actor(cfg.policy, obs_dim, act_dim))
 
 
 def _best_rate(run, repeats: int) -> float:

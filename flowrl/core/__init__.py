@@ -4,6 +4,7 @@ Nothing here knows about environments, Ray or configs; every function documents 
 """
 
 from flowrl.core.advantages import gae, group_advantages
+from flowrl.core.batch import TensorBatch
 from flowrl.core.grids import time_grid
 from flowrl.core.losses import clipped_surrogate, value_loss
 from flowrl.core.steps import (
@@ -24,6 +25,7 @@ __all__ = [
     "SlidingWindow",
     "StepOutput",
     "StepWindow",
+    "TensorBatch",
     "clipped_surrogate",
     "cps_step",
     "euler_step",

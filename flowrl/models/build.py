@@ -1,4 +1,4 @@
-"""Build policies from the experiment config; save and load velocity checkpoints."""
+"""Build policies (every family) from the experiment config; save and load their checkpoints."""
 
 from __future__ import annotations
 
@@ -19,18 +19,39 @@ from flowrl.config import (
 )
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow, StepWindow
 from flowrl.errors import FlowRLError
+from flowrl.models.diffusion_policy import DiffusionPolicy
 from flowrl.models.flow_policy import Converter, CPSConverter, FlowPolicy, FlowSDEConverter, ReinFlowConverter
-from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
-
-ARCH_KEYS = ("horizon", "hidden_dims", "time_embed_dim")
+from flowrl.models.gaussian_policy import GaussianPolicy
+from flowrl.models.networks import GaussianActor, ReinFlowNoiseNet, ValueMLP, VelocityMLP, copy_obs_stats
+from flowrl.models.policy import Policy
 
 
 class CheckpointError(FlowRLError, ValueError):
     """A checkpoint that is missing or does not fit the experiment."""
 
 
-def build_velocity(cfg: PolicyConfig, obs_dim: int, action_dim: int, step_conditioned: bool = False) -> VelocityMLP:
-    """``step_conditioned``: a shortcut-model field (see VelocityMLP)."""
+Actor = VelocityMLP | GaussianActor
+
+
+def arch_keys(cfg: PolicyConfig) -> tuple[str, ...]:
+    """Policy keys a checkpoint's network depends on."""
+    if cfg.type == "gaussian":
+        return ("type", "horizon", "hidden_dims")
+    if cfg.type == "diffusion":
+        return ("type", "horizon", "hidden_dims", "time_embed_dim", "train_steps")
+    return ("type", "horizon", "hidden_dims", "time_embed_dim")
+
+
+def build_actor(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Actor:
+    """The network of the policy family ``cfg.type``, with fresh weights.
+
+    Flows get a velocity field (step-size conditioned for shortcut and MeanFlow), a
+    diffusion policy an epsilon model of the same architecture, a Gaussian policy a mean MLP
+    with a learned std.
+    """
+    if cfg.type == "gaussian":
+        return GaussianActor(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.init_std)
+    step_conditioned = cfg.type in ("shortcut", "meanflow")
     return VelocityMLP(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.time_embed_dim, step_conditioned)
 
 
@@ -46,18 +67,19 @@ def build_window(cfg: ExperimentConfig) -> StepWindow:
     )
 
 
-def build_converter(cfg: ExperimentConfig, obs_dim: int, action_dim: int) -> Converter:
+def build_converter(cfg: ExperimentConfig, actor: VelocityMLP) -> Converter:
     c = cfg.mdp.converter
     if isinstance(c, NoiseNetConverter):
         net = ReinFlowNoiseNet(
-            obs_dim,
+            actor.obs_dim,
             cfg.policy.horizon,
-            action_dim,
+            actor.action_dim,
             c.std_min,
             c.std_max,
             c.hidden_dims,
             condition_on_x=c.type == "flow_noise",
         )
+        copy_obs_stats(actor, net)
         return ReinFlowConverter(net)
     if isinstance(c, FlowSDEConverterConfig):
         return FlowSDEConverter(c.noise_level)
@@ -65,46 +87,60 @@ def build_converter(cfg: ExperimentConfig, obs_dim: int, action_dim: int) -> Con
     return CPSConverter(c.noise_level)
 
 
-def build_policy(cfg: ExperimentConfig, velocity: VelocityMLP, obs_dim: int, action_dim: int) -> FlowPolicy:
-    """A FlowPolicy with the experiment's converter, window, grid and reduction."""
+def build_policy(cfg: ExperimentConfig, actor: Actor) -> Policy:
+    """The policy of ``cfg.policy.type`` around ``actor``: a FlowPolicy with the experiment's
+    converter, window, grid and reduction; a DiffusionPolicy; or a GaussianPolicy."""
+    p = cfg.policy
+    if p.type == "gaussian":
+        assert isinstance(actor, GaussianActor)
+        return GaussianPolicy(actor)
+    assert isinstance(actor, VelocityMLP)
+    if p.type == "diffusion":
+        return DiffusionPolicy(actor, p.train_steps, p.denoising_steps, p.min_std, p.denoised_clip)
     return FlowPolicy(
-        velocity,
-        cfg.policy.denoising_steps,
-        converter=build_converter(cfg, obs_dim, action_dim),
+        actor,
+        p.denoising_steps,
+        converter=build_converter(cfg, actor),
         window=build_window(cfg),
         grid_kind="shifted",
-        grid_shift=cfg.policy.time_shift,
+        grid_shift=p.time_shift,
         log_prob_reduce=cfg.mdp.log_prob_reduce,
     )
 
 
-def velocity_record(velocity: VelocityMLP, cfg: PolicyConfig) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild the velocity field."""
+def build_critic(actor: Actor, hidden_dims: tuple[int, ...] = (256, 256)) -> ValueMLP:
+    """A critic on the actor's observations, normalised with the actor's statistics."""
+    critic = ValueMLP(actor.obs_dim, hidden_dims)
+    copy_obs_stats(actor, critic)
+    return critic
+
+
+def actor_record(actor: Actor, cfg: PolicyConfig) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild the policy network (observation stats included)."""
     return {
-        "velocity": velocity.state_dict(),
+        "actor": actor.state_dict(),
         "arch": {
-            "obs_dim": velocity.obs_dim,
-            "action_dim": velocity.action_dim,
-            "step_conditioned": velocity.step_conditioned,
-            **{k: getattr(cfg, k) for k in ARCH_KEYS},
+            "obs_dim": actor.obs_dim,
+            "action_dim": actor.action_dim,
+            **{k: getattr(cfg, k) for k in arch_keys(cfg)},
         },
     }
 
 
-def load_velocity(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> VelocityMLP:
-    """Load the velocity field of a pretrained (or fine-tuned) checkpoint, checking it fits."""
+def load_actor(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Actor:
+    """Load the network of a pretrained (or fine-tuned) checkpoint, checking it fits."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (policy.pretrained or --checkpoint)")
     record = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(record, dict) or "velocity" not in record or "arch" not in record:
-        raise CheckpointError(f"{path} is not a flowrl policy checkpoint (no 'velocity'/'arch' entries)")
+    if not isinstance(record, dict) or "actor" not in record or "arch" not in record:
+        raise CheckpointError(f"{path} is not a flowrl policy checkpoint (no 'actor'/'arch' entries)")
     arch = record["arch"]
-    expected = {"obs_dim": obs_dim, "action_dim": action_dim, **{k: getattr(cfg, k) for k in ARCH_KEYS}}
+    expected = {"obs_dim": obs_dim, "action_dim": action_dim, **{k: getattr(cfg, k) for k in arch_keys(cfg)}}
     wrong = {k: (arch.get(k), v) for k, v in expected.items() if arch.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: checkpoint {a} vs experiment {b}" for k, (a, b) in wrong.items())
         raise CheckpointError(f"{path} does not fit this experiment ({detail}); set policy.* to match")
-    velocity = build_velocity(cfg, obs_dim, action_dim, bool(arch.get("step_conditioned", False)))
-    velocity.load_state_dict(record["velocity"])
-    return velocity
+    actor = build_actor(cfg, obs_dim, action_dim)
+    actor.load_state_dict(record["actor"])
+    return actor

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from flowrl.core.batch import TensorBatch
 from flowrl.core.grids import GridKind, time_grid
 from flowrl.core.steps import StepOutput, cps_step, euler_step, flow_sde_step, gaussian_entropy, gaussian_step
 from flowrl.core.windows import AllSteps, StepWindow
@@ -67,13 +68,15 @@ Converter = ReinFlowConverter | FlowSDEConverter | CPSConverter
 
 
 @dataclass
-class ChainSample:
-    """One batch of sampled chains.
+class ChainSample(TensorBatch):
+    """One batch of sampled denoising chains (flow and diffusion policies).
 
-    actions: ``[B, Ta, Da]`` the chain's end x_K (unclipped; the env wrapper clips).
-    chain: ``[B, K+1, Ta, Da]`` every state x_0 .. x_K.
+    actions: ``[B, Ta, Da]`` the chain's end (unclipped; the env wrapper clips).
+    chain: ``[B, K+1, Ta, Da]`` every state of the chain, from the noise to the actions.
     mask: ``[B, K]`` bool, True where step k was stochastic.
-    log_prob: ``[B]`` the chain's log-prob over its stochastic steps (reduced, see FlowPolicy).
+    log_prob: ``[B]`` the chain's log-prob over its stochastic steps (a flow policy, reduced
+        as FlowPolicy says), or ``[B, K]`` one log-prob per step (a diffusion policy, DPPO:
+        each denoising step its own PPO sample; zero where the mask is False).
     """
 
     actions: Tensor
@@ -128,10 +131,27 @@ class FlowPolicy(nn.Module):
         dims = self.event_shape[0] * self.event_shape[1]
         return summed / (num_stochastic.clamp(min=1) * dims)
 
+    @property
+    def actor(self) -> VelocityMLP:
+        """The network a checkpoint stores (the converter's noise net is fine-tuning state)."""
+        return self.velocity
+
+    def noise_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the learned exploration noise (ppo.noise_lr); none for fixed-noise converters."""
+        return list(self.converter.parameters()) if self.converter is not None else []
+
     @torch.no_grad()
     def act(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Deterministic evaluation: ODE Euler from x_0 ~ N(0, I). ``[B, O] -> [B, Ta, Da]``."""
         x = torch.randn((obs.shape[0], *self.event_shape), generator=generator, device=obs.device)
+        return self.coupled_actions(obs, x)
+
+    def coupled_actions(self, obs: Tensor, noise: Tensor) -> Tensor:
+        """The ODE's actions from the given initial noise ``[B, Ta, Da]``, differentiable.
+
+        Two policies fed the same noise give a coupling of their action distributions, so
+        the mean squared distance of their actions bounds W2² (the W2 regulariser)."""
+        x = noise
         for k in range(self.num_steps):
             t, t_next = self.grid[k], self.grid[k + 1]
             x = euler_step(x, self.velocity(obs, x, t, t_next), t, t_next).next_x
@@ -160,14 +180,16 @@ class FlowPolicy(nn.Module):
         log_prob = self._reduce(step_log_probs, mask.sum(dim=1))
         return ChainSample(actions=x, chain=torch.stack(chain, dim=1), mask=mask, log_prob=log_prob)
 
-    def log_prob(self, obs: Tensor, chain: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob(self, obs: Tensor, sample: ChainSample) -> tuple[Tensor, Tensor]:
         """Re-evaluate stored chains under the current parameters.
 
-        obs ``[B, O]``, chain ``[B, K+1, Ta, Da]``, mask ``[B, K]``. Only the stochastic steps
-        are evaluated, in one batched forward pass. Returns ``(log_prob [B], entropy [B])``;
-        entropy is the mean per-dimension Gaussian entropy of the stochastic steps.
+        obs ``[B, O]``; ``sample.chain`` ``[B, K+1, Ta, Da]``, ``sample.mask`` ``[B, K]``. Only
+        the stochastic steps are evaluated, in one batched forward pass. Returns
+        ``(log_prob [B], entropy [B])``; entropy is the mean per-dimension Gaussian entropy of
+        the stochastic steps.
         """
         converter = self._require_converter()
+        chain, mask = sample.chain, sample.mask
         b, k = mask.shape
         if chain.shape[:2] != (b, k + 1) or k != self.num_steps:
             raise ValueError(f"chain {tuple(chain.shape)} and mask {tuple(mask.shape)} do not fit K={self.num_steps}")

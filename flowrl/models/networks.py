@@ -1,4 +1,5 @@
-"""Small MLPs for low-dimensional control: velocity field, ReinFlow noise net, critic."""
+"""Small MLPs for low-dimensional control: velocity field, ReinFlow noise net, Gaussian actor,
+critic, and the observation normaliser every one of them starts with."""
 
 from __future__ import annotations
 
@@ -17,6 +18,59 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Mo
         dim = width
     layers.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*layers)
+
+
+class ObsNormalizer(nn.Module):
+    """``(obs - mean) / std`` clipped to ``[-clip, clip]``; the stats are buffers.
+
+    Stats live in the networks' state dicts, so they travel with the weights to Ray
+    workers and into every checkpoint. They come from a dataset (``set_stats``) or are
+    running estimates over the rollouts (``update``, parallel Welford). The defaults
+    (mean 0, var 1) leave observations unchanged apart from the clip.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0) -> None:
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return ((obs - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def set_stats(self, mean: Tensor, std: Tensor, count: float = 1.0) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.var.copy_(torch.as_tensor(std, dtype=self.var.dtype) ** 2)
+        self.count.fill_(count)
+
+    @torch.no_grad()
+    def update(self, obs: Tensor) -> None:
+        """Fold a batch ``[B, O]`` into the running mean and variance."""
+        obs = obs.reshape(-1, self.mean.shape[0]).to(self.mean.dtype)
+        n, total = obs.shape[0], float(self.count)
+        if n == 0:
+            return
+        b_mean, b_var = obs.mean(0), obs.var(0, unbiased=False)
+        if total == 0:
+            self.mean.copy_(b_mean)
+            self.var.copy_(b_var)
+        else:
+            delta = b_mean - self.mean
+            new_total = total + n
+            self.mean.add_(delta * n / new_total)
+            self.var.copy_((self.var * total + b_var * n + delta**2 * total * n / new_total) / new_total)
+        self.count.fill_(total + n)
+
+
+def copy_obs_stats(source: nn.Module, *targets: nn.Module) -> None:
+    """Give every ObsNormalizer in ``targets`` the stats of the first one in ``source``."""
+    src = next(m for m in source.modules() if isinstance(m, ObsNormalizer))
+    for target in targets:
+        for m in target.modules():
+            if isinstance(m, ObsNormalizer):
+                m.load_state_dict(src.state_dict())
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -61,6 +115,7 @@ class VelocityMLP(nn.Module):
         super().__init__()
         self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
         self.step_conditioned = step_conditioned
+        self.obs_norm = ObsNormalizer(obs_dim)
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         in_dim = obs_dim + horizon * action_dim + time_dim * (2 if step_conditioned else 1)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
@@ -68,7 +123,7 @@ class VelocityMLP(nn.Module):
     def forward(self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None) -> Tensor:
         b = x.shape[0]
         t_b = _batch_time(t, b, x)
-        parts = [obs, x.reshape(b, -1), self.time_embed(t_b)]
+        parts = [self.obs_norm(obs), x.reshape(b, -1), self.time_embed(t_b)]
         if self.step_conditioned:
             if t_next is None:
                 raise ValueError("a step-conditioned velocity field needs t_next (the end of the step)")
@@ -101,13 +156,14 @@ class ReinFlowNoiseNet(nn.Module):
         self.horizon, self.action_dim = horizon, action_dim
         self.std_min, self.std_max = std_min, std_max
         self.condition_on_x = condition_on_x
+        self.obs_norm = ObsNormalizer(obs_dim)
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         in_dim = obs_dim + time_dim + (horizon * action_dim if condition_on_x else 0)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim, activation=nn.Tanh)
 
     def forward(self, obs: Tensor, t: Tensor | float, x: Tensor | None = None) -> Tensor:
         b = obs.shape[0]
-        parts = [obs, self.time_embed(_batch_time(t, b, obs))]
+        parts = [self.obs_norm(obs), self.time_embed(_batch_time(t, b, obs))]
         if self.condition_on_x:
             if x is None:
                 raise ValueError("this noise net conditions on x: pass the current sample")
@@ -121,7 +177,39 @@ class ValueMLP(nn.Module):
 
     def __init__(self, obs_dim: int, hidden_dims: Sequence[int] = (256, 256)) -> None:
         super().__init__()
+        self.obs_norm = ObsNormalizer(obs_dim)
         self.net = mlp(obs_dim, hidden_dims, 1, activation=nn.Tanh)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs).squeeze(-1)
+        return self.net(self.obs_norm(obs)).squeeze(-1)
+
+
+class GaussianActor(nn.Module):
+    """Gaussian policy network over action chunks: mean MLP(obs) and a learned,
+    state-independent std (CleanRL's continuous-action PPO agent).
+
+    forward(obs ``[B, O]``) -> (mean ``[B, Ta, Da]``, std ``[Ta, Da]``).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        horizon: int,
+        action_dim: int,
+        hidden_dims: Sequence[int] = (256, 256),
+        init_std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
+        self.obs_norm = ObsNormalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dims, horizon * action_dim, activation=nn.Tanh)
+        with torch.no_grad():  # small initial means: start near the centre of the action box
+            self.net[-1].weight.mul_(0.01)
+            self.net[-1].bias.zero_()
+        self.log_std = nn.Parameter(torch.full((horizon, action_dim), math.log(init_std)))
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mean = self.net(self.obs_norm(obs)).view(obs.shape[0], self.horizon, self.action_dim)
+        return mean, self.log_std.exp()

@@ -1,4 +1,4 @@
-"""Collectors: run envs with a FlowPolicy and return a typed Rollout.
+"""Collectors: run envs with a policy (any family) and return a typed Rollout.
 
 The Collector interface is what the learner sees; ``InProcessCollector`` implements it in
 this process. An ``EnvShard`` (a gymnasium vector env plus the random generator that drives
@@ -7,7 +7,7 @@ the policy's noise, both seeded from (seed, shard index)) is the unit a Ray EnvW
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -16,7 +16,8 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import Tensor
 
 import envs as flowrl_envs
-from flowrl.models.flow_policy import FlowPolicy
+from flowrl.core.batch import TensorBatch
+from flowrl.models.policy import Policy
 from flowrl.runtime import derive_seed
 
 
@@ -26,7 +27,8 @@ class Rollout:
 
     obs, next_obs: ``[T, N, O]``; next_obs is the state reached (the episode's final
         observation when it ended at that step, before any reset).
-    chains: ``[T, N, K+1, Ta, Da]``; masks: ``[T, N, K]`` bool; log_probs: ``[T, N]``.
+    samples: the policy's samples stacked ``[T, N, ...]`` (a ChainSample of chains, masks
+        and log-probs for flow and diffusion policies, a GaussianSample for Gaussian ones).
     rewards: ``[T, N]`` (summed over the chunk); terminated, truncated: ``[T, N]`` bool.
     env_steps: primitive env steps taken. episode_returns / episode_successes: one entry
     per episode that ended during the collection.
@@ -34,9 +36,7 @@ class Rollout:
 
     obs: Tensor
     next_obs: Tensor
-    chains: Tensor
-    masks: Tensor
-    log_probs: Tensor
+    samples: TensorBatch
     rewards: Tensor
     terminated: Tensor
     truncated: Tensor
@@ -47,22 +47,24 @@ class Rollout:
     @staticmethod
     def concat_envs(parts: list[Rollout]) -> Rollout:
         """Join rollouts of different env shards (same T) along the env axis."""
-        tensors = {
-            f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(Rollout) if f.type == "Tensor"
-        }
+        tensors = {k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in _TENSORS}
         return Rollout(
             **tensors,
+            samples=type(parts[0].samples).cat([p.samples for p in parts], dim=1),
             env_steps=sum(p.env_steps for p in parts),
             episode_returns=[r for p in parts for r in p.episode_returns],
             episode_successes=[s for p in parts for s in p.episode_successes],
         )
 
 
+_TENSORS = ("obs", "next_obs", "rewards", "terminated", "truncated")
+
+
 class Collector(Protocol):
     def reset(self, epoch: int) -> None:
         """(Re)start every env from seeds derived from (seed, shard, epoch)."""
 
-    def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
+    def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         """``num_steps`` policy steps in every env with the window of ``iteration``."""
 
     def close(self) -> None: ...
@@ -100,12 +102,11 @@ class EnvShard:
         self.generator.manual_seed(derive_seed(self.seed, self.index, epoch, 1))
         self._returns[:] = 0.0
 
-    def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
+    def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        buf: dict[str, list] = {
-            k: [] for k in ("obs", "next_obs", "chains", "masks", "log_probs", "rewards", "terminated", "truncated")
-        }
+        buf: dict[str, list] = {k: [] for k in _TENSORS}
+        samples = []
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
@@ -127,17 +128,16 @@ class EnvShard:
             for key, value in (
                 ("obs", obs),
                 ("next_obs", torch.from_numpy(real_next)),
-                ("chains", sample.chain),
-                ("masks", sample.mask),
-                ("log_probs", sample.log_prob),
                 ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
                 ("terminated", torch.as_tensor(terminated)),
                 ("truncated", torch.as_tensor(truncated)),
             ):
                 buf[key].append(value)
+            samples.append(sample)
             self._obs = next_obs
         return Rollout(
             **{k: torch.stack(v) for k, v in buf.items()},
+            samples=type(samples[0]).stack(samples),
             env_steps=env_steps,
             episode_returns=ep_returns,
             episode_successes=ep_successes,
@@ -162,7 +162,7 @@ class InProcessCollector:
         for shard in self.shards:
             shard.reset(epoch)
 
-    def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
+    def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         return Rollout.concat_envs([s.collect(policy, num_steps, iteration) for s in self.shards])
 
     def close(self) -> None:
@@ -171,7 +171,7 @@ class InProcessCollector:
 
 
 def evaluate_policy(
-    policy: FlowPolicy, env_id: str, horizon: int, episodes: int, seed: int, env_kwargs: dict | None = None
+    policy: Policy, env_id: str, horizon: int, episodes: int, seed: int, env_kwargs: dict | None = None
 ) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
 

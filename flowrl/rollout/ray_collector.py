@@ -22,7 +22,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from flowrl.errors import FlowRLError
-from flowrl.models.flow_policy import FlowPolicy
+from flowrl.models.policy import Policy
 from flowrl.rollout.collector import EnvShard, Rollout
 from flowrl.rollout.ray_runtime import describe_failure
 
@@ -39,9 +39,9 @@ class EnvWorker:
     def __init__(self, env_id: str, horizon: int, num_envs: int, seed: int, index: int, env_kwargs: dict | None):
         torch.set_num_threads(1)  # small policies; more threads would fight the other workers
         self.shard = EnvShard(env_id, horizon, num_envs, seed, index, env_kwargs)
-        self.policy: FlowPolicy | None = None
+        self.policy: Policy | None = None
 
-    def set_policy(self, policy: FlowPolicy) -> None:
+    def set_policy(self, policy: Policy) -> None:
         self.policy = policy.cpu()
 
     def reset(self, epoch: int) -> None:
@@ -145,7 +145,7 @@ class RayCollector:
         self._epoch = epoch
         self._run("reset", (epoch,))
 
-    def collect(self, policy: FlowPolicy, num_steps: int, iteration: int) -> Rollout:
+    def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._policy_ref is None:
             # The module (architecture, converter, window) travels once; weights every iteration.
             self._policy_ref = ray.put(copy.deepcopy(policy).cpu())

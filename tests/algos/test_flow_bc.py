@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.algos.flow_bc import DatasetError, action_chunks, flow_matching_loss, load_demos, pretrain_flow
+from flowrl.algos.bc import DatasetError, action_chunks, behaviour_clone, load_demos
+from flowrl.algos.flow_bc import flow_matching_loss
 from flowrl.config import DemosConfig, PretrainConfig
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import VelocityMLP
@@ -137,7 +138,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_pretrain_flow_learns_a_conditional_target(one_thread) -> None:
+def test_behaviour_cloning_learns_a_conditional_target(one_thread) -> None:
     torch.manual_seed(0)
     ta, da = 2, 2
     c = torch.tensor([[0.6, -0.4], [0.2, 0.8]])
@@ -147,7 +148,7 @@ def test_pretrain_flow_learns_a_conditional_target(one_thread) -> None:
     velocity = VelocityMLP(1, ta, da, hidden_dims=(64, 64), time_dim=8)
     initial = copy.deepcopy(velocity)
     cfg = PretrainConfig(steps=600, batch_size=128, lr=3e-3, ema_decay=0.9)
-    ema, metrics = pretrain_flow(velocity, obs, chunks, cfg, seed=0, progress=False)
+    ema, metrics = behaviour_clone(velocity, obs, chunks, flow_matching_loss, cfg, seed=0, progress=False)
     assert ema is not velocity
 
     # the loss decreased: held-out evaluation on common random numbers, and the logged loss

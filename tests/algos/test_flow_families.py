@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowrl.algos.flow_bc import pretrain_flow, shortcut_loss
+from flowrl.algos.bc import behaviour_clone
+from flowrl.algos.flow_bc import flow_matching_loss, shortcut_loss
 from flowrl.config import PretrainConfig, build_config
-from flowrl.models.build import build_velocity, load_velocity, velocity_record
+from flowrl.models.build import actor_record, build_actor, load_actor
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import VelocityMLP
 
@@ -23,8 +24,12 @@ def _one_step_samples(method: str) -> torch.Tensor:
     obs, chunks = _bimodal()
     torch.manual_seed(0)
     velocity = VelocityMLP(1, 1, 1, (64, 64), 16, step_conditioned=method == "shortcut")
-    cfg = PretrainConfig(method=method, steps=1500, batch_size=256, lr=1e-3, ema_decay=0.99)
-    ema, _ = pretrain_flow(velocity, obs, chunks, cfg, seed=0, progress=False)
+    cfg = PretrainConfig(steps=1500, batch_size=256, lr=1e-3, ema_decay=0.99)
+
+    def loss(v, o, c, g):
+        return shortcut_loss(v, o, c, 0.25, g) if method == "shortcut" else flow_matching_loss(v, o, c, g)
+
+    ema, _ = behaviour_clone(velocity, obs, chunks, loss, cfg, seed=0, progress=False)
     return FlowPolicy(ema, num_steps=1).act(torch.zeros(4000, 1), torch.Generator().manual_seed(1)).flatten()
 
 
@@ -32,6 +37,7 @@ def test_shortcut_model_samples_both_modes_in_one_step():
     """Oracle: with K = 1, rectified flow returns x_0 + v(x_0, 0) = E[data] = 0 for every x_0
     (the data is independent of the noise at t = 0), so its samples sit between the modes; a
     shortcut model has learned the whole step and lands on +-1."""
+
     def near_modes(x):
         return (((x - 1).abs() < 0.25) | ((x + 1).abs() < 0.25)).float().mean().item()
 
@@ -62,11 +68,11 @@ def test_step_conditioned_field_needs_the_step_and_survives_a_checkpoint(tmp_pat
     velocity = VelocityMLP(2, 4, 2, (16,), 8, step_conditioned=True)
     with pytest.raises(ValueError, match="needs t_next"):
         velocity(torch.zeros(3, 2), torch.zeros(3, 4, 2), torch.zeros(3))
-    cfg = build_config({"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8},
-                        "pretrain": {"method": "shortcut"}})
-    torch.save(velocity_record(velocity, cfg.policy), tmp_path / "v.pt")
-    loaded = load_velocity(tmp_path / "v.pt", cfg.policy, 2, 2)
+    cfg = build_config({"name": "t", "policy": {"type": "shortcut", "hidden_dims": [16], "time_embed_dim": 8}})
+    torch.save(actor_record(velocity, cfg.policy), tmp_path / "v.pt")
+    loaded = load_actor(tmp_path / "v.pt", cfg.policy, 2, 2)
     assert loaded.step_conditioned
     x, t = torch.randn(3, 4, 2), torch.rand(3)
     assert torch.equal(loaded(torch.ones(3, 2), x, t, t + 0.25), velocity(torch.ones(3, 2), x, t, t + 0.25))
-    assert not build_velocity(cfg.policy, 2, 2).step_conditioned
+    assert build_actor(cfg.policy, 2, 2).step_conditioned
+    assert not build_actor(cfg.policy.model_copy(update={"type": "rectified_flow"}), 2, 2).step_conditioned

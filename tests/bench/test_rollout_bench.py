@@ -6,8 +6,25 @@ from flowrl.cli import main
 
 
 def test_rollout_bench_writes_json_and_chart(tmp_path, capsys):
-    assert main(["bench", "rollout", "--tasks", "toy", "--num-envs", "2", "--steps", "2", "--max-workers", "2",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "rollout",
+                "--tasks",
+                "toy",
+                "--num-envs",
+                "2",
+                "--steps",
+                "2",
+                "--max-workers",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "rollout.json").read_text())
     row = results["tasks"]["flowrl/TwoGoal-v0"]["env_steps_per_s"]
     assert set(row) == {"raw_env", "in_process", "ray_1", "ray_2"}

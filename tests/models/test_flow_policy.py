@@ -17,8 +17,8 @@ from torch.distributions import Normal
 from flowrl.config import build_config
 from flowrl.core import time_grid
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow
-from flowrl.models.build import CheckpointError, build_policy, build_velocity, load_velocity, velocity_record
-from flowrl.models.flow_policy import CPSConverter, FlowPolicy, FlowSDEConverter, ReinFlowConverter
+from flowrl.models.build import CheckpointError, actor_record, build_actor, build_policy, load_actor
+from flowrl.models.flow_policy import ChainSample, CPSConverter, FlowPolicy, FlowSDEConverter, ReinFlowConverter
 from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
 
 O, TA, DA, K, B = 2, 2, 3, 4, 6
@@ -36,21 +36,24 @@ def _window(name: str):
 
 def _converter(kind: str):
     if kind in ("reinflow", "flow_noise"):
-        net = ReinFlowNoiseNet(O, TA, DA, STD_MIN, STD_MAX, hidden_dims=(8,), time_dim=4,
-                               condition_on_x=kind == "flow_noise")
+        net = ReinFlowNoiseNet(
+            O, TA, DA, STD_MIN, STD_MAX, hidden_dims=(8,), time_dim=4, condition_on_x=kind == "flow_noise"
+        )
         return ReinFlowConverter(net)
     if kind == "flow_sde":
         return FlowSDEConverter(NOISE_LEVEL)
     return CPSConverter(NOISE_LEVEL)
 
 
-def make_policy(kind: str | None, window: str = "all", reduce: str = "mean", shift: float = 1.0,
-                seed: int = 0, k: int = K) -> FlowPolicy:
+def make_policy(
+    kind: str | None, window: str = "all", reduce: str = "mean", shift: float = 1.0, seed: int = 0, k: int = K
+) -> FlowPolicy:
     torch.manual_seed(seed)
     velocity = VelocityMLP(O, TA, DA, hidden_dims=(16,), time_dim=8)
     converter = _converter(kind) if kind is not None else None
-    return FlowPolicy(velocity, k, converter, _window(window), grid_kind="shifted", grid_shift=shift,
-                      log_prob_reduce=reduce)
+    return FlowPolicy(
+        velocity, k, converter, _window(window), grid_kind="shifted", grid_shift=shift, log_prob_reduce=reduce
+    )
 
 
 def _obs(n: int = B, seed: int = 1) -> torch.Tensor:
@@ -115,7 +118,7 @@ def test_log_prob_matches_sample_and_oracle(kind, window, reduce, shift) -> None
     s = policy.sample(obs, ITERATION, torch.Generator().manual_seed(2))
     assert s.chain.shape == (B, K + 1, TA, DA) and s.mask.shape == (B, K) and s.log_prob.shape == (B,)
     assert torch.equal(s.actions, s.chain[:, -1])
-    lp, _ = policy.log_prob(obs, s.chain, s.mask)
+    lp, _ = policy.log_prob(obs, s)
     assert lp.shape == (B,)
     torch.testing.assert_close(lp, s.log_prob, rtol=1e-5, atol=1e-5)
 
@@ -127,7 +130,7 @@ def test_log_prob_matches_sample_and_oracle(kind, window, reduce, shift) -> None
         # re-evaluation under changed parameters (what PPO does) still follows the oracle
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        lp2, _ = policy.log_prob(obs, s.chain, s.mask)
+        lp2, _ = policy.log_prob(obs, s)
         expected2, _ = oracle_chain_log_prob(policy, kind, obs, s.chain, s.mask, reduce, shift)
         assert not torch.allclose(lp2.to(F64), expected, atol=1e-4)
         torch.testing.assert_close(lp2.to(F64), expected2, rtol=1e-5, atol=2e-5)
@@ -209,6 +212,10 @@ def test_act_is_hand_written_euler() -> None:
         assert not torch.allclose(got, policy.act(obs, torch.Generator().manual_seed(10)))
 
 
+def _chains(chain: torch.Tensor, mask: torch.Tensor) -> ChainSample:
+    return ChainSample(actions=chain[:, -1], chain=chain, mask=mask, log_prob=torch.zeros(chain.shape[0]))
+
+
 def test_ode_only_policy_acts_but_cannot_sample() -> None:
     policy = make_policy(None)
     obs = _obs()
@@ -216,7 +223,7 @@ def test_ode_only_policy_acts_but_cannot_sample() -> None:
     with pytest.raises(RuntimeError):
         policy.sample(obs)
     with pytest.raises(RuntimeError):
-        policy.log_prob(obs, torch.zeros(B, K + 1, TA, DA), torch.ones(B, K, dtype=torch.bool))
+        policy.log_prob(obs, _chains(torch.zeros(B, K + 1, TA, DA), torch.ones(B, K, dtype=torch.bool)))
 
 
 def test_bad_arguments_raise() -> None:
@@ -225,9 +232,9 @@ def test_bad_arguments_raise() -> None:
     policy = make_policy("reinflow")
     obs = _obs()
     with pytest.raises(ValueError):
-        policy.log_prob(obs, torch.zeros(B, K, TA, DA), torch.ones(B, K, dtype=torch.bool))
+        policy.log_prob(obs, _chains(torch.zeros(B, K, TA, DA), torch.ones(B, K, dtype=torch.bool)))
     with pytest.raises(ValueError):
-        policy.log_prob(obs, torch.zeros(B, K + 2, TA, DA), torch.ones(B, K + 1, dtype=torch.bool))
+        policy.log_prob(obs, _chains(torch.zeros(B, K + 2, TA, DA), torch.ones(B, K + 1, dtype=torch.bool)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def test_gradients_reach_velocity_and_noise_net(kind) -> None:
     policy = make_policy(kind, "all")
     obs = _obs()
     s = policy.sample(obs, 0, torch.Generator().manual_seed(5))
-    lp, ent = policy.log_prob(obs, s.chain, s.mask)
+    lp, ent = policy.log_prob(obs, s)
     lp.mean().backward(retain_graph=True)
     for name, p in policy.velocity.named_parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
@@ -257,15 +264,15 @@ def test_gradients_reach_velocity_and_noise_net(kind) -> None:
         assert float(net.net[-1].weight.grad.abs().sum()) > 0
         # a finite-difference check of d log_prob / d (noise-net output bias)
         bias = net.net[-1].bias
-        g = torch.autograd.grad(policy.log_prob(obs, s.chain, s.mask)[0].sum(), bias)[0]
+        g = torch.autograd.grad(policy.log_prob(obs, s)[0].sum(), bias)[0]
         eps = 1e-3
         with torch.no_grad():
             e = torch.zeros_like(bias)
             e[0] = eps
             bias.add_(e)
-            up = policy.log_prob(obs, s.chain, s.mask)[0].sum()
+            up = policy.log_prob(obs, s)[0].sum()
             bias.sub_(2 * e)
-            down = policy.log_prob(obs, s.chain, s.mask)[0].sum()
+            down = policy.log_prob(obs, s)[0].sum()
             bias.add_(e)
         fd = (up - down) / (2 * eps)
         assert abs(float(fd) - float(g[0])) < 1e-2 * max(1.0, abs(float(g[0])))
@@ -277,7 +284,7 @@ def test_entropy_matches_normal_entropy(kind, window) -> None:
     policy = make_policy(kind, window)
     obs = _obs()
     s = policy.sample(obs, ITERATION, torch.Generator().manual_seed(6))
-    _, ent = policy.log_prob(obs, s.chain, s.mask)
+    _, ent = policy.log_prob(obs, s)
     assert ent.shape == (B,)
     with torch.no_grad():
         _, expected = oracle_chain_log_prob(policy, kind, obs, s.chain, s.mask, "mean", 1.0)
@@ -312,12 +319,19 @@ def test_policy_grid_is_the_shared_time_grid(shift) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cfg(converter: dict | None = None, window: dict | None = None, reduce: str = "mean",
-         hidden=(16,), seed: int = 3):
-    data = {"name": "t", "seed": seed,
-            "policy": {"horizon": TA, "denoising_steps": K, "time_shift": 3.0, "hidden_dims": list(hidden),
-                       "time_embed_dim": 8},
-            "mdp": {"log_prob_reduce": reduce}}
+def _cfg(converter: dict | None = None, window: dict | None = None, reduce: str = "mean", hidden=(16,), seed: int = 3):
+    data = {
+        "name": "t",
+        "seed": seed,
+        "policy": {
+            "horizon": TA,
+            "denoising_steps": K,
+            "time_shift": 3.0,
+            "hidden_dims": list(hidden),
+            "time_embed_dim": 8,
+        },
+        "mdp": {"log_prob_reduce": reduce},
+    }
     if converter is not None:
         data["mdp"]["converter"] = converter
     if window is not None:
@@ -325,9 +339,9 @@ def _cfg(converter: dict | None = None, window: dict | None = None, reduce: str 
     return build_config(data)
 
 
-def test_build_velocity_architecture() -> None:
+def test_build_actor_architecture() -> None:
     cfg = _cfg(hidden=(16, 12))
-    vel = build_velocity(cfg.policy, O, DA)
+    vel = build_actor(cfg.policy, O, DA)
     assert (vel.obs_dim, vel.horizon, vel.action_dim) == (O, TA, DA)
     linears = [m for m in vel.net if isinstance(m, torch.nn.Linear)]
     assert [m.in_features for m in linears] == [O + TA * DA + 8, 16, 12]
@@ -336,10 +350,13 @@ def test_build_velocity_architecture() -> None:
 
 
 def test_build_policy_from_config() -> None:
-    cfg = _cfg({"type": "flow_noise", "std_min": 0.05, "std_max": 0.2, "hidden_dims": [8]},
-               {"type": "one_random"}, reduce="sum")
-    vel = build_velocity(cfg.policy, O, DA)
-    policy = build_policy(cfg, vel, O, DA)
+    cfg = _cfg(
+        {"type": "flow_noise", "std_min": 0.05, "std_max": 0.2, "hidden_dims": [8]},
+        {"type": "one_random"},
+        reduce="sum",
+    )
+    vel = build_actor(cfg.policy, O, DA)
+    policy = build_policy(cfg, vel)
     assert policy.velocity is vel and policy.num_steps == K and policy.log_prob_reduce == "sum"
     assert isinstance(policy.converter, ReinFlowConverter) and policy.converter.noise_net.condition_on_x
     assert (policy.converter.noise_net.std_min, policy.converter.noise_net.std_max) == (0.05, 0.2)
@@ -347,17 +364,17 @@ def test_build_policy_from_config() -> None:
     torch.testing.assert_close(policy.grid, time_grid(K, "shifted", 3.0), rtol=0, atol=0)
     obs = _obs()
     s = policy.sample(obs, 0, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(policy.log_prob(obs, s.chain, s.mask)[0], s.log_prob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(policy.log_prob(obs, s)[0], s.log_prob, rtol=1e-5, atol=1e-5)
 
-    p = build_policy(_cfg({"type": "reinflow"}), vel, O, DA)
+    p = build_policy(_cfg({"type": "reinflow"}), vel)
     assert isinstance(p.converter, ReinFlowConverter) and not p.converter.noise_net.condition_on_x
     assert isinstance(p.window, AllSteps) and p.log_prob_reduce == "mean"
 
-    p = build_policy(_cfg({"type": "flow_sde", "noise_level": 0.4}), vel, O, DA)
+    p = build_policy(_cfg({"type": "flow_sde", "noise_level": 0.4}), vel)
     assert isinstance(p.converter, FlowSDEConverter) and p.converter.noise_level == 0.4
 
     sliding = {"type": "sliding", "size": 2, "mode": "progressive", "shift_interval": 3, "stride": 2}
-    p = build_policy(_cfg({"type": "cps", "noise_level": 0.5}, sliding, seed=11), vel, O, DA)
+    p = build_policy(_cfg({"type": "cps", "noise_level": 0.5}, sliding, seed=11), vel)
     assert isinstance(p.converter, CPSConverter) and p.converter.noise_level == 0.5
     assert p.window == SlidingWindow(2, "progressive", 3, 2, seed=11)
 
@@ -365,10 +382,10 @@ def test_build_policy_from_config() -> None:
 def test_velocity_checkpoint_roundtrip(tmp_path) -> None:
     cfg = _cfg()
     torch.manual_seed(0)
-    vel = build_velocity(cfg.policy, O, DA)
+    vel = build_actor(cfg.policy, O, DA)
     path = tmp_path / "ckpt.pt"
-    torch.save(velocity_record(vel, cfg.policy), path)
-    loaded = load_velocity(path, cfg.policy, O, DA)
+    torch.save(actor_record(vel, cfg.policy), path)
+    loaded = load_actor(path, cfg.policy, O, DA)
     assert loaded is not vel
     obs, x = _obs(), torch.randn(B, TA, DA)
     t = torch.rand(B)
@@ -377,7 +394,7 @@ def test_velocity_checkpoint_roundtrip(tmp_path) -> None:
     # a freshly built (differently initialised) velocity gives other outputs: the weights were loaded
     torch.manual_seed(1)
     with torch.no_grad():
-        assert not torch.allclose(build_velocity(cfg.policy, O, DA)(obs, x, t), vel(obs, x, t))
+        assert not torch.allclose(build_actor(cfg.policy, O, DA)(obs, x, t), vel(obs, x, t))
 
 
 @pytest.mark.parametrize(
@@ -386,31 +403,31 @@ def test_velocity_checkpoint_roundtrip(tmp_path) -> None:
 )
 def test_velocity_checkpoint_mismatch_names_the_key(tmp_path, change, key) -> None:
     cfg = _cfg()
-    vel = build_velocity(cfg.policy, O, DA)
+    vel = build_actor(cfg.policy, O, DA)
     path = tmp_path / "ckpt.pt"
-    torch.save(velocity_record(vel, cfg.policy), path)
+    torch.save(actor_record(vel, cfg.policy), path)
     other = _cfg(hidden=change.get("hidden", (16,)))
     with pytest.raises(CheckpointError, match=key):
-        load_velocity(path, other.policy, change.get("obs_dim", O), change.get("action_dim", DA))
+        load_actor(path, other.policy, change.get("obs_dim", O), change.get("action_dim", DA))
 
 
 def test_velocity_checkpoint_horizon_and_time_embed_mismatch(tmp_path) -> None:
     cfg = _cfg()
     path = tmp_path / "ckpt.pt"
-    torch.save(velocity_record(build_velocity(cfg.policy, O, DA), cfg.policy), path)
+    torch.save(actor_record(build_actor(cfg.policy, O, DA), cfg.policy), path)
     for key, value in (("horizon", TA + 1), ("time_embed_dim", 16)):
         other = cfg.policy.model_copy(update={key: value})
         with pytest.raises(CheckpointError, match=key):
-            load_velocity(path, other, O, DA)
+            load_actor(path, other, O, DA)
 
 
 def test_velocity_checkpoint_missing_or_foreign_file(tmp_path) -> None:
     cfg = _cfg()
     missing = tmp_path / "nope.pt"
     with pytest.raises(CheckpointError, match="nope.pt"):
-        load_velocity(missing, cfg.policy, O, DA)
+        load_actor(missing, cfg.policy, O, DA)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(CheckpointError):
-        load_velocity(foreign, cfg.policy, O, DA)
+        load_actor(foreign, cfg.policy, O, DA)
     assert issubclass(CheckpointError, ValueError)

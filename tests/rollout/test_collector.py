@@ -7,6 +7,8 @@ policies whose actions are known (a constant velocity field that saturates the a
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,16 @@ from flowrl.rollout.collector import EnvShard, InProcessCollector, Rollout, eval
 ENV_ID = "flowrl/TwoGoal-v0"
 O, DA, K = 2, 2, 2
 SPEED, RADIUS, MAX_STEPS = np.float32(0.1), 0.12, 30
-TENSOR_FIELDS = ("obs", "next_obs", "chains", "masks", "log_probs", "rewards", "terminated", "truncated")
+TENSOR_FIELDS = (
+    "obs",
+    "next_obs",
+    "samples.chain",
+    "samples.mask",
+    "samples.log_prob",
+    "rewards",
+    "terminated",
+    "truncated",
+)
 
 
 def tiny_policy(horizon: int, seed: int = 0, window=None) -> FlowPolicy:
@@ -44,14 +55,20 @@ def constant_policy(horizon: int, direction: tuple[float, float]) -> FlowPolicy:
 def replay(rollout: Rollout, horizon: int) -> dict:
     """Re-run the point-mass dynamics by hand from each recorded observation and chunk."""
     T, N = rollout.rewards.shape
-    out = {"env_steps": 0, "next_obs": np.zeros((T, N, 2), np.float32), "rewards": np.zeros((T, N)),
-           "terminated": np.zeros((T, N), bool), "truncated": np.zeros((T, N), bool),
-           "returns": [[] for _ in range(N)], "successes": [[] for _ in range(N)]}
+    out = {
+        "env_steps": 0,
+        "next_obs": np.zeros((T, N, 2), np.float32),
+        "rewards": np.zeros((T, N)),
+        "terminated": np.zeros((T, N), bool),
+        "truncated": np.zeros((T, N), bool),
+        "returns": [[] for _ in range(N)],
+        "successes": [[] for _ in range(N)],
+    }
     for i in range(N):
         elapsed, ret = 0, 0.0
         for t in range(T):
             pos = rollout.obs[t, i].numpy().astype(np.float32)
-            chunk = np.clip(rollout.chains[t, i, -1].numpy().astype(np.float32), -1.0, 1.0)
+            chunk = np.clip(rollout.samples.chain[t, i, -1].numpy().astype(np.float32), -1.0, 1.0)
             reached = -1
             for a in chunk:
                 pos = np.clip(pos + SPEED * a, -1.5, 1.5).astype(np.float32)
@@ -87,7 +104,7 @@ def _collect(policy, horizon, num_envs, seed, steps, num_shards=1, iteration=0) 
 
 def _assert_rollouts_equal(a: Rollout, b: Rollout) -> None:
     for name in TENSOR_FIELDS:
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(attrgetter(name)(a), attrgetter(name)(b)), name
     assert a.env_steps == b.env_steps
     assert a.episode_returns == b.episode_returns and a.episode_successes == b.episode_successes
 
@@ -96,16 +113,16 @@ def test_rollout_shapes() -> None:
     horizon, n, steps = 3, 4, 5
     r = _collect(tiny_policy(horizon), horizon, n, seed=0, steps=steps)
     assert r.obs.shape == r.next_obs.shape == (steps, n, O)
-    assert r.chains.shape == (steps, n, K + 1, horizon, DA)
-    assert r.masks.shape == (steps, n, K) and r.masks.dtype == torch.bool
-    for name in ("log_probs", "rewards", "terminated", "truncated"):
-        assert getattr(r, name).shape == (steps, n), name
+    assert r.samples.chain.shape == (steps, n, K + 1, horizon, DA)
+    assert r.samples.mask.shape == (steps, n, K) and r.samples.mask.dtype == torch.bool
+    for name in ("samples.log_prob", "rewards", "terminated", "truncated"):
+        assert attrgetter(name)(r).shape == (steps, n), name
     assert r.terminated.dtype == torch.bool and r.truncated.dtype == torch.bool
     assert r.obs.dtype == torch.float32 and r.rewards.dtype == torch.float32
     # the stored log-probs are those of the stored chains
     policy = tiny_policy(horizon)
-    lp, _ = policy.log_prob(r.obs.flatten(0, 1), r.chains.flatten(0, 1), r.masks.flatten(0, 1))
-    torch.testing.assert_close(lp.view(steps, n), r.log_probs, rtol=1e-5, atol=1e-5)
+    lp, _ = policy.log_prob(r.obs.flatten(0, 1), r.samples.flatten(0, 1))
+    torch.testing.assert_close(lp.view(steps, n), r.samples.log_prob, rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_same_rollout_other_seed_differs() -> None:
@@ -115,7 +132,7 @@ def test_same_seed_same_rollout_other_seed_differs() -> None:
     c = _collect(policy, 2, 3, seed=8, steps=4)
     _assert_rollouts_equal(a, b)
     assert not torch.equal(a.obs[0], c.obs[0])  # other env seeds
-    assert not torch.equal(a.chains[:, :, 0], c.chains[:, :, 0])  # other policy noise
+    assert not torch.equal(a.samples.chain[:, :, 0], c.samples.chain[:, :, 0])  # other policy noise
     # collecting again after reset(0) repeats the rollout; a new epoch gives a new one
     collector = InProcessCollector(ENV_ID, 2, 3, 7)
     collector.reset(0)
@@ -138,9 +155,7 @@ def test_env_steps_without_episode_ends() -> None:
     assert torch.equal(r.next_obs[:-1], r.obs[1:])
 
 
-@pytest.mark.parametrize(
-    "policy_kind, seed", [("random", 0), ("random", 5), ("rewarded", 0), ("other", 2)]
-)
+@pytest.mark.parametrize("policy_kind, seed", [("random", 0), ("random", 5), ("rewarded", 0), ("other", 2)])
 def test_rollout_matches_hand_replay(policy_kind, seed) -> None:
     horizon, n, steps = 4, 3, 12
     if policy_kind == "random":
@@ -193,7 +208,7 @@ def test_two_shards_are_two_separately_seeded_envshards() -> None:
         shard.close()
     assert not torch.equal(parts[0].obs, parts[1].obs)
     for name in TENSOR_FIELDS:
-        assert torch.equal(getattr(combined, name), torch.cat([getattr(p, name) for p in parts], dim=1)), name
+        assert torch.equal(attrgetter(name)(combined), torch.cat([attrgetter(name)(p) for p in parts], dim=1)), name
     assert combined.env_steps == parts[0].env_steps + parts[1].env_steps
     assert combined.episode_returns == parts[0].episode_returns + parts[1].episode_returns
     with pytest.raises(ValueError):

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from operator import attrgetter
 
 import pytest
 import ray
@@ -14,14 +15,14 @@ import torch
 
 from flowrl.config import build_config
 from flowrl.errors import FlowRLError
-from flowrl.models.build import build_policy, build_velocity
+from flowrl.models.build import build_actor, build_policy
 from flowrl.rewards import RewardError
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector, WorkerError
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.reward_workers import RewardPool
 
-FIELDS = ("obs", "next_obs", "chains", "masks", "log_probs", "rewards", "terminated", "truncated")
+FIELDS = ("obs", "next_obs", "samples.chain", "samples.mask", "samples.log_prob", "rewards", "terminated", "truncated")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,11 @@ def flowrl_log():
 
 
 def _policy(converter="reinflow"):
-    cfg = build_config({"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8},
-                        "mdp": {"converter": {"type": converter}}})
+    cfg = build_config(
+        {"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8}, "mdp": {"converter": {"type": converter}}}
+    )
     torch.manual_seed(0)
-    return build_policy(cfg, build_velocity(cfg.policy, 2, 2), 2, 2)
+    return build_policy(cfg, build_actor(cfg.policy, 2, 2))
 
 
 @pytest.mark.parametrize("converter", ["reinflow", "flow_sde"])
@@ -67,9 +69,12 @@ def test_ray_and_in_process_collectors_return_identical_rollouts(local_ray, conv
         for iteration in range(2):
             a, b = remote.collect(policy, 7, iteration), local.collect(policy, 7, iteration)
             for name in FIELDS:
-                assert torch.equal(getattr(a, name), getattr(b, name)), name
+                assert torch.equal(attrgetter(name)(a), attrgetter(name)(b)), name
             assert (a.env_steps, a.episode_returns, a.episode_successes) == (
-                b.env_steps, b.episode_returns, b.episode_successes)
+                b.env_steps,
+                b.episode_returns,
+                b.episode_successes,
+            )
             with torch.no_grad():  # weights change between iterations, as in training
                 policy.velocity.net[-1].bias.add_(0.05)
     finally:
@@ -96,8 +101,14 @@ def test_killed_worker_is_restarted_and_its_share_redone(local_ray, flowrl_log, 
 
 def test_worker_dying_mid_collection_is_redone(local_ray, flowrl_log, tmp_path):
     marker = tmp_path / "fault-fired"
-    collector = RayCollector("flowrl/FaultInjection-v0", 4, 4, seed=0, num_workers=2,
-                             env_kwargs={"fail_at_step": 6, "mode": "exit", "once_marker": str(marker)})
+    collector = RayCollector(
+        "flowrl/FaultInjection-v0",
+        4,
+        4,
+        seed=0,
+        num_workers=2,
+        env_kwargs={"fail_at_step": 6, "mode": "exit", "once_marker": str(marker)},
+    )
     try:
         collector.reset(0)
         rollout = collector.collect(_policy(), 5, 0)  # 5 chunks x 4 steps: the fault fires mid-collection
@@ -109,8 +120,15 @@ def test_worker_dying_mid_collection_is_redone(local_ray, flowrl_log, tmp_path):
 
 
 def test_env_that_keeps_raising_is_an_error_naming_worker_and_cause(local_ray):
-    collector = RayCollector("flowrl/FaultInjection-v0", 4, 2, seed=0, num_workers=2, max_restarts=1,
-                             env_kwargs={"fail_at_step": 2, "mode": "raise"})
+    collector = RayCollector(
+        "flowrl/FaultInjection-v0",
+        4,
+        2,
+        seed=0,
+        num_workers=2,
+        max_restarts=1,
+        env_kwargs={"fail_at_step": 2, "mode": "raise"},
+    )
     try:
         collector.reset(0)
         with pytest.raises(WorkerError, match=r"env worker 0 failed 2 times.*RuntimeError: injected fault at step 2"):

@@ -8,7 +8,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from flowrl.config import build_config
-from flowrl.models.build import build_policy, build_velocity
+from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
@@ -33,7 +33,7 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         cfg = build_config({"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8}})
         torch.manual_seed(0)
-        policy = build_policy(cfg, build_velocity(cfg.policy, 2, 2), 2, 2)
+        policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
         collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_workers=2)
         try:
             nodes = {w["node_id"] for w in collector.where()}
@@ -46,4 +46,4 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
     local.reset(0)
     expected = local.collect(policy, 4, 0)
     local.close()
-    assert torch.equal(rollout.chains, expected.chains) and torch.equal(rollout.rewards, expected.rewards)
+    assert torch.equal(rollout.samples.chain, expected.samples.chain) and torch.equal(rollout.rewards, expected.rewards)

@@ -25,14 +25,40 @@ def test_train_joins_a_cluster_started_with_ray_start(tmp_path):
     ray_cli = shutil.which("ray")
     assert ray_cli, "the ray command comes with ray[default]"
     port = _free_port()
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--node-ip-address=127.0.0.1"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "flowrl.cli", "train", str(ROOT / "experiments" / "quickstart.yaml"),
-             "--ray-address", f"127.0.0.1:{port}", "ppo.iterations=2", "pretrain.steps=100",
-             "eval.episodes=4", f"runs_dir={tmp_path}", "--no-progress"],
-            capture_output=True, text=True, timeout=600, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "flowrl.cli",
+                "train",
+                str(ROOT / "experiments" / "quickstart.yaml"),
+                "--ray-address",
+                f"127.0.0.1:{port}",
+                "ppo.iterations=2",
+                "pretrain.steps=100",
+                "eval.episodes=4",
+                f"runs_dir={tmp_path}",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"joined the Ray cluster at 127.0.0.1:{port} (1 nodes)" in proc.stderr

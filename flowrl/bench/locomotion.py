@@ -1,0 +1,224 @@
+"""``flowrl bench locomotion``: ReinFlow (rectified flow, shortcut, MeanFlow; K = 4 and
+K = 1), DPPO and Gaussian PPO fine-tuned side by side on Hopper and Walker2d.
+
+The whole pipeline runs in one command, each step cached under ``cache/``:
+  1. expert: Gaussian PPO from scratch (``experiments/locomotion/TASK_expert.yaml``),
+  2. dataset: ``flowrl collect`` of a medium-quality dataset (the expert with action noise),
+  3. per method file: behaviour cloning once (K = 4 and K = 1 share the pretrained network),
+  4. per variant: PPO fine-tuning from that network, timed.
+Every variant is evaluated with its deterministic policy (ODE, DDIM eta = 0, or the mean)
+before and after. Results: ``locomotion.json`` (table and curves), ``locomotion.png``
+(eval return against env steps) and TensorBoard scalars in ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowrl import experiment as ex
+from flowrl.config import load_config
+from flowrl.errors import FlowRLError
+from flowrl.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments" / "locomotion"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """How the medium dataset of a task is made (the README quotes these commands)."""
+
+    episodes: int
+    action_noise: float
+
+
+# Action noise chosen so that the dataset's return is roughly half the expert's, like
+# D4RL "medium" relative to "expert".
+DATASETS = {"hopper": Dataset(episodes=100, action_noise=0.5), "walker2d": Dataset(episodes=100, action_noise=0.5)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    method: str  # experiment file: experiments/locomotion/[paper/]TASK_METHOD.yaml
+    overrides: tuple[str, ...] = field(default=())
+
+
+VARIANTS = (
+    Variant("ReinFlow rectified flow K=4", "reinflow"),
+    Variant("ReinFlow rectified flow K=1", "reinflow", ("policy.denoising_steps=1",)),
+    Variant("ReinFlow shortcut K=4", "shortcut"),
+    Variant("ReinFlow shortcut K=1", "shortcut", ("policy.denoising_steps=1",)),
+    Variant("ReinFlow MeanFlow K=4", "meanflow"),
+    Variant("ReinFlow MeanFlow K=1", "meanflow", ("policy.denoising_steps=1",)),
+    Variant("DPPO", "dppo"),
+    Variant("Gaussian PPO", "gaussian"),
+)
+
+
+def prepare_dataset(task: str, cache: Path, progress: bool) -> tuple[Path, dict[str, float]]:
+    """The task's medium dataset, training the expert and collecting it when missing."""
+    spec = DATASETS[task]
+    path = cache / "datasets" / f"{task}-medium.npz"
+    timings: dict[str, float] = {}
+    if path.exists():
+        return path, timings
+    expert = cache / "experts" / task
+    if not (expert / "policy.pt").exists():
+        cfg = load_config(EXPERIMENTS / f"{task}_expert.yaml")
+        resume = (expert / "checkpoints" / "last.pt").exists()
+        expert.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        ex.train(cfg if not resume else ex.load_run_config(expert, []), expert, resume=resume, progress=progress)
+        timings["expert_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ex.collect(expert, path, spec.episodes, spec.action_noise, seed=0, progress=progress)
+    timings["collect_s"] = time.perf_counter() - t0
+    return path, timings
+
+
+def run_locomotion_bench(
+    out_dir: str | Path,
+    tasks: list[str],
+    variants: list[str] | None = None,
+    size: str = "cpu",
+    overrides: list[str] | None = None,
+    cache: str | Path = "cache",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark; ``variants``: labels or method names (default: all)."""
+    unknown = [t for t in tasks if t not in DATASETS]
+    if unknown:
+        raise FlowRLError(f"unknown locomotion task(s) {unknown}; known: {', '.join(DATASETS)}")
+    chosen = [v for v in VARIANTS if variants is None or v.label in variants or v.method in variants]
+    if not chosen:
+        raise FlowRLError(f"no variant matches {variants}; labels: {[v.label for v in VARIANTS]}")
+    folder = EXPERIMENTS if size == "cpu" else EXPERIMENTS / "paper"
+    out, cache = Path(out_dir), Path(cache)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()},
+        "size": size,
+        "overrides": list(overrides or []),
+        "tasks": {},
+    }
+    for task in tasks:
+        dataset, timings = prepare_dataset(task, cache, progress)
+        rows: list[dict[str, Any]] = []
+        pretrained: dict[str, tuple[Path, float]] = {}
+        for variant in chosen:
+            file = folder / f"{task}_{variant.method}.yaml"
+            extra = [f"pretrain.demos.path={dataset}", *(overrides or []), *variant.overrides]
+            run_root = out / "runs" / task
+            if variant.method not in pretrained:  # behaviour cloning once per method file
+                cfg = load_config(file, [*extra, f"runs_dir={run_root}"])
+                run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-pretrain"}))
+                t0 = time.perf_counter()
+                ex.pretrain_only(cfg, run_dir, progress)
+                pretrained[variant.method] = (run_dir / "pretrained.pt", time.perf_counter() - t0)
+            checkpoint, pretrain_s = pretrained[variant.method]
+            cfg = load_config(file, [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={run_root}"])
+            run_dir = ex.new_run_dir(cfg)
+            t0 = time.perf_counter()
+            result = ex.train(cfg, run_dir, progress=progress)
+            wall = time.perf_counter() - t0
+            records = read_metrics(run_dir)
+            curve = [(r["env_steps"], r["eval/return"]) for r in records if "eval/return" in r]
+            before, after = result["before"]["eval/return"], result["after"]["eval/return"]
+            rows.append(
+                {
+                    "variant": variant.label,
+                    "run": str(run_dir),
+                    "return_before": before,
+                    "return_after": after,
+                    "return_best": max(r for _, r in curve),
+                    "env_steps": records[-1]["env_steps"],
+                    "finetune_s": wall,
+                    "pretrain_s": pretrain_s,
+                    "s_per_100_return": wall / (after - before) * 100 if after > before else None,
+                    "curve": curve,
+                }
+            )
+            _write(results, out, task, rows, timings)
+    return results
+
+
+def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, Any]], timings) -> None:
+    """Results so far (written after every run, so a stopped benchmark keeps what it measured)."""
+    results["tasks"][task] = {"data_prep_s": timings, "rows": rows}
+    ratio = _wall_ratio(rows)
+    if ratio is not None:
+        results["tasks"][task]["reinflow_vs_dppo_wall_per_improvement"] = ratio
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "locomotion.json").write_text(json.dumps(results, indent=2))
+    _chart(results, out / "locomotion.png")
+    _tensorboard(results, out / "tensorboard")
+
+
+def _wall_ratio(rows: list[dict[str, Any]]) -> float | None:
+    by_label = {r["variant"]: r for r in rows}
+    reinflow, dppo = by_label.get("ReinFlow rectified flow K=4"), by_label.get("DPPO")
+    if reinflow and dppo and reinflow["s_per_100_return"] and dppo["s_per_100_return"]:
+        return reinflow["s_per_100_return"] / dppo["s_per_100_return"]
+    return None
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for row in results["tasks"][task]["rows"]:
+            steps, returns = zip(*row["curve"], strict=True)
+            ax.plot(steps, returns, marker=".", label=row["variant"])
+        ax.set_title(task)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("eval return (deterministic policy)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tensorboard(results: dict[str, Any], folder: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for task, res in results["tasks"].items():
+        for row in res["rows"]:
+            name = row["variant"].replace(" ", "_").replace("=", "")
+            writer = SummaryWriter(str(folder / task / name), purge_step=0)
+            for step, ret in row["curve"]:
+                writer.add_scalar("eval/return", ret, step)
+            writer.close()
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table (what the README quotes)."""
+    lines = []
+    for task, res in results["tasks"].items():
+        lines.append(f"**{task}** ({results['size']}-sized, {results['machine']['cpus']} CPUs)\n")
+        lines.append("| variant | return before | after | after / before | env steps | fine-tune wall | s per +100 |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in res["rows"]:
+            per = f"{r['s_per_100_return']:.0f}" if r["s_per_100_return"] else "no gain"
+            gain = r["return_after"] / r["return_before"] if r["return_before"] > 0 else float("nan")
+            lines.append(
+                f"| {r['variant']} | {r['return_before']:.0f} | {r['return_after']:.0f} | {gain:.2f} | "
+                f"{r['env_steps']} | {r['finetune_s'] / 60:.1f} min | {per} |"
+            )
+        if "reinflow_vs_dppo_wall_per_improvement" in res:
+            lines.append(
+                f"\nReinFlow (rectified flow, K = 4) wall time per unit of improvement vs DPPO: "
+                f"{res['reinflow_vs_dppo_wall_per_improvement']:.2f}x"
+            )
+        lines.append("")
+    return "\n".join(lines)

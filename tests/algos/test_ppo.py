@@ -1,0 +1,238 @@
+"""The PPO learner: ratio check before the first update, bad rewards, parameter updates; the
+reward scaler against a hand computation; DPPO's per-step samples; Gaussian PPO with the W2
+regulariser (closed-form W2 of diagonal Gaussians) and running observation statistics."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl.algos.ppo import PPOLearner, RatioCheckError, RewardError, RewardScaler, _ppo_samples
+from flowrl.config import build_config
+from flowrl.core.grids import time_grid
+from flowrl.models.build import build_actor, build_critic, build_policy
+from flowrl.models.networks import ObsNormalizer, ValueMLP
+from flowrl.rollout.collector import InProcessCollector
+
+
+def _setup(converter: dict, window: dict | None = None):
+    cfg = build_config(
+        {
+            "name": "t",
+            "env": {"num_envs": 4},
+            "policy": {"hidden_dims": [16], "time_embed_dim": 8},
+            "mdp": {"converter": converter, "window": window or {"type": "all"}},
+            "ppo": {"minibatch_size": 8, "epochs": 2},
+        }
+    )
+    torch.manual_seed(0)
+    policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
+    learner = PPOLearner(policy, ValueMLP(2, (16,)), cfg.ppo, torch.device("cpu"), seed=0)
+    collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
+    rollout = collector.collect(policy, 6, iteration=0)
+    collector.close()
+    return policy, learner, rollout
+
+
+CONVERTERS = [{"type": "reinflow"}, {"type": "flow_noise"}, {"type": "flow_sde"}, {"type": "cps"}]
+
+
+@pytest.mark.parametrize("converter", CONVERTERS, ids=lambda c: c["type"])
+def test_update_moves_the_policy_after_an_exact_ratio_check(converter):
+    policy, learner, rollout = _setup(converter, {"type": "one_random"} if converter["type"] == "flow_sde" else None)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    metrics = learner.update(rollout)
+    assert metrics["train/ratio_check_dev"] <= 1e-5
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if v == v)
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("velocity.") for k in changed)
+    if converter["type"] in ("reinflow", "flow_noise"):
+        assert any(k.startswith("converter.noise_net.") for k in changed)
+
+
+def test_mismatched_time_grid_fails_the_ratio_check():
+    """ReinFlow's issue #5: sampling on linspace(0, 1, K+1) but re-evaluating on a shifted grid."""
+    policy, learner, rollout = _setup({"type": "reinflow"})
+    k = policy.num_steps
+    policy.grid = torch.linspace(0, 1 - 1 / k, k + 1)
+    with pytest.raises(RatioCheckError, match="ratio is not 1 before the first update"):
+        learner.update(rollout)
+    policy.grid = time_grid(k)
+    learner.update(rollout)  # the right grid passes
+
+
+def test_changed_weights_fail_the_ratio_check():
+    policy, learner, rollout = _setup({"type": "flow_sde"})
+    with torch.no_grad():
+        policy.velocity.net[-1].bias.add_(0.5)
+    with pytest.raises(RatioCheckError):
+        learner.update(rollout)
+
+
+def test_non_finite_reward_is_an_error():
+    _, learner, rollout = _setup({"type": "reinflow"})
+    rollout.rewards[2, 1] = float("nan")
+    with pytest.raises(RewardError, match="reward nan at policy step 2 of env 1"):
+        learner.update(rollout)
+
+
+def test_frozen_policy_is_refused():
+    policy, _, _ = _setup({"type": "reinflow"})
+    policy.velocity.requires_grad_(False)
+    cfg = build_config({"name": "t"})
+    with pytest.raises(ValueError, match="frozen"):
+        PPOLearner(policy, ValueMLP(2), cfg.ppo, torch.device("cpu"), seed=0)
+
+
+# --------------------------------------------------------------------------- reward scaling
+def _hand_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float, running: np.ndarray) -> np.ndarray:
+    """Discounted return so far per env, reset after each done; updates ``running`` in place."""
+    out = np.zeros_like(rewards, dtype=np.float64)
+    for t in range(rewards.shape[0]):
+        for n in range(rewards.shape[1]):
+            running[n] = running[n] * gamma + rewards[t, n]
+            out[t, n] = running[n]
+            if dones[t, n]:
+                running[n] = 0.0
+    return out
+
+
+def test_reward_scaler_divides_by_the_std_of_hand_computed_returns():
+    gamma = 0.9
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(1.0, 2.0, size=(5, 3)).astype(np.float32), rng.random((5, 3)) < 0.3) for _ in range(3)]
+    scaler = RewardScaler(gamma)
+    running, seen = np.zeros(3), []
+    for rewards, dones in batches[:2]:
+        got = scaler(torch.as_tensor(rewards), torch.as_tensor(dones))
+        seen.append(_hand_returns(rewards, dones, gamma, running))
+        std = np.sqrt(np.concatenate(seen).var() + 1e-8)  # population variance of every return so far
+        np.testing.assert_allclose(got.numpy(), rewards / std, rtol=1e-5)
+        assert got.dtype == torch.float32
+    # the state (running returns and statistics) survives a checkpoint (torch.save, weights_only load)
+    buffer = io.BytesIO()
+    torch.save(scaler.state_dict(), buffer)
+    buffer.seek(0)
+    restored = RewardScaler(gamma)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    rewards, dones = batches[2]
+    seen.append(_hand_returns(rewards, dones, gamma, running))
+    expected = rewards / np.sqrt(np.concatenate(seen).var() + 1e-8)
+    np.testing.assert_allclose(restored(torch.as_tensor(rewards), torch.as_tensor(dones)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(scaler(torch.as_tensor(rewards), torch.as_tensor(dones)).numpy(), expected, rtol=1e-5)
+    # a scaler without that state scales differently
+    fresh = RewardScaler(gamma)(torch.as_tensor(rewards), torch.as_tensor(dones)).numpy()
+    assert not np.allclose(fresh, expected, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- DPPO samples
+def test_ppo_samples_of_per_step_log_probs_pick_the_masked_steps():
+    g = torch.Generator().manual_seed(0)
+    b, k = 5, 4
+    mask = torch.tensor(
+        [[True, False, True, True], [False] * 4, [True] * 4, [False, False, False, True], [False, True, False, False]]
+    )
+    new, old = torch.randn(b, k, generator=g), torch.randn(b, k, generator=g)
+    adv = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])
+    got_new, got_old, got_adv = _ppo_samples(new, SimpleNamespace(mask=mask, log_prob=old), adv)
+    # by hand, row by row in step order
+    pairs = [(i, j) for i in range(b) for j in range(k) if mask[i, j]]
+    assert len(pairs) == 9
+    assert torch.equal(got_new, torch.stack([new[i, j] for i, j in pairs]))
+    assert torch.equal(got_old, torch.stack([old[i, j] for i, j in pairs]))
+    assert torch.equal(got_adv, torch.tensor([adv[i] for i, _ in pairs]))
+    # per-env-step log-probs [B] pass through unchanged
+    lp = torch.randn(b, generator=g)
+    sample = SimpleNamespace(log_prob=torch.randn(b, generator=g))
+    out = _ppo_samples(lp, sample, adv)
+    assert out[0] is lp and out[1] is sample.log_prob and out[2] is adv
+
+
+# --------------------------------------------------------------------------- Gaussian PPO
+def _gaussian_setup(running_obs_stats: bool = False, **ppo):
+    cfg = build_config(
+        {
+            "name": "t",
+            "env": {"num_envs": 4},
+            "policy": {"type": "gaussian", "hidden_dims": [16]},
+            "ppo": {"minibatch_size": 8, "epochs": 2, "actor_lr": 3e-3, **ppo},
+        }
+    )
+    torch.manual_seed(0)
+    actor = build_actor(cfg.policy, 2, 2)
+    policy, critic = build_policy(cfg, actor), build_critic(actor, (16,))
+    learner = PPOLearner(policy, critic, cfg.ppo, torch.device("cpu"), seed=0, running_obs_stats=running_obs_stats)
+    collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
+    return policy, learner, collector
+
+
+def test_gaussian_ppo_update_passes_the_ratio_check_and_moves_the_policy():
+    policy, learner, collector = _gaussian_setup()
+    rollout = collector.collect(policy, 6, iteration=0)
+    assert type(rollout.samples).__name__ == "GaussianSample" and rollout.samples.log_prob.shape == (6, 4)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    metrics = learner.update(rollout)
+    assert metrics["train/ratio_check_dev"] <= 1e-6
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert "actor.log_std" in changed and "actor.net.0.weight" in changed
+    assert "losses/w2" not in metrics and learner.reference is None
+    # the ratio check catches a policy changed between sampling and the update
+    rollout = collector.collect(policy, 6, iteration=1)
+    with torch.no_grad():
+        policy.actor.log_std.add_(0.1)
+    with pytest.raises(RatioCheckError):
+        learner.update(rollout)
+    collector.close()
+
+
+def test_w2_regulariser_is_zero_at_the_start_and_matches_the_closed_form_after_an_update():
+    policy, learner, collector = _gaussian_setup(w2_coef=1.0)
+    reference_before = {k: v.clone() for k, v in learner.reference.state_dict().items()}
+    rollout = collector.collect(policy, 6, iteration=0)
+    obs = rollout.obs.flatten(0, 1)
+    assert learner.w2_distance(obs).item() == 0.0  # policy == reference, same noise
+    metrics = learner.update(rollout)
+    assert "losses/w2" in metrics and metrics["losses/w2"] >= 0.0
+    w2 = learner.w2_distance(obs)
+    assert w2.item() > 0.0 and w2.requires_grad
+    # the reference does not move (parameters and buffers)
+    assert all(torch.equal(v, reference_before[k]) for k, v in learner.reference.state_dict().items())
+    assert not any(p.requires_grad for p in learner.reference.parameters())
+    # Oracle: the shared-noise distance per action dimension of two diagonal Gaussians has
+    # expectation mean_dims((mu1 - mu2)² + (s1 - s2)²); Monte-Carlo over many copies of the obs.
+    many = obs.repeat(2000, 1)  # 48000 rows
+    with torch.no_grad():
+        (m1, s1), (m2, s2) = policy.actor(obs), learner.reference.actor(obs)
+        closed_form = ((m1 - m2) ** 2 + (s1 - s2) ** 2).mean().item()
+        mc = learner.w2_distance(many).item()
+    assert closed_form > 0
+    assert abs(mc - closed_form) < 0.03 * closed_form, (mc, closed_form)
+    collector.close()
+
+
+def test_running_obs_stats_after_the_first_update_are_the_rollout_stats():
+    policy, learner, collector = _gaussian_setup(running_obs_stats=True)
+    critic = learner.critic
+    norms = [m for m in (*policy.modules(), *critic.modules()) if isinstance(m, ObsNormalizer)]
+    assert len(norms) == 2 and all(float(m.count) == 0 for m in norms)
+    rollout = collector.collect(policy, 6, iteration=0)
+    learner.update(rollout)
+    data = rollout.obs.reshape(-1, 2).double().numpy()
+    for m in norms:
+        np.testing.assert_allclose(m.mean.numpy(), data.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.var.numpy(), data.var(0), rtol=1e-4, atol=1e-9)
+        assert float(m.count) == 24
+    assert float(data.std(0).min()) > 0.01  # the stats are not the defaults (mean 0, var 1)
+    # the next rollout samples with the new statistics: its ratio check passes; the stats fold in
+    second = collector.collect(policy, 6, iteration=1)
+    metrics = learner.update(second)
+    assert metrics["train/ratio_check_dev"] <= 1e-6
+    both = np.concatenate([data, second.obs.reshape(-1, 2).double().numpy()])
+    for m in norms:
+        np.testing.assert_allclose(m.mean.numpy(), both.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.var.numpy(), both.var(0), rtol=1e-4, atol=1e-9)
+    collector.close()

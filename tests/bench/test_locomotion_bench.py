@@ -1,0 +1,61 @@
+"""`flowrl bench locomotion` end to end with a tiny budget (the real one is a separate command)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from flowrl.cli import main
+from flowrl.config import build_config
+from flowrl.models.build import build_actor, build_policy
+from flowrl.rollout.demos import collect_demos, save_demos
+
+TINY = [
+    "ray.enabled=false",
+    "ray.num_workers=1",
+    "env.num_envs=2",
+    "ppo.iterations=2",
+    "ppo.steps_per_iteration=3",
+    "ppo.epochs=1",
+    "ppo.minibatch_size=4",
+    "eval.episodes=1",
+    "eval.every=1",
+    "pretrain.steps=3",
+]
+
+
+def test_locomotion_bench_runs_variants_side_by_side(tmp_path, monkeypatch):
+    cfg = build_config({"name": "d", "policy": {"type": "gaussian", "horizon": 1, "hidden_dims": [8]}})
+    torch.manual_seed(0)
+    demos = collect_demos(build_policy(cfg, build_actor(cfg.policy, 11, 3)), "Hopper-v5", 3, 0, 1.0, progress=False)
+    save_demos(demos, tmp_path / "cache" / "datasets" / "hopper-medium.npz")
+    monkeypatch.chdir(tmp_path)  # the bench's cache/ is relative to the working folder
+    args = [
+        "bench",
+        "locomotion",
+        "--tasks",
+        "hopper",
+        "--variants",
+        "reinflow,Gaussian PPO",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
+    assert main([*args, *[a for o in TINY for a in ("--set", o)]]) == 0
+    results = json.loads((tmp_path / "out" / "locomotion.json").read_text())
+    rows = results["tasks"]["hopper"]["rows"]
+    expected = ["ReinFlow rectified flow K=4", "ReinFlow rectified flow K=1", "Gaussian PPO"]
+    assert [r["variant"] for r in rows] == expected
+    for row in rows:
+        assert row["env_steps"] > 0 and row["finetune_s"] > 0
+        assert [round(r, 6) for _, r in row["curve"]][0] == round(row["return_before"], 6)
+        assert len(row["curve"]) == 3  # before + every iteration
+    # K = 4 and K = 1 fine-tune the same pretrained network; every variant has its own run
+    pretrained = [yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["policy"]["pretrained"] for r in rows]
+    assert pretrained[0] == pretrained[1] != pretrained[2]
+    assert len({r["run"] for r in rows}) == 3
+    assert (tmp_path / "out" / "locomotion.png").stat().st_size > 0
+    assert any((tmp_path / "out" / "tensorboard" / "hopper").rglob("events.out.tfevents.*"))
