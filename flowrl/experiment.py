@@ -124,7 +124,7 @@ def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, pr
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pretrain if needed, then PPO fine-tuning; prints success before and after."""
+    """Pretrain if needed, then PPO; prints the evaluation return and success before and after."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     save_config(cfg, run_dir / "config.yaml")
@@ -172,8 +172,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
         events.close()
     before, after = result["before"], result["after"]
     print(
-        f"success before fine-tuning: {before['eval/success_rate']:.2f} -> after: {after['eval/success_rate']:.2f} "
-        f"(return {before['eval/return']:.3f} -> {after['eval/return']:.3f})"
+        f"return before: {before['eval/return']:.3f} -> after: {after['eval/return']:.3f} "
+        f"(success {before['eval/success_rate']:.2f} -> {after['eval/success_rate']:.2f})"
     )
     print(f"run folder: {run_dir}")
     return result
@@ -251,5 +251,5 @@ def collect(
 def load_run_config(run_dir: str | Path, overrides: list[str]) -> ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise FlowRLError(f"--resume {run_dir}: no config.yaml there; is it a flowrl run folder?")
+        raise FlowRLError(f"{run_dir}: no config.yaml there; is it a flowrl run folder?")
     return load_config(path, overrides)

@@ -179,7 +179,7 @@ def test_sigkill_then_resume_gives_one_continuous_run(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr()
     assert "has done all 30 iterations" in out.out
-    assert f"-> after: {records[-1]['eval/success_rate']:.2f}" in out.out
+    assert f"-> after: {records[-1]['eval/return']:.3f} (success" in out.out
     assert len(read_metrics(run)) == iterations + 1
 
 
@@ -325,3 +325,62 @@ def test_shortcut_policy_fine_tunes_with_one_denoising_step(tmp_path):
     assert [r["iteration"] for r in records] == [0, 1, 2]
     assert records[1]["train/ratio_check_dev"] <= 1e-4
     assert torch.load(run / "policy.pt", weights_only=True)["arch"]["type"] == "shortcut"
+
+
+def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsys):
+    """`flowrl collect` records a dataset with a finished run's policy; `flowrl pretrain` learns
+    from that file (its observation statistics are the dataset's); a folder without policy.pt
+    or without config.yaml is a one-line error."""
+    import numpy as np
+
+    from flowrl.algos.bc import load_demos
+    from flowrl.config import DemosConfig
+
+    train = ["train", QUICKSTART, *TINY, "ppo.iterations=1", f"runs_dir={tmp_path / 'train'}", "--no-progress"]
+    assert main(train) == 0
+    run = _run_dir(tmp_path / "train")
+    out = tmp_path / "data" / "demos.npz"
+    args = ["collect", str(run), "--out", str(out), "--episodes", "6", "--action-noise", "0.2", "--seed", "3"]
+    capsys.readouterr()
+    assert main([*args, "--no-progress"]) == 0
+    assert f"wrote {out}: 6 episodes" in capsys.readouterr().out
+    demos = load_demos(DemosConfig(path=str(out)), "flowrl/TwoGoal-v0", 0)
+    assert len(demos["episode_ends"]) == 6 and demos["episode_ends"][-1] == len(demos["observations"])
+    assert np.abs(demos["actions"]).max() <= 1.0
+    with np.load(out) as data:
+        assert str(data["meta_policy"]) == str((run / "policy.pt").resolve())
+        assert str(data["meta_action_noise"]) == "0.2" and str(data["meta_seed"]) == "3"
+    again = tmp_path / "again.npz"
+    assert main([*args[:3], str(again), *args[4:], "--no-progress"]) == 0
+    with np.load(out) as a, np.load(again) as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("observations", "actions", "episode_ends"))
+
+    tiny_from_file = [a for a in TINY if not a.startswith("pretrain.demos.")]
+    from_file = [f"pretrain.demos={{path: {out}}}", f"runs_dir={tmp_path / 'pre'}", "--no-progress"]
+    assert main(["pretrain", QUICKSTART, *tiny_from_file, *from_file]) == 0
+    assert "on 6 demonstration episodes" in capsys.readouterr().out
+    pre = _run_dir(tmp_path / "pre")
+    assert not (pre / "demos.npz").exists(), "a dataset given by path is not copied into the run"
+    actor = torch.load(pre / "pretrained.pt", weights_only=True)["actor"]
+    # policy.obs_norm: dataset -> the mean and (clamped, unbiased) std of the collected observations
+    obs = demos["observations"].astype(np.float64)
+    np.testing.assert_allclose(actor["obs_norm.mean"].numpy(), obs.mean(0), rtol=1e-5, atol=1e-6)
+    std = np.maximum(obs.std(0, ddof=1), 1e-2)
+    np.testing.assert_allclose(actor["obs_norm.var"].numpy(), std**2, rtol=1e-4)
+
+    # A pretraining run folder has no policy.pt: a one-line error, unless --checkpoint names one.
+    capsys.readouterr()
+    assert main(["collect", str(pre), "--out", str(tmp_path / "x.npz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "policy.pt not found" in err[0] and "--checkpoint" in err[0], err
+    assert not (tmp_path / "x.npz").exists()
+    with_checkpoint = ["--episodes", "2", "--checkpoint", str(pre / "pretrained.pt"), "--no-progress"]
+    assert main(["collect", str(pre), "--out", str(tmp_path / "x.npz"), *with_checkpoint]) == 0
+    assert (tmp_path / "x.npz").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["collect", str(empty), "--out", str(tmp_path / "y.npz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.yaml" in err[0] and str(empty) in err[0], err
+    assert "--resume" not in err[0], "collect takes no --resume"

@@ -341,7 +341,7 @@ def train_ppo(
             before = evaluate()
             log.log(0, before, iteration=0)
             tqdm.write(
-                f"before fine-tuning: success {before['eval/success_rate']:.2f}, return {before['eval/return']:.3f}"
+                f"before training: return {before['eval/return']:.3f}, success {before['eval/success_rate']:.2f}"
             )
         last_eval = last_eval or before
         bar = progress_bar(

@@ -52,7 +52,12 @@ def build_actor(cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Actor:
     if cfg.type == "gaussian":
         return GaussianActor(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.init_std)
     step_conditioned = cfg.type in ("shortcut", "meanflow")
-    return VelocityMLP(obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.time_embed_dim, step_conditioned)
+    # MeanFlow's target has the field's time derivative: time features up to frequency 100
+    # make it explode (one-step samples collapse); up to 5 it learns (tests/algos/test_flow_families.py).
+    max_freq = 5.0 if cfg.type == "meanflow" else 100.0
+    return VelocityMLP(
+        obs_dim, cfg.horizon, action_dim, cfg.hidden_dims, cfg.time_embed_dim, step_conditioned, max_freq
+    )
 
 
 def build_window(cfg: ExperimentConfig) -> StepWindow:

@@ -100,7 +100,9 @@ class VelocityMLP(nn.Module):
     ``[B]`` or scalars. A plain rectified-flow field v(x, t | obs) ignores t_next. A
     ``step_conditioned`` field also sees the step size d = t_next - t and predicts the
     average velocity over the step, so that x + d * u lands on the flow's trajectory
-    (shortcut models, Frans et al. 2024), which works down to K = 1.
+    (shortcut models, Frans et al. 2024), which works down to K = 1. ``time_max_freq`` is the
+    highest frequency of the time features (MeanFlow uses a low one: its training target
+    contains du/dt, which high-frequency time features make huge).
     """
 
     def __init__(
@@ -111,12 +113,13 @@ class VelocityMLP(nn.Module):
         hidden_dims: Sequence[int] = (256, 256),
         time_dim: int = 32,
         step_conditioned: bool = False,
+        time_max_freq: float = 100.0,
     ) -> None:
         super().__init__()
         self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
         self.step_conditioned = step_conditioned
         self.obs_norm = ObsNormalizer(obs_dim)
-        self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        self.time_embed = SinusoidalTimeEmbedding(time_dim, time_max_freq)
         in_dim = obs_dim + horizon * action_dim + time_dim * (2 if step_conditioned else 1)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
 
