@@ -4,6 +4,12 @@
 |---|---|---|
 | flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
 | flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that fails at a chosen step (worker-recovery tests) |
+| Hopper-v5, Walker2d-v5, HalfCheetah-v5, Ant-v5, Humanoid-v5 | gymnasium | locomotion (LOCOMOTION) |
+
+The locomotion tasks' demonstrations come from `flowrl collect` (experiments/locomotion).
+
+``make_env`` wraps any of them in action chunking; observation normalisation lives in the
+policy's networks (their ObsNormalizer buffers travel with every checkpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ if "flowrl/TwoGoal-v0" not in gym.registry:
 if "flowrl/FaultInjection-v0" not in gym.registry:
     gym.register("flowrl/FaultInjection-v0", entry_point="envs.faults:FaultInjectionEnv", max_episode_steps=30)
 
+LOCOMOTION = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Humanoid-v5")
+
 # Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
 DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
     "flowrl/TwoGoal-v0": toy.scripted_demos,
@@ -38,4 +46,4 @@ def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) ->
     return ActionChunk(env, horizon)
 
 
-__all__ = ["DEMONSTRATORS", "ActionChunk", "make_env"]
+__all__ = ["DEMONSTRATORS", "LOCOMOTION", "ActionChunk", "make_env"]

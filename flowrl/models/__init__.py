@@ -1,5 +1,6 @@
-"""Networks and policies: velocity fields, noise nets, critics, FlowPolicy."""
+"""Networks and policies: velocity fields, noise nets, critics, and the policy families."""
 
+from flowrl.models.diffusion_policy import DiffusionPolicy
 from flowrl.models.flow_policy import (
     ChainSample,
     CPSConverter,
@@ -7,13 +8,28 @@ from flowrl.models.flow_policy import (
     FlowSDEConverter,
     ReinFlowConverter,
 )
-from flowrl.models.networks import ReinFlowNoiseNet, SinusoidalTimeEmbedding, ValueMLP, VelocityMLP
+from flowrl.models.gaussian_policy import GaussianPolicy, GaussianSample
+from flowrl.models.networks import (
+    GaussianActor,
+    ObsNormalizer,
+    ReinFlowNoiseNet,
+    SinusoidalTimeEmbedding,
+    ValueMLP,
+    VelocityMLP,
+)
+from flowrl.models.policy import Policy
 
 __all__ = [
     "CPSConverter",
     "ChainSample",
+    "DiffusionPolicy",
     "FlowPolicy",
     "FlowSDEConverter",
+    "GaussianActor",
+    "GaussianPolicy",
+    "GaussianSample",
+    "ObsNormalizer",
+    "Policy",
     "ReinFlowConverter",
     "ReinFlowNoiseNet",
     "SinusoidalTimeEmbedding",

@@ -9,10 +9,8 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 
-LOCOMOTION = ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Humanoid-v5"]
 
-
-@pytest.mark.parametrize("env_id", LOCOMOTION)
+@pytest.mark.parametrize("env_id", envs.LOCOMOTION)
 def test_chunked_mujoco_env_passes_the_checker_and_sums_rewards(env_id):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
