@@ -236,3 +236,12 @@ def test_running_obs_stats_after_the_first_update_are_the_rollout_stats():
         np.testing.assert_allclose(m.mean.numpy(), both.mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(m.var.numpy(), both.var(0), rtol=1e-4, atol=1e-9)
     collector.close()
+
+
+def test_critic_warmup_trains_only_the_critic():
+    policy, learner, rollout = _setup({"type": "reinflow"})
+    actor_before = {k: v.clone() for k, v in policy.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in learner.critic.state_dict().items()}
+    learner.update(rollout, train_actor=False)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in actor_before.items())
+    assert any(not torch.equal(v, learner.critic.state_dict()[k]) for k, v in critic_before.items())
