@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,8 +195,9 @@ def _tensorboard(results: dict[str, Any], folder: Path) -> None:
 
     for task, res in results["tasks"].items():
         for row in res["rows"]:
-            name = row["variant"].replace(" ", "_").replace("=", "")
-            writer = SummaryWriter(str(folder / task / name), purge_step=0)
+            run_folder = folder / task / row["variant"].replace(" ", "_").replace("=", "")
+            shutil.rmtree(run_folder, ignore_errors=True)  # rewritten after every run: one event file each
+            writer = SummaryWriter(str(run_folder))
             for step, ret in row["curve"]:
                 writer.add_scalar("eval/return", ret, step)
             writer.close()
