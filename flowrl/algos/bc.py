@@ -44,8 +44,9 @@ def load_demos(cfg: DemosConfig, env_id: str, seed: int) -> dict[str, np.ndarray
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise DatasetError(
-            f"demonstration file not found: {path} (pretrain.demos.path); create it or point the key at an "
-            f"existing .npz with keys {', '.join(DEMO_KEYS)}"
+            f"demonstration file not found: {path} (pretrain.demos.path); record one with `flowrl collect "
+            f"EXPERT_RUN --out {path}` (README, Locomotion) or point the key at an existing .npz with keys "
+            f"{', '.join(DEMO_KEYS)}"
         )
     with np.load(path) as data:
         missing = [k for k in DEMO_KEYS if k not in data]
