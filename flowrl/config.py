@@ -435,7 +435,12 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})" if err["type"] not in ("value_error", "assertion_error") else ""
-            lines.append(f"{source}: {key or 'experiment'}: {msg}{got}{origin}")
+            section = (
+                f"; to replace the whole section instead, give {key}={{...}}"
+                if err["type"] == "value_error" and key and any(o.startswith(key + ".") for o in overridden)
+                else ""
+            )
+            lines.append(f"{source}: {key or 'experiment'}: {msg}{got}{origin}{section}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, dataset_obs_stats, load_demos
+from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, check_demos, dataset_obs_stats, load_demos
 from flowrl.algos.ppo import train_ppo
 from flowrl.config import ExperimentConfig, load_config, save_config
 from flowrl.errors import FlowRLError
@@ -43,12 +43,14 @@ def env_dims(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple[int, in
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Checks that need no run folder (device, env, given checkpoint), so that bad input
-    fails before one is created."""
+    """Checks that need no run folder (device, env, given checkpoint, demonstrations), so that
+    bad input fails before one is created."""
     resolve_device(cfg.device)
     env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None and not Path(cfg.policy.pretrained).expanduser().is_file():
         raise FlowRLError(f"checkpoint not found: {cfg.policy.pretrained} (policy.pretrained)")
+    if cfg.policy.pretrained is None and cfg.pretrain is not None:
+        check_demos(cfg.pretrain.demos, cfg.env.id)
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:

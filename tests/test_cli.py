@@ -87,6 +87,7 @@ def test_missing_dataset_and_checkpoint_are_clear_errors(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "demonstration file not found" in err and str(missing) in err and "pretrain.demos.path" in err
+    assert not any(tmp_path.iterdir())  # checked before a run folder exists
     assert main(["eval", QUICKSTART, "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 

@@ -94,6 +94,12 @@ def test_dead_keys_are_errors():
         build_config({"name": "x", "mdp": {"window": {"type": "sliding", "size": 2, "decay_rate": 0.5}}})
     with pytest.raises(ConfigError, match="episodes only applies to scripted demos"):
         build_config({"name": "x", "pretrain": {"demos": {"path": "d.npz", "episodes": 3}}})
+    # an override that leaves a dead sibling in the file's section says how to replace the section
+    scripted = {"name": "x", "pretrain": {"demos": {"episodes": 3}}}
+    with pytest.raises(ConfigError, match=r"give pretrain.demos=\{\.\.\.\}"):
+        build_config(scripted, overrides=["pretrain.demos.path=d.npz"])
+    cfg = build_config(scripted, overrides=["pretrain.demos={path: d.npz}"])
+    assert cfg.pretrain.demos.path == "d.npz"
     with pytest.raises(ConfigError, match="noise_lr only applies to a learned noise"):
         build_config({"name": "x", "mdp": {"converter": {"type": "cps"}}, "ppo": {"noise_lr": 0.1}})
 

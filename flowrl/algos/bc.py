@@ -32,15 +32,15 @@ class DatasetError(FlowRLError, ValueError):
     """A missing or malformed demonstration file; the message says how to fix it."""
 
 
-def load_demos(cfg: DemosConfig, env_id: str, seed: int) -> dict[str, np.ndarray]:
-    """Demonstrations from ``cfg.path``, or from the env's scripted demonstrator if null."""
+def check_demos(cfg: DemosConfig, env_id: str) -> None:
+    """Raises DatasetError when the demonstrations cannot be found (before any work starts)."""
     if cfg.path is None:
         if env_id not in flowrl_envs.DEMONSTRATORS:
             raise DatasetError(
                 f"env {env_id} has no scripted demonstrator: set pretrain.demos.path to a demonstration .npz "
                 f"(keys {', '.join(DEMO_KEYS)}) or give policy.pretrained"
             )
-        return flowrl_envs.DEMONSTRATORS[env_id](cfg.episodes, seed)
+        return
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise DatasetError(
@@ -48,6 +48,14 @@ def load_demos(cfg: DemosConfig, env_id: str, seed: int) -> dict[str, np.ndarray
             f"EXPERT_RUN --out {path}` (README, Locomotion) or point the key at an existing .npz with keys "
             f"{', '.join(DEMO_KEYS)}"
         )
+
+
+def load_demos(cfg: DemosConfig, env_id: str, seed: int) -> dict[str, np.ndarray]:
+    """Demonstrations from ``cfg.path``, or from the env's scripted demonstrator if null."""
+    check_demos(cfg, env_id)
+    if cfg.path is None:
+        return flowrl_envs.DEMONSTRATORS[env_id](cfg.episodes, seed)
+    path = Path(cfg.path).expanduser()
     with np.load(path) as data:
         missing = [k for k in DEMO_KEYS if k not in data]
         if missing:

@@ -149,15 +149,34 @@ def run_locomotion_bench(
 
 
 def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, Any]], timings) -> None:
-    """Results so far (written after every run, so a stopped benchmark keeps what it measured)."""
+    """Results so far (written after every run, so a stopped benchmark keeps what it measured).
+
+    A task's rows all come from one run (side by side); the other tasks already in
+    ``locomotion.json`` with the same size and overrides are kept, so the tasks can run as
+    separate commands.
+    """
     results["tasks"][task] = {"data_prep_s": timings, "rows": rows}
+    previous = _previous(out / "locomotion.json")
+    if previous.get("size") == results["size"] and previous.get("overrides") == results["overrides"]:
+        for other, res in previous.get("tasks", {}).items():
+            if other != task:
+                results["tasks"][other] = res
     ratio = _wall_ratio(rows)
     if ratio is not None:
         results["tasks"][task]["reinflow_vs_dppo_wall_per_improvement"] = ratio
     out.mkdir(parents=True, exist_ok=True)
-    (out / "locomotion.json").write_text(json.dumps(results, indent=2))
+    tmp = out / f"locomotion.json.{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "locomotion.json")  # atomic: a bench of another task may read it meanwhile
     _chart(results, out / "locomotion.png")
     _tensorboard(results, out / "tensorboard")
+
+
+def _previous(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _wall_ratio(rows: list[dict[str, Any]]) -> float | None:

@@ -59,3 +59,42 @@ def test_locomotion_bench_runs_variants_side_by_side(tmp_path, monkeypatch):
     assert len({r["run"] for r in rows}) == 3
     assert (tmp_path / "out" / "locomotion.png").stat().st_size > 0
     assert any((tmp_path / "out" / "tensorboard" / "hopper").rglob("events.out.tfevents.*"))
+
+
+def _row(label: str, before: float, after: float) -> dict:
+    return {
+        "variant": label,
+        "run": "r",
+        "return_before": before,
+        "return_after": after,
+        "return_best": after,
+        "env_steps": 10,
+        "finetune_s": 1.0,
+        "pretrain_s": 1.0,
+        "s_per_100_return": 100.0 / (after - before),
+        "curve": [(0, before), (10, after)],
+    }
+
+
+def test_tasks_run_as_separate_commands_share_one_results_file(tmp_path):
+    from flowrl.bench.locomotion import _write
+
+    def results(size: str = "cpu") -> dict:
+        return {"machine": {"cpus": 2}, "size": size, "overrides": [], "tasks": {}}
+
+    _write(results(), tmp_path, "walker2d", [_row("DPPO", 1.0, 3.0)], {})
+    hopper = results()
+    _write(hopper, tmp_path, "hopper", [_row("ReinFlow rectified flow K=4", 1.0, 2.0), _row("DPPO", 1.0, 2.0)], {})
+    saved = json.loads((tmp_path / "locomotion.json").read_text())
+    assert set(saved["tasks"]) == {"walker2d", "hopper"}
+    assert saved["tasks"]["walker2d"]["rows"][0]["return_after"] == 3.0
+    assert saved["tasks"]["hopper"]["reinflow_vs_dppo_wall_per_improvement"] == 1.0  # (100/1) / (100/1)
+    # a newer walker2d result written meanwhile by another command wins over the stale copy
+    _write(results(), tmp_path, "walker2d", [_row("DPPO", 1.0, 5.0)], {})
+    _write(hopper, tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
+    saved = json.loads((tmp_path / "locomotion.json").read_text())
+    assert saved["tasks"]["walker2d"]["rows"][0]["return_after"] == 5.0
+    # results of another size are not mixed in
+    _write(results("paper"), tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
+    assert set(json.loads((tmp_path / "locomotion.json").read_text())["tasks"]) == {"hopper"}
+    assert not list(tmp_path.glob("locomotion.json.*"))  # no temporary file left behind
