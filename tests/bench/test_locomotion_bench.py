@@ -88,7 +88,8 @@ def test_tasks_run_as_separate_commands_share_one_results_file(tmp_path):
     saved = json.loads((tmp_path / "locomotion.json").read_text())
     assert set(saved["tasks"]) == {"walker2d", "hopper"}
     assert saved["tasks"]["walker2d"]["rows"][0]["return_after"] == 3.0
-    assert saved["tasks"]["hopper"]["reinflow_vs_dppo_wall_per_improvement"] == 1.0  # (100/1) / (100/1)
+    # s per +100 return: 100 for both, so the ratio is 1
+    assert saved["tasks"]["hopper"]["reinflow_vs_dppo_wall_per_improvement"] == {"ReinFlow rectified flow K=4": 1.0}
     # a newer walker2d result written meanwhile by another command wins over the stale copy
     _write(results(), tmp_path, "walker2d", [_row("DPPO", 1.0, 5.0)], {})
     _write(hopper, tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
