@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class RunLog:
             if self.path.exists():
                 kept = [r for r in _records(self.path.read_text()) if r["env_steps"] <= resume_after]
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            _wait_for_a_later_event_file_name(self.run_dir / "tensorboard")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, env_steps: int, metrics: dict[str, float], **fields: Any) -> None:
@@ -60,6 +62,22 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _wait_for_a_later_event_file_name(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order (events.out.tfevents.SECONDS.
+    HOST.PID.N), and the purge on resume only drops events read before it. A resume within
+    the killed process's second would sort by pid, maybe first; wait until the name's
+    timestamp is later than every existing file's (at most a second)."""
+    stamps = []
+    for path in folder.glob("events.out.tfevents.*"):
+        try:
+            stamps.append(int(path.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    if stamps:
+        while time.time() < max(stamps) + 1:
+            time.sleep(0.02)
 
 
 def _jsonable(value: Any) -> Any:
