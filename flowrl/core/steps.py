@@ -42,14 +42,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _per_sample(t: Tensor | float, like: Tensor) -> Tensor:
-    """Time as a tensor broadcastable against ``like`` ([B, *E])."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        return t
-    if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"time must be a scalar or [B] with B={like.shape[0]}, got {tuple(t.shape)}")
-    return t.view(-1, *([1] * (like.ndim - 1)))
+def per_sample(value: Tensor | float, like: Tensor, dtype: torch.dtype | None = None, what: str = "time") -> Tensor:
+    """A scalar or ``[B]`` ``value`` as a tensor broadcastable against ``like`` ([B, *E]), in
+    ``dtype`` (default ``like``'s); ``what`` names it in the error."""
+    value = torch.as_tensor(value, dtype=dtype or like.dtype, device=like.device)
+    if value.ndim == 0:
+        return value
+    if value.ndim != 1 or value.shape[0] != like.shape[0]:
+        raise ValueError(f"{what} must be a scalar or [B] with B={like.shape[0]}, got {tuple(value.shape)}")
+    return value.view(-1, *([1] * (like.ndim - 1)))
 
 
 def _sum_event(x: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ def euler_step(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) 
     """Deterministic ODE step ``next = x + h v`` with ``h = t_next - t``; std and log-prob 0."""
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
-    h = _per_sample(t_next, x32) - _per_sample(t, x32)
+    h = per_sample(t_next, x32) - per_sample(t, x32)
     mean = x32 + h * v32
     zeros = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
     return StepOutput(mean.to(x.dtype), mean, torch.zeros((), dtype=dtype, device=x.device), zeros)
@@ -127,7 +128,7 @@ def gaussian_step(
     """
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
-    h = _per_sample(t_next, x32) - _per_sample(t, x32)
+    h = per_sample(t_next, x32) - per_sample(t, x32)
     mean = x32 + h * v32
     std_t = torch.as_tensor(std, dtype=dtype, device=x.device)
     return _gaussian_transition(x, mean, std_t, noise, next_x, generator)
@@ -163,8 +164,8 @@ def flow_sde_step(
     """
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
-    t_b = _per_sample(t, x32)
-    h = _per_sample(t_next, x32) - t_b
+    t_b = per_sample(t, x32)
+    h = per_sample(t_next, x32) - t_b
     s = flow_sde_std_scale(t_b, noise_level, t_floor)
     score = -(x32 - t_b * v32) / (1.0 - t_b)
     mean = x32 + h * (v32 + 0.5 * s * s * score)
@@ -191,8 +192,8 @@ def cps_step(
     """
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
-    t_b = _per_sample(t, x32)
-    tn_b = _per_sample(t_next, x32)
+    t_b = per_sample(t, x32)
+    tn_b = per_sample(t_next, x32)
     x_hat = x32 + (1.0 - t_b) * v32
     eps_hat = x32 - t_b * v32
     std = (1.0 - tn_b) * math.sin(noise_level * math.pi / 2.0)

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowrl.core.steps import StepOutput, gaussian_log_prob
+from flowrl.core.steps import StepOutput, gaussian_log_prob, per_sample
 from flowrl.models.flow_policy import ChainSample
 from flowrl.models.networks import VelocityMLP
 
@@ -62,16 +62,6 @@ def diffusion_time(tau: Tensor | int, train_steps: int) -> Tensor:
     """
     tau = torch.as_tensor(tau)
     return (tau.to(torch.float32) + 1.0) / train_steps
-
-
-def _coefficient(value: Tensor | float, like: Tensor) -> Tensor:
-    """A schedule value as float64, a scalar or ``[B, 1, ...]`` broadcastable against ``like``."""
-    value = torch.as_tensor(value, dtype=torch.float64, device=like.device)
-    if value.ndim == 0:
-        return value
-    if value.ndim != 1 or value.shape[0] != like.shape[0]:
-        raise ValueError(f"schedule values must be scalars or [B] with B={like.shape[0]}, got {tuple(value.shape)}")
-    return value.view(-1, *([1] * (like.ndim - 1)))
 
 
 def ddim_sigma(alpha_bar: Tensor | float, alpha_bar_prev: Tensor | float, eta: float) -> Tensor:
@@ -121,7 +111,8 @@ def ddim_step(
     xc, ec = x.to(dtype), eps.to(dtype)
     # Coefficients in float64: near tau = T-1, sqrt(ᾱ) is ~1e-4 and 1 - ᾱ_prev - sigma² is a
     # difference of nearly equal numbers; float32 would lose digits there.
-    ab, abp = _coefficient(alpha_bar, xc), _coefficient(alpha_bar_prev, xc)
+    ab = per_sample(alpha_bar, xc, torch.float64, "a schedule value")
+    abp = per_sample(alpha_bar_prev, xc, torch.float64, "a schedule value")
     sigma = ddim_sigma(ab, abp, eta)
     sqrt_ab, sqrt_one_minus_ab = ab.sqrt().to(dtype), (1.0 - ab).sqrt().to(dtype)
     direction = (1.0 - abp - sigma * sigma).clamp(min=0.0).sqrt().to(dtype)
