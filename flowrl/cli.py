@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
             nargs="?" if not experiment_required else None,
             help="experiment YAML file (experiments/*.yaml)",
         )
-        sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. ppo.iterations=10")
+        sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. algo.iterations=10")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("pretrain", help="flow-matching behaviour cloning only")
@@ -173,7 +173,7 @@ def _console_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # Overrides may come after options too: `flowrl train X.yaml --ray-address A ppo.clip=0.1`.
+    # Overrides may come after options too: `flowrl train X.yaml --ray-address A algo.clip=0.1`.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:

@@ -2,16 +2,25 @@
 
 Every field has a type, a default and a description. Unknown keys and wrong types are
 errors that name the key and the file. Command-line overrides use ``key.sub=value`` (the
-value is parsed as YAML: ``ppo.clip=0.1``, ``policy.hidden_dims=[64,64]``, ``x=null``).
+value is parsed as YAML: ``algo.clip=0.1``, ``policy.hidden_dims=[64,64]``, ``x=null``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from flowrl.errors import FlowRLError
 
@@ -45,10 +54,37 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- env
-class EnvConfig(_Strict):
+class GymEnvConfig(_Strict):
+    """gymnasium tasks (flowrl's own and MuJoCo), stepped on the CPU by env workers."""
+
+    type: Literal["gym"] = Field("gym", description="env family: gym (gymnasium tasks registered by `envs`)")
     id: str = Field("flowrl/TwoGoal-v0", description="gymnasium id of a task registered by `envs`")
     num_envs: int = Field(16, ge=1, description="parallel envs used to collect rollouts (over all workers)")
+    num_workers: int = Field(
+        2,
+        ge=1,
+        description="env workers, each owning num_envs / num_workers envs: Ray actors, or in-process shards "
+        "when ray.enabled is false (same seeds, same rollouts either way)",
+    )
+    group_size: int = Field(
+        1, ge=1, description="GRPO: every group_size consecutive envs reset from the same seed (same start state)"
+    )
     kwargs: dict[str, Any] = Field({}, description="keyword arguments of the env's constructor (gym.make)")
+
+    @model_validator(mode="after")
+    def _split(self) -> GymEnvConfig:
+        if self.num_envs % self.num_workers:
+            raise ValueError(f"num_envs={self.num_envs} must be a multiple of num_workers={self.num_workers}")
+        per_worker = self.num_envs // self.num_workers
+        if per_worker % self.group_size:
+            raise ValueError(
+                f"each worker's {per_worker} envs must hold whole groups of group_size={self.group_size}: "
+                "make num_envs / num_workers a multiple of group_size"
+            )
+        return self
+
+
+EnvConfig = GymEnvConfig
 
 
 # --------------------------------------------------------------------------- Ray
@@ -57,7 +93,6 @@ class RayConfig(_Strict):
     address: str | None = Field(
         None, description="null = start a local Ray; 'auto' or 'HOST:PORT' = join a running cluster"
     )
-    num_workers: int = Field(2, ge=1, description="env workers; each owns env.num_envs / num_workers envs")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (null = all of this machine)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per env worker")
     max_restarts: int = Field(3, ge=0, description="restarts of a failed worker within one iteration")
@@ -73,62 +108,84 @@ class RayConfig(_Strict):
 
 # --------------------------------------------------------------------------- policy
 FLOW_TYPES = ("rectified_flow", "shortcut", "meanflow")
-PolicyType = Literal["rectified_flow", "shortcut", "meanflow", "diffusion", "gaussian"]
+POLICY_TYPES = (*FLOW_TYPES, "diffusion", "gaussian")
 
 
-class PolicyConfig(_Strict):
-    type: PolicyType = Field(
-        "rectified_flow",
-        description="policy family: rectified_flow (velocity v(x, t)); shortcut (step-size-conditioned velocity, "
-        "self-consistency); meanflow (average velocity u(x, t, t_next), one-step); diffusion (DDPM/DDIM "
-        "epsilon model, the DPPO baseline); gaussian (mean MLP + learned std, the Gaussian PPO baseline)",
-    )
+class _PolicyBase(_Strict):
     horizon: int = Field(4, ge=1, description="action chunk length Ta executed per policy step")
-    denoising_steps: int = Field(
-        4, ge=1, description="K, integration steps of a flow; sampling steps of a diffusion policy (<= train_steps)"
-    )
-    time_shift: float = Field(
-        1.0, gt=0, description="SD3-style time-grid shift; 1 = uniform grid, > 1 = more steps near the noise end"
-    )
     hidden_dims: list[int] = Field([256, 256], min_length=1, description="MLP widths of the policy network")
-    time_embed_dim: int = Field(32, ge=2, description="sinusoidal time-embedding size (even)")
     obs_norm: Literal["dataset", "running", "none"] = Field(
         "dataset",
         description="observation normalisation: dataset = mean/std of the demonstrations, frozen (kept from "
         "policy.pretrained when given); running = running estimate over the rollouts (training from scratch); "
         "none",
     )
-    train_steps: int = Field(20, ge=1, description="diffusion: DDPM training steps T (cosine schedule)")
-    min_std: float = Field(
-        0.1, ge=0, description="diffusion: lower bound of every denoising step's std when sampling (DPPO)"
-    )
-    denoised_clip: float | None = Field(
-        1.0, gt=0, description="diffusion: clip of the predicted clean action chunk; null = no clip"
-    )
-    init_std: float = Field(0.5, gt=0, description="gaussian: initial action std")
     pretrained: str | None = Field(
         None, description="checkpoint of a pretrained policy; null = pretrain from `pretrain` first"
     )
 
-    def _inactive(self) -> dict[str, str]:
-        diffusion = {k: "to policy.type: diffusion" for k in ("train_steps", "min_std", "denoised_clip")}
-        if self.type in FLOW_TYPES:
-            return {**diffusion, "init_std": "to policy.type: gaussian"}
-        if self.type == "diffusion":
-            return {"time_shift": "to flow policies", "init_std": "to policy.type: gaussian"}
-        return {
-            **diffusion,
-            **{k: "to flow and diffusion policies" for k in ("denoising_steps", "time_shift", "time_embed_dim")},
-        }
+
+class FlowPolicyConfig(_PolicyBase):
+    """Flow policies, made into an MDP by `mdp` (converter, window, solver)."""
+
+    type: Literal["rectified_flow", "shortcut", "meanflow"] = Field(
+        "rectified_flow",
+        description="policy family: rectified_flow (velocity v(x, t)); shortcut (step-size-conditioned velocity, "
+        "self-consistency); meanflow (average velocity u(x, t, t_next), one-step); diffusion (DDPM/DDIM "
+        "epsilon model, the DPPO baseline); gaussian (mean MLP + learned std, the Gaussian PPO baseline)",
+    )
+    denoising_steps: int = Field(4, ge=1, description="K, integration steps of the flow")
+    time_shift: float = Field(
+        1.0, gt=0, description="SD3-style time-grid shift; 1 = uniform grid, > 1 = more steps near the noise end"
+    )
+    time_embed_dim: int = Field(32, ge=2, description="sinusoidal time-embedding size (even)")
+
+
+class DiffusionPolicyConfig(_PolicyBase):
+    """DDPM/DDIM epsilon-prediction policy (the DPPO baseline): every denoising step is a PPO sample."""
+
+    type: Literal["diffusion"]
+    denoising_steps: int = Field(4, ge=1, description="K, DDIM sampling steps (<= train_steps)")
+    time_embed_dim: int = Field(32, ge=2, description="sinusoidal time-embedding size (even)")
+    train_steps: int = Field(20, ge=1, description="DDPM training steps T (cosine schedule)")
+    min_std: float = Field(0.1, ge=0, description="lower bound of every denoising step's std when sampling (DPPO)")
+    denoised_clip: float | None = Field(
+        1.0, gt=0, description="clip of the predicted clean action chunk; null = no clip"
+    )
 
     @model_validator(mode="after")
-    def _diffusion_steps(self) -> PolicyConfig:
-        if self.type == "diffusion" and self.denoising_steps > self.train_steps:
+    def _steps(self) -> DiffusionPolicyConfig:
+        if self.denoising_steps > self.train_steps:
             raise ValueError(
                 f"denoising_steps={self.denoising_steps} > train_steps={self.train_steps}: a diffusion policy "
                 "samples at most its training steps; lower denoising_steps or raise train_steps"
             )
+        if self.denoising_steps == 1 and self.min_std == 0:
+            raise ValueError(
+                "denoising_steps: 1 with min_std: 0 has no stochastic step (the only step lands on the clean "
+                "actions with zero std), so there is nothing to train; set min_std > 0 or denoising_steps >= 2"
+            )
         return self
+
+
+class GaussianPolicyConfig(_PolicyBase):
+    """Mean MLP + learned std (the Gaussian PPO baseline and the expert)."""
+
+    type: Literal["gaussian"]
+    init_std: float = Field(0.5, gt=0, description="initial action std")
+
+
+def _policy_tag(value: Any) -> str:
+    kind = value.get("type", "rectified_flow") if isinstance(value, dict) else getattr(value, "type", None)
+    return "flow" if kind in FLOW_TYPES else str(kind)
+
+
+PolicyConfig = Annotated[
+    Annotated[FlowPolicyConfig, Tag("flow")]
+    | Annotated[DiffusionPolicyConfig, Tag("diffusion")]
+    | Annotated[GaussianPolicyConfig, Tag("gaussian")],
+    Discriminator(_policy_tag, custom_error_type="policy_type", custom_error_message="unknown policy type"),
+]
 
 
 # --------------------------------------------------------------------------- MDP
@@ -207,9 +264,32 @@ class MDPConfig(_Strict):
     window: WindowConfig = Field(
         default_factory=lambda: AllStepsWindow(type="all"), description="which denoising steps are stochastic"
     )
-    log_prob_reduce: Literal["sum", "mean"] = Field(
-        "mean", description="chain log-prob: sum, or mean per stochastic step and action dimension"
+    solver: Literal["euler", "heun", "dpm_solver_2m"] = Field(
+        "euler", description="deterministic solver outside the window (and for evaluation): euler, heun, dpm_solver_2m"
     )
+    steps_after_window: int | None = Field(
+        None,
+        ge=1,
+        description="MixGRPO-Flash: integrate the steps after a sliding window in this many (larger) steps; "
+        "null = the grid's steps",
+    )
+    sample_unit: Literal["chain", "step"] = Field(
+        "chain",
+        description="one policy-gradient sample per chain (joint log-prob: ReinFlow, Flow-Noise) or per stochastic "
+        "denoising step (one clipped ratio per step: DPPO, Flow-GRPO, MixGRPO)",
+    )
+    log_prob_reduce: Literal["sum", "mean"] = Field(
+        "mean", description="log-probs summed over dims (and steps), or their mean per dimension (and step)"
+    )
+
+    @model_validator(mode="after")
+    def _flash(self) -> MDPConfig:
+        if self.steps_after_window is not None and not isinstance(self.window, SlidingWindowConfig):
+            raise ValueError(
+                f"steps_after_window needs window.type: sliding (window {self.window.type!r} leaves no batch-wide "
+                "steps after it to compress); remove it or use a sliding window"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -241,29 +321,40 @@ class PretrainConfig(_Strict):
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA of the weights; the EMA copy is saved")
 
 
-# --------------------------------------------------------------------------- PPO
-class PPOConfig(_Strict):
+# --------------------------------------------------------------------------- algorithms
+class _PolicyGradient(_Strict):
+    """What PPO and GRPO share: iterations, the clipped surrogate, optimisers."""
+
     iterations: int = Field(50, ge=1)
-    steps_per_iteration: int = Field(16, ge=1, description="policy (action-chunk) steps per env per iteration")
-    gamma: float = Field(0.99, ge=0, le=1, description="discount per policy step")
-    gae_lambda: float = Field(0.95, ge=0, le=1)
-    clip: float = Field(0.2, gt=0, description="PPO ratio clip")
-    value_clip: float | None = Field(None, gt=0, description="clip of the value update; null = unclipped")
+    clip: float = Field(0.2, gt=0, description="ratio clip")
     epochs: int = Field(4, ge=1, description="passes over each rollout")
-    minibatch_size: int = Field(256, ge=1)
-    actor_lr: float = Field(3e-4, gt=0, description="velocity field learning rate")
+    minibatch_size: int = Field(256, ge=1, description="policy-gradient samples per minibatch")
+    actor_lr: float = Field(3e-4, gt=0, description="policy network learning rate")
     noise_lr: float = Field(3e-4, gt=0, description="noise net learning rate (reinflow / flow_noise)")
-    critic_lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "linear"] = Field(
         "constant", description="linear = anneal every learning rate to 0 over the iterations (CleanRL's anneal_lr)"
     )
     entropy_coef: float = Field(0.0, ge=0, description="bonus on the learned steps' entropy")
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
+    ratio_check_tol: float = Field(
+        1e-4, gt=0, description="max |ratio - 1| allowed when re-evaluating a fresh rollout before the first update"
+    )
+
+
+class PPOConfig(_PolicyGradient):
+    """PPO over the env MDP: critic on observations, GAE over env steps."""
+
+    type: Literal["ppo"]
+    steps_per_iteration: int = Field(16, ge=1, description="policy (action-chunk) steps per env per iteration")
+    gamma: float = Field(0.99, ge=0, le=1, description="discount per policy step")
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    value_clip: float | None = Field(None, gt=0, description="clip of the value update; null = unclipped")
+    critic_lr: float = Field(1e-3, gt=0)
     critic_warmup_iterations: int = Field(
         0, ge=0, description="first iterations that train only the critic (a fresh critic next to a pretrained actor)"
     )
-    max_grad_norm: float = Field(1.0, gt=0)
-    target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
-    normalize_advantages: bool = True
+    normalize_advantages: bool = Field(True, description="normalise advantages per minibatch")
     normalize_rewards: bool = Field(
         False, description="divide rewards by a running std of the discounted return (for training from scratch)"
     )
@@ -273,14 +364,36 @@ class PPOConfig(_Strict):
         description="weight of a W2 regulariser to the initial policy: mean squared distance per action "
         "dimension between both policies' deterministic actions from the same noise; 0 = off",
     )
-    ratio_check_tol: float = Field(
-        1e-4, gt=0, description="max |ratio - 1| allowed when re-evaluating a fresh rollout before the first update"
+
+
+class GRPOConfig(_PolicyGradient):
+    """GRPO without a critic: each env runs one episode per iteration from its group's shared
+    reset state; the group-normalised outcome is the advantage of every step of the episode."""
+
+    type: Literal["grpo"]
+    max_steps: int = Field(
+        64,
+        ge=1,
+        description="policy (action-chunk) steps budget per episode; an unfinished episode scores its outcome so far",
     )
+    outcome: Literal["return", "success"] = Field("return", description="what an episode scores")
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (initial) policy; 0 = off")
+    adv_eps: float = Field(1e-4, gt=0, description="advantage = (r - mean) / (std + adv_eps) within each group")
+
+
+AlgoConfig = Annotated[PPOConfig | GRPOConfig, Field(discriminator="type")]
 
 
 class EvalConfig(_Strict):
     episodes: int = Field(64, ge=1, description="episodes per evaluation (deterministic ODE policy)")
     every: int = Field(5, ge=1, description="evaluate every this many iterations (and before and after)")
+
+
+# Keys that moved, and where to (an old file gets one line per key).
+MOVED = {
+    "ppo": "algo (with algo.type: ppo; the same keys)",
+    "ray.num_workers": "env.num_workers (the number of env workers, with or without Ray)",
+}
 
 
 class ExperimentConfig(_Strict):
@@ -289,44 +402,67 @@ class ExperimentConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="learner device; auto = cuda when present")
     runs_dir: str = Field("runs", description="parent folder of run folders")
     checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")
-    env: EnvConfig = Field(default_factory=EnvConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    env: EnvConfig = Field(default_factory=GymEnvConfig)
+    policy: PolicyConfig = Field(default_factory=FlowPolicyConfig)
     mdp: MDPConfig = Field(default_factory=MDPConfig)
     pretrain: PretrainConfig | None = Field(
         default_factory=PretrainConfig,
         description="behaviour cloning before fine-tuning; null = start from random weights (policy from scratch)",
     )
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    algo: AlgoConfig = Field(default_factory=lambda: PPOConfig(type="ppo"), description="ppo or grpo")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _envs_split_over_workers(self) -> ExperimentConfig:
-        if self.env.num_envs % self.ray.num_workers:
-            raise ValueError(
-                f"env.num_envs={self.env.num_envs} must be a multiple of ray.num_workers={self.ray.num_workers}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _obs_norm_source(self) -> ExperimentConfig:
+    def _consistent(self) -> ExperimentConfig:
+        problems = []
         if self.policy.obs_norm == "dataset" and self.pretrain is None and self.policy.pretrained is None:
-            raise ValueError(
+            problems.append(
                 "policy.obs_norm: dataset needs demonstrations (pretrain) or policy.pretrained; a policy trained "
                 "from scratch (pretrain: null) uses policy.obs_norm: running or none"
             )
+        grpo = isinstance(self.algo, GRPOConfig)
+        if grpo and self.env.group_size < 2:
+            problems.append("algo.type: grpo needs env.group_size >= 2 (envs per group sharing a reset state)")
+        if not grpo and self.env.group_size > 1:
+            problems.append("env.group_size only applies to algo.type: grpo; remove it")
+        window = self.mdp.window
+        if self.policy.type in FLOW_TYPES:
+            k = self.policy.denoising_steps
+            if isinstance(window, SlidingWindowConfig) and window.size > k:
+                problems.append(
+                    f"mdp.window.size={window.size} is larger than policy.denoising_steps={k}; "
+                    "a window holds at most K steps"
+                )
+            if self.mdp.solver != "euler" and self.policy.type != "rectified_flow":
+                problems.append(
+                    f"mdp.solver: {self.mdp.solver} needs a plain velocity field (policy.type: rectified_flow); "
+                    f"{self.policy.type} policies predict average velocities over their own steps: use euler"
+                )
+        if isinstance(self.algo, PPOConfig):
+            batch = self.env.num_envs * self.algo.steps_per_iteration
+            if self.policy.type in FLOW_TYPES and self.mdp.sample_unit == "step":
+                batch = 0  # depends on the window: checked when the rollout exists
+            if batch and self.algo.minibatch_size > batch:
+                problems.append(
+                    f"algo.minibatch_size={self.algo.minibatch_size} is larger than the batch of env.num_envs x "
+                    f"algo.steps_per_iteration = {batch}; lower it"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def _dead_paths(self) -> dict[str, str]:
         """Keys of one section that do nothing because of another section."""
         dead: dict[str, str] = {}
         family = self.policy.type
+        learned_noise = family in FLOW_TYPES and isinstance(self.mdp.converter, NoiseNetConverter)
         if family not in FLOW_TYPES:
             dead["mdp"] = "to flow policies (policy.type rectified_flow, shortcut or meanflow)"
-        if family not in FLOW_TYPES or not isinstance(self.mdp.converter, NoiseNetConverter):
-            dead["ppo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
-        if family == "diffusion" or (family in FLOW_TYPES and not isinstance(self.mdp.converter, NoiseNetConverter)):
-            dead["ppo.entropy_coef"] = "to a learned std (reinflow / flow_noise converters, gaussian policies)"
+        if not learned_noise:
+            dead["algo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
+        if not (learned_noise or family == "gaussian"):
+            dead["algo.entropy_coef"] = "to a learned std (reinflow / flow_noise converters, gaussian policies)"
         if family not in ("shortcut", "meanflow"):
             dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
         return dead
@@ -374,10 +510,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'ppo.clip=0.1'`` -> ``('ppo.clip', 0.1)``; the value is parsed as YAML."""
+    """``'algo.clip=0.1'`` -> ``('algo.clip', 0.1)``; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"bad override {text!r}: expected key.sub=value, e.g. ppo.clip=0.1")
+        raise ConfigError(f"bad override {text!r}: expected key.sub=value, e.g. algo.clip=0.1")
     try:
         return key, yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as exc:
@@ -385,14 +521,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _dotted_loc(loc: tuple[Any, ...], data: Any) -> str:
-    """Error location as the user wrote it: drops pydantic's union tags (e.g. 'reinflow')."""
+    """Error location as the user wrote it: drops pydantic's union tags (e.g. 'reinflow', 'flow')."""
     parts: list[str] = []
     node = data
     for item in loc:
         if isinstance(node, dict) and item in node:
             parts.append(str(item))
             node = node[item]
-        elif isinstance(node, dict) and node.get("type") == item:
+        elif isinstance(node, dict) and (node.get("type") == item or item == _policy_tag(node)):
             continue
         else:
             parts.append(str(item))
@@ -400,14 +536,51 @@ def _dotted_loc(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts)
 
 
-def _section_keys(dotted_parent: str) -> list[str] | None:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _section_keys(dotted_parent: str, data: Any) -> list[str] | None:
+    """The valid keys of the section at ``dotted_parent``, for the type ``data`` gives it."""
     model: Any = ExperimentConfig
+    node = data
     for part in [p for p in dotted_parent.split(".") if p]:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        node = node.get(part) if isinstance(node, dict) else None
+        candidates = _models_in(field.annotation) if field is not None else []
+        if len(candidates) > 1:
+            kind = node.get("type") if isinstance(node, dict) else None
+            fits = [
+                m
+                for m in candidates
+                if "type" in m.model_fields and kind in get_args(m.model_fields["type"].annotation)
+            ]
+            if not fits and kind is None:
+                fits = [
+                    m for m in candidates if m.model_fields.get("type") and m.model_fields["type"].default is not None
+                ]
+            candidates = fits[:1]
+        if len(candidates) != 1:
             return None
-        model = field.annotation
+        model = candidates[0]
     return list(model.model_fields)
+
+
+def moved_keys(data: dict[str, Any]) -> list[str]:
+    """One line per key of an older flowrl that now lives elsewhere."""
+    lines = []
+    for old, new in MOVED.items():
+        node: Any = data
+        for part in old.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            lines.append(f"'{old}' has moved to {new}")
+    return lines
+
+
+_ABSENT = object()
 
 
 def format_validation_error(exc: ValidationError, data: dict[str, Any], source: str, overridden: set[str]) -> str:
@@ -421,9 +594,12 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
         )
         if err["type"] == "extra_forbidden":
             parent = key.rpartition(".")[0]
-            valid = _section_keys(parent)
+            valid = _section_keys(parent, data)
             hint = f"; valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
             lines.append(f"{source}: unknown key '{key}'{origin}{hint}")
+        elif err["type"] == "policy_type":
+            kind = err["input"].get("type") if isinstance(err["input"], dict) else err["input"]
+            lines.append(f"{source}: policy.type: {kind!r} is not one of {', '.join(POLICY_TYPES)}{origin}")
         elif err["type"] == "union_tag_not_found":
             lines.append(f"{source}: {key}: missing '{key}.type' (it chooses the kind, e.g. {key}.type=...)")
         elif err["type"] == "union_tag_invalid":
@@ -454,6 +630,9 @@ def build_config(
         key, value = parse_override(text)
         _set_dotted(data, key, value)
         overridden.add(key)
+    moved = moved_keys(data)
+    if moved:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in moved))
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:

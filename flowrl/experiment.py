@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, check_demos, dataset_obs_stats, load_demos
-from flowrl.algos.ppo import train_ppo
-from flowrl.config import ExperimentConfig, load_config, save_config
+from flowrl.algos.trainer import Algorithm, Trainer
+from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
 from flowrl.errors import FlowRLError
 from flowrl.models.build import Actor, actor_record, build_actor, build_critic, build_policy, load_actor
-from flowrl.rollout.collector import Collector, InProcessCollector, evaluate_policy
+from flowrl.models.policy import Policy
+from flowrl.rollout.collector import evaluate_policy, make_collector
 from flowrl.runlog import atomic_save
 from flowrl.runtime import resolve_device, seed_everything
 
@@ -126,7 +127,7 @@ def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, pr
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pretrain if needed, then PPO; prints the evaluation return and success before and after."""
+    """Pretrain if needed, then fine-tune (PPO or GRPO); prints the evaluation return and success before and after."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     save_config(cfg, run_dir / "config.yaml")
@@ -138,19 +139,18 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
             tqdm.write(
                 f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})"
             )
-            if checkpoint["iteration"] >= cfg.ppo.iterations:
+            if checkpoint["iteration"] >= cfg.algo.iterations:
                 tqdm.write(
-                    f"this run has done all {cfg.ppo.iterations} iterations; to go on, resume with "
-                    f"ppo.iterations=N (N > {cfg.ppo.iterations})"
+                    f"this run has done all {cfg.algo.iterations} iterations; to go on, resume with "
+                    f"algo.iterations=N (N > {cfg.algo.iterations})"
                 )
         else:
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     actor = initial_actor(cfg, run_dir, device, progress)
-    policy = build_policy(cfg, actor)
-    critic = build_critic(actor)
-    where = (
-        f"{cfg.ray.num_workers} Ray env workers" if cfg.ray.enabled else f"{cfg.ray.num_workers} in-process env shards"
-    )
+    policy = build_policy(cfg, actor).to(device)
+    algo = build_algorithm(cfg, policy, actor, device)
+    workers = cfg.env.num_workers
+    where = f"{workers} Ray env workers" if cfg.ray.enabled else f"{workers} in-process env workers"
     tqdm.write(
         f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
         f"({_method(cfg)}): learner on {device}, {where}"
@@ -165,10 +165,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
 
             session = ray_session(cfg.ray.address, cfg.ray.num_cpus)
         with session:
-            collector = make_collector(cfg)
-            result = train_ppo(
-                cfg, run_dir, policy, critic, device, resume=checkpoint, progress=progress, collector=collector
-            )
+            trainer = Trainer(cfg, run_dir, policy, algo, make_collector(cfg), device, progress)
+            result = trainer.run(resume=checkpoint)
     finally:
         logging.getLogger("flowrl").removeHandler(events)
         events.close()
@@ -181,32 +179,32 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     return result
 
 
+def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
+    """PPO (with a critic on the actor's observations) or GRPO, from ``cfg.algo``."""
+    running = cfg.policy.obs_norm == "running"
+    if isinstance(cfg.algo, GRPOConfig):
+        from flowrl.algos.grpo import GRPO
+
+        return GRPO(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
+    from flowrl.algos.ppo import PPO
+
+    return PPO(policy, build_critic(actor).to(device), cfg.algo, device, cfg.seed, running)
+
+
 def _method(cfg: ExperimentConfig) -> str:
+    algo = cfg.algo.type.upper()
     if cfg.policy.type == "gaussian":
-        return "Gaussian PPO"
+        return f"Gaussian {algo}"
     if cfg.policy.type == "diffusion":
-        return f"DPPO, {cfg.policy.denoising_steps} denoising steps"
-    c, w = cfg.mdp.converter.type, cfg.mdp.window.type
-    return f"{cfg.policy.type} flow, K = {cfg.policy.denoising_steps}, {c} steps, window {w}"
-
-
-def make_collector(cfg: ExperimentConfig) -> Collector:
-    """Ray env workers (ray.enabled), or the same shards in this process."""
-    env, horizon = cfg.env, cfg.policy.horizon
-    if cfg.ray.enabled:
-        from flowrl.rollout.ray_collector import RayCollector
-
-        return RayCollector(
-            env.id,
-            horizon,
-            env.num_envs,
-            cfg.seed,
-            cfg.ray.num_workers,
-            cfg.ray.cpus_per_worker,
-            cfg.ray.max_restarts,
-            env.kwargs,
-        )
-    return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, cfg.ray.num_workers, env.kwargs)
+        return f"DPPO, {cfg.policy.denoising_steps} denoising steps" if algo == "PPO" else f"diffusion {algo}"
+    m = cfg.mdp
+    window = m.window.type if m.window.type != "sliding" else f"sliding({m.window.size})"
+    solver = "" if m.solver == "euler" else f", {m.solver} solver"
+    unit = "" if m.sample_unit == "chain" else ", per-step samples"
+    return (
+        f"{algo}, {cfg.policy.type} flow, K = {cfg.policy.denoising_steps}, {m.converter.type} steps, "
+        f"window {window}{solver}{unit}"
+    )
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, float]:

@@ -78,15 +78,30 @@ def gaussian_entropy(std: Tensor, event_shape: torch.Size | tuple[int, ...]) -> 
     return _sum_event(0.5 + _LOG_SQRT_2PI + torch.log(std))
 
 
-def _gaussian_transition(
+def gaussian_transition(
     x: Tensor,
     mean: Tensor,
     std: Tensor,
-    noise: Tensor | None,
-    next_x: Tensor | None,
-    generator: torch.Generator | None,
+    noise: Tensor | None = None,
+    next_x: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> StepOutput:
+    """The Gaussian transition every stochastic step shares: ``next ~ N(mean, std^2)``.
+
+    x: ``[B, *E]`` (its dtype is the sample's); mean: ``[B, *E]`` in the compute dtype;
+    std: broadcastable to ``[B, *E]``, >= 0; a sample with a zero std in any dim is
+    deterministic: its next sample is the mean and its log-prob 0 (when no sample is
+    stochastic no noise is drawn at all). Samples ``next_x`` (with ``noise`` or the
+    generator) or re-evaluates a given one.
+    """
+    b = mean.shape[0]
+    stochastic = std > 0
+    rows = torch.broadcast_to(stochastic, mean.shape).reshape(b, -1).all(dim=1)
+    all_stochastic = bool(rows.all())
     if next_x is None:
+        if not all_stochastic and not bool(rows.any()):
+            out_x = mean.to(x.dtype)
+            return StepOutput(out_x, mean, torch.zeros_like(std), torch.zeros(b, dtype=mean.dtype, device=mean.device))
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         out_x = (mean + std * noise.to(mean.dtype)).to(x.dtype)
@@ -98,7 +113,28 @@ def _gaussian_transition(
             raise ValueError(f"next_x has shape {tuple(next_x.shape)}, expected {tuple(mean.shape)}")
         sample = next_x.to(mean.dtype)
         out_x = next_x
-    return StepOutput(out_x, mean, std, gaussian_log_prob(sample, mean, std))
+    if all_stochastic:
+        return StepOutput(out_x, mean, std, gaussian_log_prob(sample, mean, std))
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    log_prob = gaussian_log_prob(sample, mean, safe_std)
+    log_prob = torch.where(rows, log_prob, torch.zeros_like(log_prob))
+    if next_x is None:
+        det = ~rows.view(-1, *([1] * (mean.ndim - 1)))
+        out_x = torch.where(det, mean.to(x.dtype), out_x)
+    return StepOutput(out_x, mean, torch.where(stochastic, std, torch.zeros_like(std)), log_prob)
+
+
+def gaussian_kl(mean: Tensor, std: Tensor, ref_mean: Tensor, ref_std: Tensor) -> Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, ref_std^2)) of diagonal Gaussians, summed over event dims.
+
+    ``[B, *E] -> [B]`` (stds broadcastable). With equal stds it is Flow-GRPO's per-step KL
+    ``||mean - ref_mean||^2 / (2 std^2)``.
+    """
+    std = torch.broadcast_to(std, mean.shape)
+    ref_std = torch.broadcast_to(ref_std, mean.shape)
+    var, ref_var = std * std, ref_std * ref_std
+    kl = torch.log(ref_std / std) + (var + (mean - ref_mean) ** 2) / (2.0 * ref_var) - 0.5
+    return _sum_event(kl)
 
 
 def euler_step(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) -> StepOutput:
@@ -131,7 +167,7 @@ def gaussian_step(
     h = per_sample(t_next, x32) - per_sample(t, x32)
     mean = x32 + h * v32
     std_t = torch.as_tensor(std, dtype=dtype, device=x.device)
-    return _gaussian_transition(x, mean, std_t, noise, next_x, generator)
+    return gaussian_transition(x, mean, std_t, noise, next_x, generator)
 
 
 def flow_sde_std_scale(t: Tensor, noise_level: float, t_floor: float) -> Tensor:
@@ -170,7 +206,7 @@ def flow_sde_step(
     score = -(x32 - t_b * v32) / (1.0 - t_b)
     mean = x32 + h * (v32 + 0.5 * s * s * score)
     std = s * torch.sqrt(h)
-    return _gaussian_transition(x, mean, std, noise, next_x, generator)
+    return gaussian_transition(x, mean, std, noise, next_x, generator)
 
 
 def cps_step(
@@ -198,12 +234,4 @@ def cps_step(
     eps_hat = x32 - t_b * v32
     std = (1.0 - tn_b) * math.sin(noise_level * math.pi / 2.0)
     mean = tn_b * x_hat + torch.sqrt(torch.clamp((1.0 - tn_b) ** 2 - std * std, min=0.0)) * eps_hat
-    stochastic = torch.broadcast_to(std > 0, (x.shape[0], *([1] * (x.ndim - 1)))).flatten()
-    if bool(stochastic.all()):
-        return _gaussian_transition(x, mean, std, noise, next_x, generator)
-    safe_std = torch.where(std > 0, std, torch.ones_like(std))
-    out = _gaussian_transition(x, mean, safe_std, noise, next_x, generator)
-    det = ~stochastic.view(-1, *([1] * (x.ndim - 1)))
-    new_x = out.next_x if next_x is not None else torch.where(det, mean.to(x.dtype), out.next_x)
-    log_prob = torch.where(stochastic, out.log_prob, torch.zeros_like(out.log_prob))
-    return StepOutput(new_x, mean, torch.where(std > 0, std, torch.zeros_like(std)), log_prob)
+    return gaussian_transition(x, mean, std, noise, next_x, generator)

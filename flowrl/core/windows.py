@@ -67,7 +67,8 @@ class SlidingWindow:
         high-noise steps and moves faster later. With ``roll_back`` the intervals keep
         shrinking across restarts.
 
-    Positions visited: 0, stride, 2 stride, ... while below K - size, then K - size.
+    Positions are counted over the E eligible steps (E = K unless the converter rules some
+    out): 0, stride, 2 stride, ... while below E - size, then E - size.
     """
 
     size: int
@@ -88,7 +89,7 @@ class SlidingWindow:
             raise ValueError(f"sliding window decay_rate must be in (0, 1], got {self.decay_rate}")
 
     def start(self, num_steps: int, iteration: int) -> int:
-        """First step of the window at ``iteration`` for a K = ``num_steps`` chain."""
+        """First position of the window at ``iteration`` among ``num_steps`` eligible steps."""
         last = max(num_steps - self.size, 0)
         if self.mode == "random":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
@@ -114,11 +115,11 @@ class SlidingWindow:
 
     def mask(self, batch: int, eligible: Tensor, iteration: int, generator: torch.Generator | None) -> Tensor:
         _check_eligible(eligible)
-        k = eligible.shape[0]
-        begin = self.start(k, iteration)
-        steps = torch.zeros(k, dtype=torch.bool, device=eligible.device)
-        steps[begin : begin + self.size] = True
-        steps &= eligible
-        if not bool(steps.any()):
-            raise ValueError(f"sliding window [{begin}, {begin + self.size}) holds no eligible step")
+        # The window slides over the eligible steps only (CPS never makes the step into
+        # t = 1 stochastic): positions counted over all K steps would leave a window of
+        # the last position(s) with no eligible step at all.
+        candidates = eligible.nonzero().flatten()
+        begin = self.start(len(candidates), iteration)
+        steps = torch.zeros(eligible.shape[0], dtype=torch.bool, device=eligible.device)
+        steps[candidates[begin : begin + self.size]] = True
         return steps.unsqueeze(0).expand(batch, -1).clone()

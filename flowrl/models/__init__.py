@@ -1,13 +1,7 @@
-"""Networks and policies: velocity fields, noise nets, critics, and the policy families."""
+"""Networks and policies: velocity fields, noise nets, critics, the chain sampler and the policy families."""
 
 from flowrl.models.diffusion_policy import DiffusionPolicy
-from flowrl.models.flow_policy import (
-    ChainSample,
-    CPSConverter,
-    FlowPolicy,
-    FlowSDEConverter,
-    ReinFlowConverter,
-)
+from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy, GaussianSample
 from flowrl.models.networks import (
     GaussianActor,
@@ -17,12 +11,14 @@ from flowrl.models.networks import (
     ValueMLP,
     VelocityMLP,
 )
-from flowrl.models.policy import Policy
+from flowrl.models.policy import Evaluation, Policy, frozen_copy
+from flowrl.models.sampler import ChainSampler, CPSConverter, FlowSDEConverter, ReinFlowConverter
 
 __all__ = [
     "CPSConverter",
-    "ChainSample",
+    "ChainSampler",
     "DiffusionPolicy",
+    "Evaluation",
     "FlowPolicy",
     "FlowSDEConverter",
     "GaussianActor",
@@ -35,4 +31,5 @@ __all__ = [
     "SinusoidalTimeEmbedding",
     "ValueMLP",
     "VelocityMLP",
+    "frozen_copy",
 ]

@@ -10,8 +10,11 @@ import torch
 from flowrl.config import (
     AllStepsWindow,
     CPSConverterConfig,
+    DiffusionPolicyConfig,
     ExperimentConfig,
+    FlowPolicyConfig,
     FlowSDEConverterConfig,
+    GaussianPolicyConfig,
     NoiseNetConverter,
     OneRandomStepWindow,
     PolicyConfig,
@@ -20,10 +23,11 @@ from flowrl.config import (
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow, StepWindow
 from flowrl.errors import FlowRLError
 from flowrl.models.diffusion_policy import DiffusionPolicy
-from flowrl.models.flow_policy import Converter, CPSConverter, FlowPolicy, FlowSDEConverter, ReinFlowConverter
+from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
 from flowrl.models.networks import GaussianActor, ReinFlowNoiseNet, ValueMLP, VelocityMLP, copy_obs_stats
 from flowrl.models.policy import Policy
+from flowrl.models.sampler import ChainSampler, Converter, CPSConverter, FlowSDEConverter, ReinFlowConverter
 
 
 class CheckpointError(FlowRLError, ValueError):
@@ -92,25 +96,31 @@ def build_converter(cfg: ExperimentConfig, actor: VelocityMLP) -> Converter:
     return CPSConverter(c.noise_level)
 
 
+def build_sampler(cfg: ExperimentConfig, actor: VelocityMLP) -> ChainSampler:
+    """The flow sampler of the experiment: grid, converter, window and solver."""
+    assert isinstance(cfg.policy, FlowPolicyConfig)
+    return ChainSampler(
+        cfg.policy.denoising_steps,
+        converter=build_converter(cfg, actor),
+        window=build_window(cfg),
+        solver=cfg.mdp.solver,
+        steps_after_window=cfg.mdp.steps_after_window,
+        grid_kind="shifted",
+        grid_shift=cfg.policy.time_shift,
+    )
+
+
 def build_policy(cfg: ExperimentConfig, actor: Actor) -> Policy:
     """The policy of ``cfg.policy.type`` around ``actor``: a FlowPolicy with the experiment's
-    converter, window, grid and reduction; a DiffusionPolicy; or a GaussianPolicy."""
+    sampler, sample unit and reduction; a DiffusionPolicy; or a GaussianPolicy."""
     p = cfg.policy
-    if p.type == "gaussian":
+    if isinstance(p, GaussianPolicyConfig):
         assert isinstance(actor, GaussianActor)
         return GaussianPolicy(actor)
     assert isinstance(actor, VelocityMLP)
-    if p.type == "diffusion":
+    if isinstance(p, DiffusionPolicyConfig):
         return DiffusionPolicy(actor, p.train_steps, p.denoising_steps, p.min_std, p.denoised_clip)
-    return FlowPolicy(
-        actor,
-        p.denoising_steps,
-        converter=build_converter(cfg, actor),
-        window=build_window(cfg),
-        grid_kind="shifted",
-        grid_shift=p.time_shift,
-        log_prob_reduce=cfg.mdp.log_prob_reduce,
-    )
+    return FlowPolicy(actor, build_sampler(cfg, actor), cfg.mdp.sample_unit, cfg.mdp.log_prob_reduce)
 
 
 def build_critic(actor: Actor, hidden_dims: tuple[int, ...] = (256, 256)) -> ValueMLP:

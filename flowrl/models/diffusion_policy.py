@@ -20,9 +20,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowrl.core.steps import StepOutput, gaussian_log_prob, per_sample
-from flowrl.models.flow_policy import ChainSample
+from flowrl.core.steps import StepOutput, gaussian_transition, per_sample
+from flowrl.core.transitions import Transitions
 from flowrl.models.networks import VelocityMLP
+from flowrl.models.policy import Evaluation
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -124,23 +125,7 @@ def ddim_step(
         ec = (xc - sqrt_ab * x0) / sqrt_one_minus_ab
     mean = abp.sqrt().to(dtype) * x0 + direction * ec
 
-    b = x.shape[0]
-    stochastic = std > 0
-    row_stochastic = torch.broadcast_to(stochastic, (b, *([1] * (x.ndim - 1)))).reshape(b)
-    if next_x is None:
-        if noise is None and bool(stochastic.any()):
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
-        out_x = (mean if noise is None else mean + std * noise.to(dtype)).to(x.dtype)
-        # log-prob of the sample as stored, so that re-evaluating it reproduces the value
-        sample = out_x.to(dtype)
-    else:
-        if next_x.shape != mean.shape:
-            raise ValueError(f"next_x has shape {tuple(next_x.shape)}, expected {tuple(mean.shape)}")
-        out_x, sample = next_x, next_x.to(dtype)
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_prob = gaussian_log_prob(sample, mean, safe_std)
-    log_prob = torch.where(row_stochastic, log_prob, torch.zeros_like(log_prob))
-    return StepOutput(out_x, mean, std, log_prob)
+    return gaussian_transition(x, mean, std, noise, next_x, generator)
 
 
 class DiffusionPolicy(nn.Module):
@@ -200,18 +185,22 @@ class DiffusionPolicy(nn.Module):
         self.register_buffer("step_time", diffusion_time(timesteps, train_steps), persistent=False)
         self.register_buffer("sample_std", sample_std, persistent=False)
 
+    # DPPO: every denoising step is its own PPO sample, log-probs per action dimension.
+    sample_unit = "step"
+    log_prob_reduce = "mean"
+
     @property
-    def actor(self) -> VelocityMLP:
+    def network(self) -> VelocityMLP:
         """The network a checkpoint stores."""
         return self.denoiser
 
     @property
     def event_shape(self) -> tuple[int, int]:
-        return (self.denoiser.horizon, self.denoiser.action_dim)
+        return tuple(self.denoiser.event_shape)
 
-    def noise_parameters(self) -> list[nn.Parameter]:
-        """None: the exploration noise is the fixed DDPM variance with its floor."""
-        return []
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Only the denoiser: the exploration noise is the fixed DDPM variance with its floor."""
+        return {"actor": list(self.denoiser.parameters())}
 
     def stochastic_steps(self) -> Tensor:
         """``[K]`` bool: the steps with a positive sampling std (all of them when min_std > 0)."""
@@ -232,52 +221,58 @@ class DiffusionPolicy(nn.Module):
         )
 
     @torch.no_grad()
-    def sample(self, obs: Tensor, iteration: int = 0, generator: torch.Generator | None = None) -> ChainSample:
+    def sample(
+        self, obs: Tensor, iteration: int = 0, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Transitions:
         """Stochastic chains for ``obs [B, O]`` (eta = 1, std floored at min_std).
 
-        ``iteration`` is unused (every step is sampled stochastically). x_T ~ N(0, I) is drawn
-        first, then each step's noise, all with ``generator``. Returns a ChainSample with
-        actions ``[B, Ta, Da]``, chain ``[B, K+1, Ta, Da]`` (chain[:, 0] = x_T, chain[:, K] =
-        actions), mask ``[B, K]`` and log_prob ``[B, K]`` (per action dimension; 0 where masked).
+        ``iteration`` is unused (every step is sampled stochastically). x_T ~ N(0, I) (or
+        ``noise``) first, then each step's noise, all with ``generator``. Stores the S
+        stochastic steps (S = K with min_std > 0; the last, deterministic step is left out
+        with min_std = 0): x_in, x_out ``[B, S, Ta, Da]``, log_prob ``[B, S]`` summed over
+        the chunk.
         """
         b = obs.shape[0]
-        dims = self.event_shape[0] * self.event_shape[1]
-        x = torch.randn((b, *self.event_shape), generator=generator, device=obs.device)
+        x = noise if noise is not None else torch.randn((b, *self.event_shape), generator=generator, device=obs.device)
         chain, log_probs = [x], []
         for k in range(self.num_steps):
             out = self._step(obs, x, k, eta=1.0, generator=generator)
             x = out.next_x
             chain.append(x)
-            log_probs.append(out.log_prob / dims)
-        mask = self.stochastic_steps().to(obs.device).expand(b, self.num_steps).clone()
-        return ChainSample(actions=x, chain=torch.stack(chain, dim=1), mask=mask, log_prob=torch.stack(log_probs, 1))
+            log_probs.append(out.log_prob)
+        steps = self.stochastic_steps().nonzero().flatten().to(obs.device)
+        chain_t = torch.stack(chain, dim=1)
+        return Transitions(
+            final=x,
+            x_in=chain_t[:, steps],
+            x_out=chain_t[:, steps + 1],
+            steps=steps.expand(b, -1).clone(),
+            log_prob=torch.stack(log_probs, 1)[:, steps],
+            nfe=torch.full((b,), float(self.num_steps), device=obs.device),
+        )
 
-    def log_prob(self, obs: Tensor, sample: ChainSample) -> tuple[Tensor, Tensor]:
-        """Re-evaluate stored chains under the current denoiser, differentiably.
-
-        obs ``[B, O]``; ``sample.chain [B, K+1, Ta, Da]``, ``sample.mask [B, K]``. The masked
-        steps go through the denoiser in one batched forward pass. Returns ``(log_prob [B, K],
-        entropy [B])``: each step's log-density of chain[:, k+1] given chain[:, k] per action
-        dimension (0 where masked), and the mean per-dimension Gaussian entropy of the masked
-        steps.
-        """
-        chain, mask = sample.chain, sample.mask
-        b, k = mask.shape
-        if chain.shape[:2] != (b, k + 1) or k != self.num_steps or chain.shape[2:] != self.event_shape:
+    def evaluate(self, obs: Tensor, sample: Transitions) -> Evaluation:
+        """Re-evaluate stored steps under the current denoiser, differentiably, in one
+        batched pass: log_prob ``[B, S]`` (summed over the chunk), entropy ``[B]`` (mean
+        per-dimension Gaussian entropy), mean and std ``[B, S, Ta, Da]``."""
+        b, s = sample.steps.shape
+        if sample.x_in.shape[2:] != self.event_shape or (s and int(sample.steps.max()) >= self.num_steps):
             raise ValueError(
-                f"chain {tuple(chain.shape)} and mask {tuple(mask.shape)} do not fit K={self.num_steps}, "
-                f"event shape {self.event_shape}"
+                f"stored steps {tuple(sample.x_in.shape)} do not fit K={self.num_steps}, event shape {self.event_shape}"
             )
-        rows, steps = mask.nonzero(as_tuple=True)
-        out = self._step(obs[rows], chain[rows, steps], steps, eta=1.0, next_x=chain[rows, steps + 1])
-        dims = self.event_shape[0] * self.event_shape[1]
-        log_prob = torch.zeros(b, k, dtype=out.log_prob.dtype, device=obs.device)
-        log_prob = log_prob.index_put((rows, steps), out.log_prob / dims)
+        rows = torch.arange(b, device=obs.device).repeat_interleave(s)
+        steps = sample.steps.reshape(-1)
+        out = self._step(obs[rows], sample.x_in.flatten(0, 1), steps, eta=1.0, next_x=sample.x_out.flatten(0, 1))
         # The std is the same for every dimension of a step, so the per-dimension entropy is scalar.
         step_entropy = 0.5 + _LOG_SQRT_2PI + torch.log(out.std.reshape(-1))
-        count = mask.sum(dim=1).clamp(min=1)
-        entropy = torch.zeros(b, dtype=step_entropy.dtype, device=obs.device).index_add(0, rows, step_entropy) / count
-        return log_prob, entropy
+        entropy = torch.zeros(b, dtype=step_entropy.dtype, device=obs.device).index_add(0, rows, step_entropy)
+        std = torch.broadcast_to(out.std, out.mean.shape)
+        return Evaluation(
+            log_prob=out.log_prob.view(b, s),
+            entropy=entropy / max(s, 1),
+            mean=out.mean.view(b, s, *self.event_shape),
+            std=std.reshape(b, s, *self.event_shape),
+        )
 
     @torch.no_grad()
     def act(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -123,6 +123,11 @@ class VelocityMLP(nn.Module):
         in_dim = obs_dim + horizon * action_dim + time_dim * (2 if step_conditioned else 1)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
 
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        """The action chunk ``(Ta, Da)`` this field generates."""
+        return (self.horizon, self.action_dim)
+
     def forward(self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None) -> Tensor:
         b = x.shape[0]
         t_b = _batch_time(t, b, x)

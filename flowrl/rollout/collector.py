@@ -1,24 +1,32 @@
-"""Collectors: run envs with a policy (any family) and return a typed Rollout.
+"""Collectors: run vector envs with a policy (any family) and return a typed Rollout.
 
-The Collector interface is what the learner sees; ``InProcessCollector`` implements it in
-this process. An ``EnvShard`` (a gymnasium vector env plus the random generator that drives
-the policy's noise, both seeded from (seed, shard index)) is the unit a Ray EnvWorker owns.
+The Collector interface is what the trainer sees; ``InProcessCollector`` implements it in
+this process and ``RayCollector`` (ray_collector.py) over Ray actors. An ``EnvShard`` (a
+vector env plus the random generator that drives the policy's noise, both seeded from
+(seed, shard index)) is the unit an env worker owns; worker i and shard i are seeded alike.
+
+Two ways to collect:
+- ``collect``: T policy steps in every env, episodes running on across iterations (PPO);
+- ``collect_episodes``: every env resets (groups of ``group_size`` envs from one seed) and
+  runs one episode, up to a step budget (GRPO); ``valid`` marks the steps of that episode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import Tensor
 
-import envs as flowrl_envs
 from flowrl.core.batch import TensorBatch
 from flowrl.models.policy import Policy
+from flowrl.rollout.vector_env import GymVectorEnv
 from flowrl.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from flowrl.config import ExperimentConfig
 
 
 @dataclass
@@ -27,11 +35,17 @@ class Rollout:
 
     obs, next_obs: ``[T, N, O]``; next_obs is the state reached (the episode's final
         observation when it ended at that step, before any reset).
-    samples: the policy's samples stacked ``[T, N, ...]`` (a ChainSample of chains, masks
-        and log-probs for flow and diffusion policies, a GaussianSample for Gaussian ones).
+    samples: the policy's samples stacked ``[T, N, ...]`` (Transitions for flow and
+        diffusion policies, a GaussianSample for Gaussian ones).
     rewards: ``[T, N]`` (summed over the chunk); terminated, truncated: ``[T, N]`` bool.
-    env_steps: primitive env steps taken. episode_returns / episode_successes: one entry
-    per episode that ended during the collection.
+    valid: ``[T, N]`` bool, False for steps that belong to no training episode (after an
+        env's episode ended in ``collect_episodes``, or padding).
+    group: ``[N]`` int64, the reset group of each env (env index // group_size, over all shards).
+    episode_return, episode_success, episode_done: ``[N]`` per env's episode, from
+        ``collect_episodes`` only (None otherwise); an episode that ran out of step budget
+        has episode_done False and its return so far.
+    env_steps: primitive env steps of the valid steps. episode_returns / episode_successes:
+    one entry per episode that ended during the collection.
     """
 
     obs: Tensor
@@ -40,24 +54,60 @@ class Rollout:
     rewards: Tensor
     terminated: Tensor
     truncated: Tensor
+    valid: Tensor
+    group: Tensor
     env_steps: int
     episode_returns: list[float] = field(default_factory=list)
     episode_successes: list[float] = field(default_factory=list)
+    episode_return: Tensor | None = None
+    episode_success: Tensor | None = None
+    episode_done: Tensor | None = None
 
     @staticmethod
     def concat_envs(parts: list[Rollout]) -> Rollout:
-        """Join rollouts of different env shards (same T) along the env axis."""
-        tensors = {k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in _TENSORS}
+        """Join rollouts of different env shards along the env axis; shorter ones (episodes
+        that all ended early) are padded in time with invalid steps."""
+        horizon = max(p.obs.shape[0] for p in parts)
+        parts = [p.padded(horizon) for p in parts]
+        tensors = {k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in _TIME_MAJOR}
+        per_env = {
+            k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
+            for k in ("episode_return", "episode_success", "episode_done")
+        }
         return Rollout(
             **tensors,
+            **per_env,
             samples=type(parts[0].samples).cat([p.samples for p in parts], dim=1),
+            group=torch.cat([p.group for p in parts]),
             env_steps=sum(p.env_steps for p in parts),
             episode_returns=[r for p in parts for r in p.episode_returns],
             episode_successes=[s for p in parts for s in p.episode_successes],
         )
 
+    def padded(self, horizon: int) -> Rollout:
+        """This rollout with ``horizon`` time steps, the added ones zero and invalid."""
+        missing = horizon - self.obs.shape[0]
+        if missing <= 0:
+            return self
 
-_TENSORS = ("obs", "next_obs", "rewards", "terminated", "truncated")
+        def pad(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros((missing, *t.shape[1:]))])
+
+        fields_ = {k: pad(getattr(self, k)) for k in _TIME_MAJOR}
+        return Rollout(
+            **fields_,
+            samples=self.samples.map(pad),
+            group=self.group,
+            env_steps=self.env_steps,
+            episode_returns=self.episode_returns,
+            episode_successes=self.episode_successes,
+            episode_return=self.episode_return,
+            episode_success=self.episode_success,
+            episode_done=self.episode_done,
+        )
+
+
+_TIME_MAJOR = ("obs", "next_obs", "rewards", "terminated", "truncated", "valid")
 
 
 class Collector(Protocol):
@@ -67,80 +117,128 @@ class Collector(Protocol):
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         """``num_steps`` policy steps in every env with the window of ``iteration``."""
 
+    def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
+        """One episode per env from group-shared reset states, at most ``max_steps`` policy steps."""
+
     def close(self) -> None: ...
 
 
-def _per_env(info: dict, key: str, num_envs: int, default) -> np.ndarray:
-    """``info[key]`` of every env after a SAME_STEP autoreset step: from ``final_info`` for
-    the envs whose episode just ended, from ``info`` for the others, else ``default``."""
-    out = np.full(num_envs, default)
-    for source in (info, info.get("final_info", {})):
-        if key in source:
-            present = source.get(f"_{key}", np.ones(num_envs, dtype=bool))
-            out[present] = source[key][present]
-    return out
-
-
 class EnvShard:
-    """A vector of ``num_envs`` envs and the noise generator of the policy sampling for it."""
+    """A vector of ``num_envs`` envs and the noise generator of the policy sampling for it.
+
+    ``group_size``: every group_size consecutive envs reset from the same seed, so a group
+    starts from the same state (GRPO); 1 = every env its own seed.
+    """
 
     def __init__(
-        self, env_id: str, horizon: int, num_envs: int, seed: int, index: int, env_kwargs: dict | None = None
+        self,
+        env_id: str,
+        horizon: int,
+        num_envs: int,
+        seed: int,
+        index: int,
+        env_kwargs: dict | None = None,
+        group_size: int = 1,
     ) -> None:
-        self.num_envs, self.seed, self.index = num_envs, seed, index
-        self.envs = SyncVectorEnv(
-            [lambda: flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(num_envs)],
-            autoreset_mode=AutoresetMode.SAME_STEP,
-        )
+        if num_envs % group_size:
+            raise ValueError(f"an env shard of {num_envs} envs cannot hold whole groups of {group_size}")
+        self.num_envs, self.seed, self.index, self.group_size = num_envs, seed, index, group_size
+        self.envs = GymVectorEnv(env_id, horizon, num_envs, env_kwargs)
         self.generator = torch.Generator()
-        self._obs: np.ndarray | None = None
+        self.group = (index * num_envs + torch.arange(num_envs)) // group_size
+        self._obs: Tensor | None = None
         self._returns = np.zeros(num_envs)
 
     def reset(self, epoch: int) -> None:
         base = derive_seed(self.seed, self.index, epoch)
-        self._obs, _ = self.envs.reset(seed=[base + i for i in range(self.num_envs)])
+        self._obs = self.envs.reset([base + i // self.group_size for i in range(self.num_envs)])
         self.generator.manual_seed(derive_seed(self.seed, self.index, epoch, 1))
         self._returns[:] = 0.0
+
+    def _step(self, policy: Policy, iteration: int):
+        assert self._obs is not None
+        obs = self._obs
+        sample = policy.sample(obs, iteration, self.generator)
+        step = self.envs.step(sample.final)
+        self._obs = step.obs
+        return obs, sample, step
 
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        buf: dict[str, list] = {k: [] for k in _TENSORS}
+        rows: dict[str, list[Tensor]] = {k: [] for k in _TIME_MAJOR}
         samples = []
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
         for _ in range(num_steps):
-            obs = torch.as_tensor(self._obs, dtype=torch.float32)
-            sample = policy.sample(obs, iteration, self.generator)
-            next_obs, reward, terminated, truncated, info = self.envs.step(sample.actions.numpy())
-            real_next = np.array(next_obs, dtype=np.float32, copy=True)
-            done = terminated | truncated
-            self._returns += reward
-            if done.any():
-                success = _per_env(info, "success", self.num_envs, False)
-                for i in np.flatnonzero(done):
-                    real_next[i] = info["final_obs"][i]
-                    ep_returns.append(float(self._returns[i]))
-                    ep_successes.append(float(bool(success[i])))
-                    self._returns[i] = 0.0
-            env_steps += int(_per_env(info, "chunk_steps", self.num_envs, 1).sum())
+            obs, sample, step = self._step(policy, iteration)
+            done = (step.terminated | step.truncated).numpy()
+            self._returns += step.reward.numpy()
+            for i in np.flatnonzero(done):
+                ep_returns.append(float(self._returns[i]))
+                ep_successes.append(float(bool(step.success[i])))
+                self._returns[i] = 0.0
+            env_steps += int(step.env_steps.sum())
             for key, value in (
                 ("obs", obs),
-                ("next_obs", torch.from_numpy(real_next)),
-                ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
-                ("terminated", torch.as_tensor(terminated)),
-                ("truncated", torch.as_tensor(truncated)),
+                ("next_obs", step.reached),
+                ("rewards", step.reward.to(torch.float32)),
+                ("terminated", step.terminated),
+                ("truncated", step.truncated),
+                ("valid", torch.ones(self.num_envs, dtype=torch.bool)),
             ):
-                buf[key].append(value)
+                rows[key].append(value)
             samples.append(sample)
-            self._obs = next_obs
         return Rollout(
-            **{k: torch.stack(v) for k, v in buf.items()},
+            **{k: torch.stack(v) for k, v in rows.items()},
             samples=type(samples[0]).stack(samples),
+            group=self.group.clone(),
             env_steps=env_steps,
             episode_returns=ep_returns,
             episode_successes=ep_successes,
+        )
+
+    def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
+        self.reset(iteration)
+        rows: dict[str, list[Tensor]] = {k: [] for k in _TIME_MAJOR}
+        samples = []
+        active = torch.ones(self.num_envs, dtype=torch.bool)
+        returns = torch.zeros(self.num_envs, dtype=torch.float64)
+        success = torch.zeros(self.num_envs, dtype=torch.bool)
+        env_steps = 0
+        for _ in range(max_steps):
+            if not bool(active.any()):
+                break
+            obs, sample, step = self._step(policy, iteration)
+            valid = active.clone()
+            returns += torch.where(valid, step.reward.double(), torch.zeros_like(returns))
+            ended = valid & (step.terminated | step.truncated)
+            success |= ended & step.success
+            active &= ~ended
+            env_steps += int(step.env_steps[valid].sum())
+            for key, value in (
+                ("obs", obs),
+                ("next_obs", step.reached),
+                ("rewards", step.reward.to(torch.float32)),
+                ("terminated", step.terminated),
+                ("truncated", step.truncated),
+                ("valid", valid),
+            ):
+                rows[key].append(value)
+            samples.append(sample)
+        done = ~active
+        self._obs = None  # the next collection resets
+        return Rollout(
+            **{k: torch.stack(v) for k, v in rows.items()},
+            samples=type(samples[0]).stack(samples),
+            group=self.group.clone(),
+            env_steps=env_steps,
+            episode_returns=returns[done].tolist(),
+            episode_successes=success[done].float().tolist(),
+            episode_return=returns.float(),
+            episode_success=success,
+            episode_done=done,
         )
 
     def close(self) -> None:
@@ -151,12 +249,21 @@ class InProcessCollector:
     """Collector running its env shards one after the other in this process."""
 
     def __init__(
-        self, env_id: str, horizon: int, num_envs: int, seed: int, num_shards: int = 1, env_kwargs: dict | None = None
+        self,
+        env_id: str,
+        horizon: int,
+        num_envs: int,
+        seed: int,
+        num_workers: int = 1,
+        env_kwargs: dict | None = None,
+        group_size: int = 1,
     ) -> None:
-        if num_envs % num_shards:
-            raise ValueError(f"num_envs={num_envs} must be divisible by the number of shards ({num_shards})")
-        per_shard = num_envs // num_shards
-        self.shards = [EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs) for i in range(num_shards)]
+        if num_envs % num_workers:
+            raise ValueError(f"num_envs={num_envs} must be divisible by the number of env workers ({num_workers})")
+        per_shard = num_envs // num_workers
+        self.shards = [
+            EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs, group_size) for i in range(num_workers)
+        ]
 
     def reset(self, epoch: int) -> None:
         for shard in self.shards:
@@ -165,9 +272,33 @@ class InProcessCollector:
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         return Rollout.concat_envs([s.collect(policy, num_steps, iteration) for s in self.shards])
 
+    def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
+        return Rollout.concat_envs([s.collect_episodes(policy, max_steps, iteration) for s in self.shards])
+
     def close(self) -> None:
         for shard in self.shards:
             shard.close()
+
+
+def make_collector(cfg: ExperimentConfig) -> Collector:
+    """The experiment's env workers: Ray actors (ray.enabled, inside a Ray session) or the
+    same shards in this process; the worker count is env.num_workers either way."""
+    env, horizon = cfg.env, cfg.policy.horizon
+    if cfg.ray.enabled:
+        from flowrl.rollout.ray_collector import RayCollector  # Ray is imported only when used
+
+        return RayCollector(
+            env.id,
+            horizon,
+            env.num_envs,
+            cfg.seed,
+            env.num_workers,
+            cfg.ray.cpus_per_worker,
+            cfg.ray.max_restarts,
+            env.kwargs,
+            env.group_size,
+        )
+    return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, env.num_workers, env.kwargs, env.group_size)
 
 
 def evaluate_policy(
@@ -178,6 +309,8 @@ def evaluate_policy(
     The seeds and the initial noise are the same at every call, so successive evaluations
     of a changing policy are compared on common random numbers.
     """
+    import envs as flowrl_envs
+
     env_list = [flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(episodes)]
     base = derive_seed(seed, 10**6)
     obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
@@ -204,4 +337,4 @@ def evaluate_policy(
     }
 
 
-__all__ = ["Collector", "EnvShard", "InProcessCollector", "Rollout", "evaluate_policy"]
+__all__ = ["Collector", "EnvShard", "InProcessCollector", "Rollout", "evaluate_policy", "make_collector"]

@@ -22,7 +22,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from flowrl.errors import FlowRLError
-from flowrl.models.policy import Policy
+from flowrl.models.policy import Policy, worker_state
 from flowrl.rollout.collector import EnvShard, Rollout
 from flowrl.rollout.ray_runtime import describe_failure
 
@@ -36,9 +36,18 @@ class WorkerError(FlowRLError):
 class EnvWorker:
     """Body of the env-worker actor (``ray.remote(EnvWorker)``)."""
 
-    def __init__(self, env_id: str, horizon: int, num_envs: int, seed: int, index: int, env_kwargs: dict | None):
+    def __init__(
+        self,
+        env_id: str,
+        horizon: int,
+        num_envs: int,
+        seed: int,
+        index: int,
+        env_kwargs: dict | None,
+        group_size: int = 1,
+    ):
         torch.set_num_threads(1)  # small policies; more threads would fight the other workers
-        self.shard = EnvShard(env_id, horizon, num_envs, seed, index, env_kwargs)
+        self.shard = EnvShard(env_id, horizon, num_envs, seed, index, env_kwargs, group_size)
         self.policy: Policy | None = None
 
     def set_policy(self, policy: Policy) -> None:
@@ -52,6 +61,12 @@ class EnvWorker:
             raise RuntimeError("EnvWorker.collect before set_policy")
         self.policy.load_state_dict(weights)
         return self.shard.collect(self.policy, num_steps, iteration)
+
+    def collect_episodes(self, weights: dict[str, torch.Tensor], max_steps: int, iteration: int) -> Rollout:
+        if self.policy is None:
+            raise RuntimeError("EnvWorker.collect_episodes before set_policy")
+        self.policy.load_state_dict(weights)
+        return self.shard.collect_episodes(self.policy, max_steps, iteration)
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
@@ -70,6 +85,7 @@ class RayCollector:
         cpus_per_worker: float = 1.0,
         max_restarts: int = 3,
         env_kwargs: dict | None = None,
+        group_size: int = 1,
     ) -> None:
         if num_envs % num_workers:
             raise ValueError(f"num_envs={num_envs} must be divisible by num_workers={num_workers}")
@@ -79,11 +95,12 @@ class RayCollector:
         if need > have:
             raise FlowRLError(
                 f"{num_workers} env workers x {cpus_per_worker:g} CPUs need {need:g} CPUs, the Ray cluster has "
-                f"{have:g}: lower ray.num_workers or ray.cpus_per_worker, or add nodes"
+                f"{have:g}: lower env.num_workers or ray.cpus_per_worker, or add nodes"
             )
         self._actor = ray.remote(EnvWorker).options(num_cpus=cpus_per_worker, scheduling_strategy="SPREAD")
         self._args = (env_id, horizon, num_envs // num_workers, seed)
         self._env_kwargs = env_kwargs
+        self._group_size = group_size
         self.max_restarts = max_restarts
         self.restarts = 0
         self._policy_ref: ray.ObjectRef | None = None
@@ -96,7 +113,7 @@ class RayCollector:
             raise
 
     def _start(self, index: int):
-        return self._actor.remote(*self._args, index, self._env_kwargs)
+        return self._actor.remote(*self._args, index, self._env_kwargs, self._group_size)
 
     def _run(self, method: str, args: tuple, iteration: int | None = None) -> list[Any]:
         """Call ``method`` on every worker in parallel; results in worker order."""
@@ -146,12 +163,18 @@ class RayCollector:
         self._run("reset", (epoch,))
 
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
+        return self._collect("collect", policy, num_steps, iteration)
+
+    def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
+        return self._collect("collect_episodes", policy, max_steps, iteration)
+
+    def _collect(self, method: str, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._policy_ref is None:
-            # The module (architecture, converter, window) travels once; weights every iteration.
+            # The module (architecture, sampler) travels once; the compact state every iteration.
             self._policy_ref = ray.put(copy.deepcopy(policy).cpu())
             self._run("set_policy", (self._policy_ref,))
-        weights = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
-        return Rollout.concat_envs(self._run("collect", (weights, num_steps, iteration), iteration))
+        weights = ray.put(worker_state(policy))
+        return Rollout.concat_envs(self._run(method, (weights, num_steps, iteration), iteration))
 
     def where(self) -> list[dict[str, Any]]:
         """Node id and pid of every worker."""

@@ -1,0 +1,183 @@
+"""GRPO: group-relative policy optimisation without a critic (Flow-GRPO, MixGRPO, piRL's
+GRPO on robots).
+
+On robots every env runs one episode per iteration; groups of ``env.group_size`` envs reset
+from the same seed and so start from the same state. An episode's outcome (its return or
+its success) normalised within its group, ``(r - mean_g) / (std_g + eps)``, is the advantage
+of every step of that episode. Groups whose outcomes all tie carry no signal and are
+dropped (and counted). The loss is the clipped surrogate over the policy's samples (whole
+chains or single denoising steps, ``mdp.sample_unit``), plus ``beta`` times the KL of each
+stochastic step's Gaussian to the reference policy's, ``||mean - mean_ref||² / (2 std²)``
+when the stds agree (Flow-GRPO), minus an optional entropy bonus for a learned noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowrl.algos.policy_gradient import PolicyOptimizer, event_numel, pg_samples, update_obs_stats
+from flowrl.config import GRPOConfig
+from flowrl.core.advantages import group_advantages
+from flowrl.core.batch import TensorBatch
+from flowrl.core.losses import clipped_surrogate
+from flowrl.core.steps import gaussian_kl
+from flowrl.core.transitions import unit_values
+from flowrl.models.policy import Evaluation, Policy, frozen_copy
+from flowrl.rollout.collector import Collector, Rollout
+from flowrl.runtime import derive_seed
+
+
+def episode_advantages(
+    outcome: Tensor, group: Tensor, group_size: int, eps: float
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Group-normalised outcomes of N episodes.
+
+    outcome ``[N]``; group ``[N]`` (group ids, ``group_size`` consecutive envs each).
+    Returns ``(advantages [N], keep [N] bool, stats)``: ``keep`` is False for the episodes of
+    groups whose outcomes all tie (no signal).
+    """
+    n = outcome.shape[0]
+    if n % group_size or not bool((group == torch.arange(n, device=group.device) // group_size + group[0]).all()):
+        raise ValueError("GRPO needs groups of group_size consecutive envs; the rollout's group ids disagree")
+    adv, has_signal = group_advantages(outcome.view(-1, group_size).double(), eps)
+    keep = has_signal.repeat_interleave(group_size)
+    stats = {"grpo/groups": float(has_signal.numel()), "grpo/groups_dropped": float((~has_signal).sum())}
+    return adv.reshape(-1).to(outcome.dtype), keep, stats
+
+
+def step_kl(policy: Policy, evaluation: Evaluation, reference: Evaluation) -> Tensor:
+    """KL of every stochastic step's Gaussian to the reference's, reduced like the log-probs
+    (per policy-gradient sample): ``[M]``."""
+    b, s = evaluation.log_prob.shape
+    kl = gaussian_kl(
+        evaluation.mean.flatten(0, 1),
+        evaluation.std.flatten(0, 1),
+        reference.mean.flatten(0, 1),
+        reference.std.flatten(0, 1),
+    ).view(b, s)
+    return unit_values(kl, policy.sample_unit, policy.log_prob_reduce, event_numel(policy))
+
+
+@dataclass
+class GRPOBatch:
+    """The kept env steps, flattened: ``[B]`` (only steps of episodes in groups with signal)."""
+
+    cond: Tensor
+    samples: TensorBatch
+    advantages: Tensor
+
+
+class GRPO:
+    """Policy + optimiser (+ a frozen reference when ``beta > 0``)."""
+
+    name = "GRPO"
+
+    def __init__(
+        self,
+        policy: Policy,
+        cfg: GRPOConfig,
+        device: torch.device,
+        seed: int,
+        group_size: int,
+        running_obs_stats: bool = False,
+    ) -> None:
+        self.policy, self.cfg, self.device, self.group_size = policy, cfg, device, group_size
+        self.running_obs_stats = running_obs_stats
+        self.optimizer = PolicyOptimizer(policy, cfg)
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
+        self.reference = frozen_copy(policy) if cfg.beta > 0 else None
+        self._stats: dict[str, float] = {}
+
+    def set_progress(self, fraction_done: float) -> None:
+        self.optimizer.set_progress(fraction_done)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "policy": self.policy.state_dict(),
+            "actor_opt": self.optimizer.opt.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.opt.load_state_dict(state["actor_opt"])
+        self.generator.set_state(state["generator"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+
+    def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout:
+        """One episode per env from its group's shared reset state."""
+        return collector.collect_episodes(policy, self.cfg.max_steps, iteration)
+
+    def prepare(self, rollout: Rollout) -> GRPOBatch:
+        """Episode outcomes -> group advantages -> the kept steps, flattened."""
+        assert rollout.episode_return is not None and rollout.episode_success is not None
+        outcome = rollout.episode_return if self.cfg.outcome == "return" else rollout.episode_success.float()
+        adv, keep, stats = episode_advantages(outcome, rollout.group, self.group_size, self.cfg.adv_eps)
+        steps = rollout.valid & keep.unsqueeze(0)  # [T, N]
+        assert rollout.episode_done is not None
+        stats["grpo/outcome_mean"] = float(outcome.mean())
+        stats["grpo/unfinished_episodes"] = float((~rollout.episode_done).sum())
+        stats["grpo/kept_steps"] = float(steps.sum())
+        self._stats = stats
+        dev = self.device
+        return GRPOBatch(
+            cond=rollout.obs[steps].to(dev),
+            samples=rollout.samples[steps].to(dev),
+            advantages=adv.unsqueeze(0).expand_as(steps)[steps].to(dev),
+        )
+
+    def update(self, batch: GRPOBatch, iteration: int) -> dict[str, float]:
+        cfg = self.cfg
+        size = batch.advantages.shape[0]
+        metrics = dict(self._stats)
+        if size == 0:  # every group tied: nothing to learn from this rollout
+            return {**metrics, "train/epochs": 0.0}
+        history: dict[str, list[float]] = {}
+        epochs_done = 0
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(size, generator=self.generator).to(self.device)
+            kl_stop = False
+            for start in range(0, size, cfg.minibatch_size):
+                mb = perm[start : start + cfg.minibatch_size]
+                cond, samples = batch.cond[mb], batch.samples[mb]
+                terms = pg_samples(self.policy, cond, samples, batch.advantages[mb])
+                pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
+                entropy_mean = terms.evaluation.entropy.mean()
+                loss = pg_loss - cfg.entropy_coef * entropy_mean
+                logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = self.reference.evaluate(cond, samples)
+                    kl = step_kl(self.policy, terms.evaluation, ref).mean()
+                    loss = loss + cfg.beta * kl
+                    logged["losses/kl_ref"] = kl.item()
+                grad_norm = self.optimizer.step(loss)
+                for key, value in {
+                    **logged,
+                    "train/grad_norm": grad_norm,
+                    **{f"train/{k}": v for k, v in pg_metrics.items()},
+                }.items():
+                    history.setdefault(key, []).append(value)
+                if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
+                    kl_stop = True
+                    break
+            epochs_done += 1
+            if kl_stop:
+                break
+        metrics.update({k: float(np.mean(v)) for k, v in history.items()})
+        metrics["train/ratio_max"] = float(np.max(history["train/ratio_max"]))
+        metrics["train/ratio_min"] = float(np.min(history["train/ratio_min"]))
+        metrics["train/epochs"] = float(epochs_done)
+        metrics["train/advantage_std"] = batch.advantages.std().item() if size > 1 else 0.0
+        if self.running_obs_stats:
+            update_obs_stats(batch.cond, self.policy)
+        return metrics

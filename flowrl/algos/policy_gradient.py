@@ -1,0 +1,112 @@
+"""What PPO and GRPO share: turning stored samples into policy-gradient samples, the
+optimiser over the policy's parameter groups, and the ratio = 1 check."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.config import _PolicyGradient
+from flowrl.core.batch import TensorBatch
+from flowrl.core.transitions import unit_values
+from flowrl.errors import FlowRLError
+from flowrl.models.networks import ObsNormalizer
+from flowrl.models.policy import Evaluation, Policy
+
+
+class RatioCheckError(FlowRLError, RuntimeError):
+    """Re-evaluated log-probs of a fresh rollout differ from the sampled ones."""
+
+
+@dataclass
+class PGSamples:
+    """The policy-gradient samples of a batch of stored policy samples, all ``[M]``: one per
+    chain (``sample_unit: chain``) or per stochastic step (``step``, row-major)."""
+
+    log_prob: Tensor
+    old_log_prob: Tensor
+    advantages: Tensor
+    evaluation: Evaluation
+
+
+def event_numel(policy: Policy) -> int:
+    return math.prod(policy.event_shape)
+
+
+def pg_samples(policy: Policy, cond, samples: TensorBatch, advantages: Tensor) -> PGSamples:
+    """Re-evaluate ``samples`` (``[B, ...]``) and pair every policy-gradient sample with its
+    old log-prob and advantage (an env step's advantage repeated over its S steps)."""
+    evaluation = policy.evaluate(cond, samples)
+    unit, reduce, numel = policy.sample_unit, policy.log_prob_reduce, event_numel(policy)
+    new = unit_values(evaluation.log_prob, unit, reduce, numel)
+    old = unit_values(samples.log_prob, unit, reduce, numel)
+    if unit == "step":
+        advantages = advantages.repeat_interleave(samples.log_prob.shape[1])
+    return PGSamples(new, old, advantages, evaluation)
+
+
+@torch.no_grad()
+def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: str) -> float:
+    """Before any update, re-evaluated log-probs must reproduce the sampled ones (ratio = 1)."""
+    b = samples.log_prob.shape[0]
+    terms = pg_samples(policy, cond, samples, torch.zeros(b, device=samples.log_prob.device))
+    new, old = terms.log_prob, terms.old_log_prob
+    dev = ((new - old).exp() - 1.0).abs()
+    worst = float(dev.max()) if dev.numel() else 0.0
+    if not worst <= tol:
+        i = int(dev.nan_to_num(nan=math.inf).argmax())
+        raise RatioCheckError(
+            f"{algo} ratio is not 1 before the first update: |ratio - 1| = {worst:.3g} > {tol} (sample {i}: "
+            f"sampled log-prob {old[i].item():.6g}, re-evaluated {new[i].item():.6g}). Sampling and re-evaluation "
+            "disagree (time grid, window or noise state); raise algo.ratio_check_tol only if this is float round-off"
+        )
+    return worst
+
+
+class PolicyOptimizer:
+    """Adam over the policy's parameter groups (``actor`` at actor_lr, ``noise`` at noise_lr),
+    gradient clipping, and the learning-rate schedule."""
+
+    def __init__(self, policy: Policy, cfg: _PolicyGradient, extra: list[torch.optim.Optimizer] = ()) -> None:
+        frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"policy parameters are frozen (requires_grad=False): {frozen[:3]}")
+        lrs = {"actor": cfg.actor_lr, "noise": cfg.noise_lr}
+        groups: list[dict[str, Any]] = [
+            {"params": params, "lr": lrs[name], "name": name} for name, params in policy.param_groups().items()
+        ]
+        self.policy, self.cfg = policy, cfg
+        self.opt = torch.optim.Adam(groups)
+        self.schedule = [self.opt, *extra]
+        for opt in self.schedule:
+            for group in opt.param_groups:
+                group["base_lr"] = group["lr"]
+
+    def set_progress(self, fraction_done: float) -> None:
+        """Learning rates for the ``lr_schedule`` at this point of training (0 = start)."""
+        scale = 1.0 - fraction_done if self.cfg.lr_schedule == "linear" else 1.0
+        for opt in self.schedule:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+
+    def step(self, loss: Tensor) -> float:
+        """Backward, clip, step; returns the gradient norm before clipping."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        self.opt.step()
+        return float(grad_norm)
+
+
+def update_obs_stats(obs: Tensor, *modules: nn.Module) -> None:
+    """Fold observations into every observation normaliser of ``modules`` (policy.obs_norm:
+    running); the next rollout samples with the new statistics, so stored log-probs always
+    match the statistics they were sampled with."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, ObsNormalizer):
+                m.update(obs)

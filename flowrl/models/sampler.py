@@ -1,0 +1,270 @@
+"""ChainSampler: one sampler for every flow family and event shape.
+
+grid + converter + window + the deterministic solver used outside the window:
+
+- the **grid** ``t_0 = 0 < ... < t_K = 1`` (``time_grid``, shared with re-evaluation);
+- the **converter** makes a denoising step a Gaussian transition with a tractable log-prob
+  (ReinFlow / Flow-Noise learned std, Flow-SDE, CPS);
+- the **window** chooses which steps are stochastic in this rollout (all, one random step,
+  MixGRPO's sliding window);
+- the **solver** integrates the other steps: Euler, Heun, or DPM-Solver++(2M); with
+  ``steps_after_window`` the steps after a batch-wide window are re-gridded to fewer,
+  larger steps (MixGRPO-Flash's compression).
+
+Events are ``[*E]``: an action chunk ``[Ta, Da]`` or an image latent ``[C, H, W]``. The
+condition is whatever the velocity field takes, indexed by rows (a tensor of observations,
+or a ``TensorBatch`` of prompt embeddings). Sampling returns ``Transitions``: only the S
+stochastic steps are stored, so memory grows with S, not K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.core.grids import GridKind, time_grid
+from flowrl.core.solvers import SOLVERS, SolverName, dpm_solver_2m_step, heun_step
+from flowrl.core.steps import StepOutput, cps_step, euler_step, flow_sde_step, gaussian_step
+from flowrl.core.transitions import Transitions, steps_from_mask
+from flowrl.core.windows import AllSteps, StepWindow
+from flowrl.models.networks import ReinFlowNoiseNet
+
+# (condition rows, x [B, *E], t [B] or scalar, t_next) -> velocity [B, *E]
+VelocityFn = Callable[[Any, Tensor, Tensor, Tensor], Tensor]
+
+
+class ReinFlowConverter(nn.Module):
+    """Gaussian step around the Euler mean with a learned std (ReinFlow; Flow-Noise with x)."""
+
+    def __init__(self, noise_net: ReinFlowNoiseNet) -> None:
+        super().__init__()
+        self.noise_net = noise_net
+
+    def eligible(self, grid: Tensor) -> Tensor:
+        return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
+
+    def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
+        std = self.noise_net(cond, t, x if self.noise_net.condition_on_x else None)
+        return gaussian_step(x, v, t, t_next, std, next_x=next_x, generator=generator)
+
+
+class FlowSDEConverter(nn.Module):
+    """Drift-corrected SDE with the ODE's marginals; fixed noise level ``a``."""
+
+    def __init__(self, noise_level: float) -> None:
+        super().__init__()
+        self.noise_level = noise_level
+
+    def eligible(self, grid: Tensor) -> Tensor:
+        return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
+
+    def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
+        return flow_sde_step(x, v, t, t_next, self.noise_level, t_floor, next_x=next_x, generator=generator)
+
+
+class CPSConverter(nn.Module):
+    """Coefficients-preserving sampling; the step into t = 1 has zero std and stays ODE."""
+
+    def __init__(self, noise_level: float) -> None:
+        super().__init__()
+        self.noise_level = noise_level
+
+    def eligible(self, grid: Tensor) -> Tensor:
+        return grid[1:] < 1.0
+
+    def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
+        return cps_step(x, v, t, t_next, self.noise_level, next_x=next_x, generator=generator)
+
+
+Converter = ReinFlowConverter | FlowSDEConverter | CPSConverter
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.ndim - 1)))
+
+
+class _Solver:
+    """The deterministic solver's per-batch state: DPM-Solver++(2M) keeps each row's last
+    data estimate; a stochastic step breaks a row's history (its next step is first order)."""
+
+    def __init__(self, name: SolverName, batch: int, device: torch.device) -> None:
+        self.name = name
+        self.x0_prev: Tensor | None = None
+        self.t_prev: Tensor | None = None
+        self.has_history = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def step(
+        self, velocity: VelocityFn, cond, x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, rows: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Next states ``[B, *E]`` (meaningful for ``rows`` ``[B]`` bool) and extra NFE ``[B]``."""
+        extra = torch.zeros(x.shape[0], device=x.device)
+        euler = euler_step(x, v, t, t_next).next_x
+        if self.name == "euler" or not bool(rows.any()):
+            return euler, extra
+        if self.name == "heun":
+            idx = rows.nonzero().flatten()
+            sub_cond = cond if bool(rows.all()) else cond[idx]
+            xs, vs, es = x[idx], v[idx], euler[idx]
+            v_next = velocity(sub_cond, es, t_next, t_next)
+            out = euler.clone()
+            out[idx] = heun_step(xs, vs, v_next, t, t_next)
+            extra[idx] = 1.0
+            return out, extra
+        # dpm_solver_2m
+        x0 = x.to(v.dtype) + (1.0 - t) * v
+        if self.x0_prev is None:
+            second = euler
+        else:
+            second, _ = dpm_solver_2m_step(x, v, t, t_next, self.x0_prev, self.t_prev)
+        out = torch.where(_rows(self.has_history, x), second, euler)
+        self.x0_prev = x0 if self.x0_prev is None else torch.where(_rows(rows, x0), x0, self.x0_prev)
+        self.t_prev = t
+        self.has_history = self.has_history | rows
+        return out, extra
+
+    def broke(self, rows: Tensor) -> None:
+        """``rows`` ``[B]`` took a stochastic step: their multistep history no longer applies."""
+        self.has_history = self.has_history & ~rows
+
+
+class ChainSampler(nn.Module):
+    """Samples chains with a tractable log-prob and re-evaluates it (see the module doc).
+
+    num_steps: K. converter: None for an ODE-only sampler (it can act, not sample log-probs).
+    solver: the deterministic solver outside the window (and for ``ode``).
+    steps_after_window: re-grid the steps after the window's last step to this many (Flash);
+        None keeps the grid's steps. Needs a batch-wide window (all samples share the steps).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        converter: Converter | None = None,
+        window: StepWindow | None = None,
+        solver: SolverName = "euler",
+        steps_after_window: int | None = None,
+        grid_kind: GridKind = "uniform",
+        grid_shift: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+        if steps_after_window is not None and steps_after_window < 1:
+            raise ValueError(f"steps_after_window must be >= 1 or None, got {steps_after_window}")
+        self.num_steps = num_steps
+        self.converter = converter
+        self.window = window if window is not None else AllSteps()
+        self.solver = solver
+        self.steps_after_window = steps_after_window
+        self.register_buffer("grid", time_grid(num_steps, grid_kind, grid_shift), persistent=False)
+
+    @property
+    def t_floor(self) -> float:
+        return float(self.grid[1])
+
+    def _require_converter(self) -> Converter:
+        if self.converter is None:
+            raise RuntimeError("this sampler has no MDP converter (ODE only): it can act but not sample log-probs")
+        return self.converter
+
+    def _schedule(self, mask: Tensor) -> list[tuple[int | None, Tensor, Tensor]]:
+        """(grid step k or None, t, t_next) for every step the chain takes. With
+        ``steps_after_window`` the steps after the window's last one are re-gridded."""
+        k_all = self.num_steps
+        plan: list[tuple[int | None, Tensor, Tensor]] = [(k, self.grid[k], self.grid[k + 1]) for k in range(k_all)]
+        if self.steps_after_window is None:
+            return plan
+        used = mask.any(dim=0).nonzero().flatten()
+        if not bool((mask == mask[:1]).all()):
+            raise ValueError("steps_after_window needs a window shared by the whole batch (all or sliding)")
+        first = int(used.max()) + 1 if len(used) else 0
+        remaining = k_all - first
+        if remaining <= self.steps_after_window:
+            return plan
+        idx = torch.linspace(first, k_all, self.steps_after_window + 1, dtype=torch.float64).round().long()
+        points = self.grid[idx]
+        return plan[:first] + [(None, points[j], points[j + 1]) for j in range(self.steps_after_window)]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        velocity: VelocityFn,
+        cond,
+        event_shape: tuple[int, ...],
+        batch: int,
+        iteration: int = 0,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Transitions:
+        """Sample ``batch`` chains with the window of ``iteration``.
+
+        noise: ``[B, *E]`` initial states (e.g. shared within a GRPO group); default
+        ``N(0, I)`` drawn with ``generator`` after the window's draw.
+        """
+        converter = self._require_converter()
+        device = self.grid.device
+        mask = self.window.mask(batch, converter.eligible(self.grid), iteration, generator).to(device)
+        steps = steps_from_mask(mask)
+        s = steps.shape[1]
+        x = noise if noise is not None else torch.randn((batch, *event_shape), generator=generator, device=device)
+        if x.shape != (batch, *event_shape):
+            raise ValueError(f"noise has shape {tuple(x.shape)}, expected {(batch, *event_shape)}")
+        x_in = x.new_zeros((batch, s, *event_shape))
+        x_out = x.new_zeros((batch, s, *event_shape))
+        log_prob = torch.zeros(batch, s, device=device)
+        slot = torch.zeros(batch, dtype=torch.long, device=device)
+        nfe = torch.zeros(batch, device=device)
+        solver = _Solver(self.solver, batch, device)
+        for k, t, t_next in self._schedule(mask):
+            v = velocity(cond, x, t, t_next)
+            nfe += 1.0
+            stochastic = mask[:, k] if k is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+            x_next, extra = solver.step(velocity, cond, x, v, t, t_next, ~stochastic)
+            nfe += extra
+            if bool(stochastic.any()):
+                out = converter(cond, x, v, t, t_next, self.t_floor, generator=generator)
+                x_next = torch.where(_rows(stochastic, x), out.next_x, x_next)
+                rows = stochastic.nonzero().flatten()
+                x_in[rows, slot[rows]] = x[rows]
+                x_out[rows, slot[rows]] = out.next_x[rows]
+                log_prob[rows, slot[rows]] = out.log_prob[rows].to(log_prob.dtype)
+                slot[rows] += 1
+                solver.broke(stochastic)
+            x = x_next
+        return Transitions(final=x, x_in=x_in, x_out=x_out, steps=steps, log_prob=log_prob, nfe=nfe)
+
+    def evaluate(self, velocity: VelocityFn, cond, sample: Transitions) -> tuple[Tensor, StepOutput]:
+        """Re-evaluate the stored steps under the current parameters, in one batched pass.
+
+        Returns ``(rows [B * S], out)``: ``rows`` the sample of each flattened step and
+        ``out`` the converter's output over the ``B * S`` steps (log_prob ``[B * S]``, mean
+        ``[B * S, *E]``, std broadcastable to it)."""
+        converter = self._require_converter()
+        b, s = sample.steps.shape
+        if s and (int(sample.steps.max()) >= self.num_steps or int(sample.steps.min()) < 0):
+            raise ValueError(f"stored step indices {sample.steps.unique().tolist()} do not fit K={self.num_steps}")
+        rows = torch.arange(b, device=sample.steps.device).repeat_interleave(s)
+        steps = sample.steps.reshape(-1)
+        x, x_next = sample.x_in.flatten(0, 1), sample.x_out.flatten(0, 1)
+        t, t_next = self.grid[steps], self.grid[steps + 1]
+        sub = cond[rows]
+        v = velocity(sub, x, t, t_next)
+        return rows, converter(sub, x, v, t, t_next, self.t_floor, next_x=x_next)
+
+    def ode(self, velocity: VelocityFn, cond, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Deterministic integration of the whole grid with the solver, differentiable.
+        ``noise [B, *E] -> (x_1 [B, *E], nfe [B])``."""
+        b = noise.shape[0]
+        solver = _Solver(self.solver, b, noise.device)
+        every = torch.ones(b, dtype=torch.bool, device=noise.device)
+        nfe = torch.zeros(b, device=noise.device)
+        x = noise
+        for k in range(self.num_steps):
+            t, t_next = self.grid[k], self.grid[k + 1]
+            v = velocity(cond, x, t, t_next)
+            x, extra = solver.step(velocity, cond, x, v, t, t_next, every)
+            nfe += 1.0 + extra
+        return x, nfe
