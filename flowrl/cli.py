@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "bench",
         choices=["rollout", "locomotion"],
-        help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / DPPO / Gaussian PPO "
+        help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / GRPO / DPPO / Gaussian PPO "
         "fine-tuning side by side on Hopper and Walker2d",
     )
     sp.add_argument(

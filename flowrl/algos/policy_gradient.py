@@ -53,6 +53,8 @@ def pg_samples(policy: Policy, cond, samples: TensorBatch, advantages: Tensor) -
 def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: str) -> float:
     """Before any update, re-evaluated log-probs must reproduce the sampled ones (ratio = 1)."""
     b = samples.log_prob.shape[0]
+    if b == 0:  # nothing kept (GRPO: every group tied): nothing to check
+        return 0.0
     terms = pg_samples(policy, cond, samples, torch.zeros(b, device=samples.log_prob.device))
     new, old = terms.log_prob, terms.old_log_prob
     dev = ((new - old).exp() - 1.0).abs()

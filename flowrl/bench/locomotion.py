@@ -1,5 +1,6 @@
 """``flowrl bench locomotion``: ReinFlow (rectified flow, shortcut, MeanFlow; K = 4 and
-K = 1), DPPO and Gaussian PPO fine-tuned side by side on Hopper and Walker2d.
+K = 1), GRPO with ReinFlow's sampler, DPPO and Gaussian PPO fine-tuned side by side on
+Hopper and Walker2d.
 
 The whole pipeline runs in one command, each step cached under ``cache/``:
   1. expert: Gaussian PPO from scratch (``experiments/locomotion/TASK_expert.yaml``),
@@ -58,6 +59,7 @@ VARIANTS = (
     Variant("ReinFlow shortcut K=1", "shortcut", ("policy.denoising_steps=1",)),
     Variant("ReinFlow MeanFlow K=4", "meanflow"),
     Variant("ReinFlow MeanFlow K=1", "meanflow", ("policy.denoising_steps=1",)),
+    Variant("GRPO rectified flow K=4", "grpo"),
     Variant("DPPO", "dppo"),
     Variant("Gaussian PPO", "gaussian"),
 )

@@ -256,7 +256,9 @@ class DiffusionPolicy(nn.Module):
         batched pass: log_prob ``[B, S]`` (summed over the chunk), entropy ``[B]`` (mean
         per-dimension Gaussian entropy), mean and std ``[B, S, Ta, Da]``."""
         b, s = sample.steps.shape
-        if sample.x_in.shape[2:] != self.event_shape or (s and int(sample.steps.max()) >= self.num_steps):
+        if sample.x_in.shape[2:] != self.event_shape or (
+            sample.steps.numel() and int(sample.steps.max()) >= self.num_steps
+        ):
             raise ValueError(
                 f"stored steps {tuple(sample.x_in.shape)} do not fit K={self.num_steps}, event shape {self.event_shape}"
             )

@@ -244,7 +244,7 @@ class ChainSampler(nn.Module):
         ``[B * S, *E]``, std broadcastable to it)."""
         converter = self._require_converter()
         b, s = sample.steps.shape
-        if s and (int(sample.steps.max()) >= self.num_steps or int(sample.steps.min()) < 0):
+        if sample.steps.numel() and (int(sample.steps.max()) >= self.num_steps or int(sample.steps.min()) < 0):
             raise ValueError(f"stored step indices {sample.steps.unique().tolist()} do not fit K={self.num_steps}")
         rows = torch.arange(b, device=sample.steps.device).repeat_interleave(s)
         steps = sample.steps.reshape(-1)
