@@ -9,12 +9,13 @@ import logging
 import sys
 from pathlib import Path
 
-from flowrl.errors import FlowRLError
+from flowrl.errors import FlowRLError, Interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of flow-matching policies.")
     sub = p.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
 
     def common(sp: argparse.ArgumentParser, experiment_required: bool = True) -> None:
         sp.add_argument(
@@ -25,17 +26,22 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. algo.iterations=10")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sp = sub.add_parser("pretrain", help="flow-matching behaviour cloning only")
-    common(sp)
+    sp = sub.add_parser("pretrain", help="flow-matching behaviour cloning only", formatter_class=formatter)
+    common(sp, experiment_required=False)
     sp.add_argument("--run-dir", help="run folder (default: runs_dir/NAME-TIMESTAMP)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped pretraining from its checkpoint")
 
-    sp = sub.add_parser("train", help="pretrain (unless policy.pretrained is set), then PPO fine-tuning")
+    sp = sub.add_parser(
+        "train",
+        help="pretrain (unless policy.pretrained is set), then PPO or GRPO fine-tuning (algo.type)",
+        formatter_class=formatter,
+    )
     common(sp, experiment_required=False)
     sp.add_argument("--run-dir", help="run folder (default: runs_dir/NAME-TIMESTAMP)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     sp.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster ('auto' = the local one)")
 
-    sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart")
+    sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart", formatter_class=formatter)
     sp.add_argument(
         "bench",
         choices=["rollout", "locomotion"],
@@ -53,12 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="locomotion: override for every run"
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sp.add_argument("--num-envs", type=int, default=16, help="envs in total (equal for every variant)")
-    sp.add_argument("--steps", type=int, default=50, help="policy steps per timed collection")
-    sp.add_argument("--max-workers", type=int, help="largest Ray worker count (default: the CPU count)")
+    sp.add_argument("--num-envs", type=int, default=16, help="rollout: envs in total (equal for every variant)")
+    sp.add_argument("--steps", type=int, default=50, help="rollout: policy steps per timed collection")
+    sp.add_argument("--max-workers", type=int, help="rollout: largest Ray worker count (default: the CPU count)")
     sp.add_argument("--out", default="benchmarks/results", help="folder for the results (JSON, PNG)")
 
-    sp = sub.add_parser("collect", help="record a demonstration dataset with a trained run's policy")
+    sp = sub.add_parser(
+        "collect", help="record a demonstration dataset with a trained run's policy", formatter_class=formatter
+    )
     sp.add_argument("run", help="run folder of a finished `flowrl train` (its config.yaml and policy.pt)")
     sp.add_argument("--out", required=True, help="dataset file to write (.npz), e.g. cache/datasets/hopper-medium.npz")
     sp.add_argument("--episodes", type=int, default=100, help="episodes to record")
@@ -67,9 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", help="policy checkpoint (default: RUN/policy.pt)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sp = sub.add_parser("eval", help="evaluate a policy checkpoint with the deterministic ODE policy")
-    common(sp)
-    sp.add_argument("--checkpoint", help="policy checkpoint (default: policy.pretrained of the experiment)")
+    sp = sub.add_parser(
+        "eval",
+        help="evaluate a run (RUN_DIR: its config.yaml and policy.pt) or an experiment's checkpoint with the "
+        "deterministic policy",
+        formatter_class=formatter,
+    )
+    sp.add_argument("experiment", help="a run folder, or an experiment YAML file (then give --checkpoint)")
+    sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. eval.episodes=100")
+    sp.add_argument(
+        "--checkpoint",
+        help="policy checkpoint (default: RUN_DIR/policy.pt, else RUN_DIR/pretrained.pt; for a YAML file, "
+        "policy.pretrained)",
+    )
     return p
 
 
@@ -113,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if getattr(args, "ray_address", None):
         overrides.append(f"ray.address={args.ray_address}")
-    if args.command == "train" and args.resume:
+    if args.command in ("train", "pretrain") and args.resume:
         if args.experiment is not None:
             if "=" not in args.experiment:
                 raise FlowRLError("with --resume RUN_DIR, give no experiment file: the run's config.yaml is used")
@@ -123,18 +141,30 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         cfg = ex.load_run_config(run_dir, overrides)
         print(f"run folder: {run_dir}", flush=True)
-        ex.train(cfg, run_dir, resume=True, progress=not args.no_progress)
+        if args.command == "pretrain":
+            ex.pretrain_only(cfg, run_dir, progress=not args.no_progress, resume=True)
+        else:
+            ex.train(cfg, run_dir, resume=True, progress=not args.no_progress)
         return 0
     if args.experiment is None:
         raise FlowRLError(f"flowrl {args.command}: give an experiment file, e.g. experiments/quickstart.yaml")
-    cfg = load_config(args.experiment, overrides)
     if args.command == "eval":
-        checkpoint = args.checkpoint or cfg.policy.pretrained
-        if checkpoint is None:
-            raise FlowRLError("flowrl eval: give --checkpoint PATH (or set policy.pretrained)")
+        run = Path(args.experiment)
+        if run.is_dir():
+            cfg = ex.load_run_config(run, overrides)
+            found = [p for p in (run / "policy.pt", run / "pretrained.pt") if p.is_file()]
+            checkpoint = args.checkpoint or (str(found[0]) if found else None)
+            if checkpoint is None:
+                raise FlowRLError(f"flowrl eval: {run} holds no policy.pt or pretrained.pt yet; give --checkpoint PATH")
+        else:
+            cfg = load_config(args.experiment, overrides)
+            checkpoint = args.checkpoint or cfg.policy.pretrained
+            if checkpoint is None:
+                raise FlowRLError("flowrl eval: give a run folder, or --checkpoint PATH (or set policy.pretrained)")
         metrics = ex.evaluate_checkpoint(cfg, checkpoint)
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
         return 0
+    cfg = load_config(args.experiment, overrides)
     ex.preflight(cfg)
     run_dir = ex.new_run_dir(cfg, args.run_dir)
     print(f"run folder: {run_dir}", flush=True)
@@ -188,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     except FlowRLError as exc:
         print(f"flowrl: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"flowrl: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("flowrl: interrupted", file=sys.stderr)
+        print("flowrl: interrupted (no checkpoint written since the last one)", file=sys.stderr)
         return 130
 
 

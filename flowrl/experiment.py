@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,22 @@ from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, check_demos
 from flowrl.algos.trainer import Algorithm, Trainer
 from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
 from flowrl.errors import FlowRLError
-from flowrl.models.build import Actor, actor_record, build_actor, build_critic, build_policy, load_actor
+from flowrl.models.build import (
+    Actor,
+    CheckpointError,
+    actor_record,
+    build_actor,
+    build_critic,
+    build_policy,
+    check_checkpoint,
+    load_actor,
+)
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import evaluate_policy, make_collector
-from flowrl.runlog import atomic_save
-from flowrl.runtime import resolve_device, seed_everything
+from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
+from flowrl.runtime import graceful_stop, resolve_device, seed_everything
+
+log = logging.getLogger("flowrl")
 
 
 def env_dims(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
@@ -47,11 +59,11 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Checks that need no run folder (device, env, given checkpoint, demonstrations), so that
     bad input fails before one is created."""
     resolve_device(cfg.device)
-    env_dims(cfg.env.id, cfg.env.kwargs)
-    if cfg.policy.pretrained is not None and not Path(cfg.policy.pretrained).expanduser().is_file():
-        raise FlowRLError(f"checkpoint not found: {cfg.policy.pretrained} (policy.pretrained)")
+    dims = env_dims(cfg.env.id, cfg.env.kwargs)
+    if cfg.policy.pretrained is not None:  # readable, a flowrl checkpoint, fits the experiment, finite weights
+        check_checkpoint(cfg.policy.pretrained, cfg.policy, *dims)
     if cfg.policy.pretrained is None and cfg.pretrain is not None:
-        check_demos(cfg.pretrain.demos, cfg.env.id)
+        check_demos(cfg.pretrain.demos, cfg.env.id, dims)
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
@@ -77,7 +89,10 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed)
     if cfg.pretrain.demos.path is None:  # keep the generated demonstrations with the run
-        np.savez(run_dir / "demos.npz", **demos)
+        tmp = run_dir / ".demos.npz.tmp"
+        with tmp.open("wb") as f:
+            np.savez(f, **demos)
+        tmp.replace(run_dir / "demos.npz")
     if demos["observations"].shape[1] != obs_dim or demos["actions"].shape[1] != action_dim:
         raise FlowRLError(
             f"demonstrations have obs dim {demos['observations'].shape[1]} / action dim {demos['actions'].shape[1]}, "
@@ -91,20 +106,29 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
         f"pretraining ({cfg.policy.type}) on {len(demos['episode_ends'])} demonstration episodes ({len(obs)} chunks)"
     )
     loss = bc_loss(cfg.policy, cfg.pretrain)
-    ema, metrics = behaviour_clone(actor.to(device), obs, chunks, loss, cfg.pretrain, cfg.seed, progress)
+    ema, metrics = behaviour_clone(actor.to(device), obs, chunks, loss, cfg.pretrain, cfg.seed, progress, run_dir)
     ema = ema.cpu()
     atomic_save(actor_record(ema, cfg.policy), run_dir / "pretrained.pt")
-    (run_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
+    atomic_write_text(json.dumps(metrics), run_dir / "pretrain_metrics.json")
+    (run_dir / "checkpoints" / "pretrain.pt").unlink(missing_ok=True)  # pretrained.pt supersedes it
     return ema
 
 
-def pretrain_only(cfg: ExperimentConfig, run_dir: Path, progress: bool = True) -> dict[str, float]:
-    """``flowrl pretrain``: behaviour cloning, then one evaluation of the pretrained policy."""
+def pretrain_only(
+    cfg: ExperimentConfig, run_dir: Path, progress: bool = True, resume: bool = False
+) -> dict[str, float]:
+    """``flowrl pretrain``: behaviour cloning, then one evaluation of the pretrained policy.
+    ``resume``: continue a stopped pretraining in ``run_dir`` from its checkpoint."""
     if cfg.pretrain is None:
         raise FlowRLError("flowrl pretrain: this experiment has pretrain: null (nothing to pretrain)")
+    if resume:
+        remove_temporary_files(run_dir)
+        if (run_dir / "pretrained.pt").exists():
+            raise FlowRLError(f"{run_dir} has finished pretraining (pretrained.pt); fine-tune it with flowrl train")
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
-    pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
+    with graceful_stop():
+        pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
     metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt")
     print(
         f"pretrained policy: {run_dir / 'pretrained.pt'} (success {metrics['eval/success_rate']:.2f}, "
@@ -127,46 +151,62 @@ def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, pr
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Pretrain if needed, then fine-tune (PPO or GRPO); prints the evaluation return and success before and after."""
+    """Pretrain if needed, then fine-tune (PPO or GRPO); prints the evaluation return and
+    success before and after.
+
+    ``resume``: continue the run in ``run_dir`` from its last checkpoint (fine-tuning's, or
+    pretraining's); without one the fine-tuning starts over and the killed process's logs are
+    dropped. The run's config.yaml is rewritten only once the resume has checked out (the
+    checkpoints fit the possibly overridden config). SIGINT/SIGTERM stop at the next safe
+    point with a checkpoint (``Interrupted``).
+    """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    save_config(cfg, run_dir / "config.yaml")
     checkpoint = None
     if resume:
-        path = run_dir / "checkpoints" / "last.pt"
-        if path.exists():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        for leftover in remove_temporary_files(run_dir):
+            log.info("removed %s, a temporary file left by the stopped process", leftover)
+        checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+        if checkpoint is not None:
             tqdm.write(
-                f"resuming from {path} (iteration {checkpoint['iteration']}, env steps {checkpoint['env_steps']})"
+                f"resuming from {run_dir / 'checkpoints' / 'last.pt'} (iteration {checkpoint['iteration']}, "
+                f"env steps {checkpoint['env_steps']})"
             )
             if checkpoint["iteration"] >= cfg.algo.iterations:
                 tqdm.write(
                     f"this run has done all {cfg.algo.iterations} iterations; to go on, resume with "
                     f"algo.iterations=N (N > {cfg.algo.iterations})"
                 )
-        else:
+        elif (run_dir / "pretrained.pt").exists():
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
-    actor = initial_actor(cfg, run_dir, device, progress)
-    policy = build_policy(cfg, actor).to(device)
-    algo = build_algorithm(cfg, policy, actor, device)
-    workers = cfg.env.num_workers
-    where = f"{workers} Ray env workers" if cfg.ray.enabled else f"{workers} in-process env workers"
-    tqdm.write(
-        f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
-        f"({_method(cfg)}): learner on {device}, {where}"
-    )
+    else:
+        save_config(cfg, run_dir / "config.yaml")
     events = logging.FileHandler(run_dir / "events.log")
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("flowrl").addHandler(events)
     try:
-        session = contextlib.nullcontext()
-        if cfg.ray.enabled:
-            from flowrl.rollout.ray_runtime import ray_session  # Ray is imported only when used
+        with graceful_stop():
+            actor = initial_actor(cfg, run_dir, device, progress)
+            policy = build_policy(cfg, actor).to(device)
+            algo = build_algorithm(cfg, policy, actor, device)
+            trainer = Trainer(cfg, run_dir, policy, algo, device, progress)
+            if checkpoint is not None:
+                trainer.load_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
+            if resume:  # the resume has checked out: its overrides become the run's config
+                save_config(cfg, run_dir / "config.yaml")
+            workers = cfg.env.num_workers
+            where = f"{workers} Ray env workers" if cfg.ray.enabled else f"{workers} in-process env workers"
+            tqdm.write(
+                f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
+                f"({_method(cfg)}): learner on {device}, {where}"
+            )
+            session = contextlib.nullcontext()
+            if cfg.ray.enabled:
+                from flowrl.rollout.ray_runtime import ray_session  # Ray is imported only when used
 
-            session = ray_session(cfg.ray.address, cfg.ray.num_cpus)
-        with session:
-            trainer = Trainer(cfg, run_dir, policy, algo, make_collector(cfg), device, progress)
-            result = trainer.run(resume=checkpoint)
+                session = ray_session(cfg.ray.address, cfg.ray.num_cpus)
+            with session:
+                result = trainer.run(make_collector(cfg), resumed=resume)
     finally:
         logging.getLogger("flowrl").removeHandler(events)
         events.close()
@@ -177,6 +217,27 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     )
     print(f"run folder: {run_dir}")
     return result
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A fine-tuning checkpoint, None when there is none yet; CheckpointError when unreadable."""
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch warns at length about damaged files
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and what to do
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}: truncated or corrupt); move it away to restart the "
+            "fine-tuning from its beginning"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"iteration", "env_steps", "algo"} <= set(checkpoint):
+        raise CheckpointError(
+            f"{path} is not a flowrl fine-tuning checkpoint of this version (no 'algo'/'iteration' entries); move it "
+            "away to restart the fine-tuning, or start a new run from its policy (policy.pretrained)"
+        )
+    return checkpoint
 
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:

@@ -29,35 +29,59 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write a text file through a temporary file and a rename: never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_temporary_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed process left in a run folder (``.NAME.*.tmp``
+    next to checkpoints and logs); returns them."""
+    run_dir = Path(run_dir)
+    leftovers = [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 class RunLog:
     """Writes each record to ``metrics.jsonl`` (one JSON object per line) and TensorBoard.
 
-    Records are keyed by ``env_steps``, the TensorBoard step. ``resume_after``: the env_steps
-    of the checkpoint being resumed; records written after it (by the killed process) are
-    dropped from metrics.jsonl and purged from TensorBoard, so both show one continuous curve.
+    Records are keyed by ``env_steps`` (``step_key``), the TensorBoard step. ``resume_after``:
+    the step of the checkpoint being resumed (-1: none, start over); records written after it
+    (by the killed process) are dropped from the JSONL file and purged from TensorBoard, so
+    both show one continuous curve. Pretraining logs to ``pretrain_metrics.jsonl`` and
+    ``tensorboard/pretrain`` (``name="pretrain"``, keyed by gradient step).
     """
 
-    def __init__(self, run_dir: str | Path, resume_after: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, resume_after: int | None = None, name: str | None = None, step_key: str = "env_steps"
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import
 
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.step_key = step_key
+        self.path = self.run_dir / (f"{name}_metrics.jsonl" if name else "metrics.jsonl")
+        board = self.run_dir / "tensorboard" / (name or "")
         purge_step = None
         if resume_after is not None:
             purge_step = resume_after + 1
             if self.path.exists():
-                kept = [r for r in _records(self.path.read_text()) if r["env_steps"] <= resume_after]
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            _wait_for_a_later_event_file_name(self.run_dir / "tensorboard")
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+                kept = [r for r in _records(self.path.read_text()) if r.get(step_key, -1) <= resume_after]
+                atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
+            _wait_for_a_later_event_file_name(board)
+        self.writer = SummaryWriter(str(board), purge_step=purge_step)
 
-    def log(self, env_steps: int, metrics: dict[str, float], **fields: Any) -> None:
-        record = {"env_steps": int(env_steps), **fields, **{k: _jsonable(v) for k, v in metrics.items()}}
+    def log(self, step: int, metrics: dict[str, float], **fields: Any) -> None:
+        record = {self.step_key: int(step), **fields, **{k: _jsonable(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, env_steps)
+                self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def close(self) -> None:

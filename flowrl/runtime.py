@@ -1,16 +1,21 @@
-"""Seeding and device selection: the one place where randomness is set up."""
+"""Seeding and device selection (the one place where randomness is set up), progress bars,
+and stopping at a safe point on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.errors import FlowRLError
+from flowrl.errors import FlowRLError, Interrupted  # noqa: F401  (Interrupted: raised at safe points)
 
 
 def derive_seed(*parts: int) -> int:
@@ -44,3 +49,38 @@ def progress(iterable: Iterable, desc: str, enabled: bool = True, **kwargs) -> t
         mininterval=0.2 if interactive else 10.0,
         **kwargs,
     )
+
+
+_stop = {"requested": False}
+
+
+def stop_requested() -> bool:
+    """True once SIGINT or SIGTERM arrived inside ``graceful_stop``: stop at the next safe point."""
+    return _stop["requested"]
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """While inside: the first SIGINT/SIGTERM asks the run to stop at its next safe point
+    (after the current iteration or pretraining step, with a checkpoint); a second one stops
+    at once. Outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if _stop["requested"]:
+            raise KeyboardInterrupt
+        _stop["requested"] = True
+        logging.getLogger("flowrl").warning(
+            "%s: stopping after the current step with a checkpoint (again to stop at once)", signal.Signals(signum).name
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stop["requested"] = False
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _stop["requested"] = False

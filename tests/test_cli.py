@@ -12,21 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from flowrl.cli import main
 from flowrl.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
-# A few seconds of work: tiny pretraining, a few PPO iterations on a few envs.
+# A few seconds of work: tiny pretraining, a few PPO iterations on a few envs (the minibatch
+# fits the 4 envs x 4 steps of a rollout).
 TINY = [
     "ray.enabled=false",  # the same env shards in-process: no Ray start-up per test (test_ray* cover Ray)
     "pretrain.steps=150",
     "pretrain.demos.episodes=40",
     "env.num_envs=4",
-    "ppo.steps_per_iteration=4",
-    "ppo.epochs=2",
-    "ppo.minibatch_size=8",
+    "algo.steps_per_iteration=4",
+    "algo.epochs=2",
+    "algo.minibatch_size=8",
     "eval.episodes=8",
     "eval.every=2",
     "policy.hidden_dims=[32,32]",
@@ -48,8 +50,14 @@ def _run_dir(runs: Path) -> Path:
     ("override", "needle"),
     [
         ("no.such.key=1", "unknown key 'no'"),
-        ("ppo.clip=abc", "ppo.clip"),
+        ("algo.clip=abc", "algo.clip"),
         ("mdp.converter.std_min=0.5", "noise range is inverted"),
+        ("algo.minibatch_size=100000", "algo.minibatch_size=100000 is larger than"),
+        ("algo.max_steps=8", "unknown key 'algo.max_steps'"),  # a GRPO key in a PPO experiment
+        ("env.group_size=4", "env.group_size only applies to algo.type: grpo"),
+        # keys of an older flowrl name their new place
+        ("ppo.clip=0.1", "'ppo' has moved to algo"),
+        ("ray.num_workers=1", "'ray.num_workers' has moved to env.num_workers"),
     ],
 )
 def test_bad_config_is_one_line_error(override, needle, tmp_path):
@@ -100,7 +108,7 @@ def test_same_seed_same_metrics_and_eval_command(tmp_path, capsys):
     runs = []
     for name in ("a", "b"):
         assert (
-            main(["train", QUICKSTART, *TINY, "ppo.iterations=3", f"runs_dir={tmp_path / name}", "--no-progress"]) == 0
+            main(["train", QUICKSTART, *TINY, "algo.iterations=3", f"runs_dir={tmp_path / name}", "--no-progress"]) == 0
         )
         runs.append(_run_dir(tmp_path / name))
     first, second = (read_metrics(r) for r in runs)
@@ -135,7 +143,7 @@ def test_sigkill_then_resume_gives_one_continuous_run(tmp_path, capsys):
         "train",
         QUICKSTART,
         *TINY,
-        f"ppo.iterations={iterations}",
+        f"algo.iterations={iterations}",
         "checkpoint_every=3",
         f"runs_dir={tmp_path}",
         "--no-progress",
@@ -164,6 +172,7 @@ def test_sigkill_then_resume_gives_one_continuous_run(tmp_path, capsys):
     run = _run_dir(tmp_path)
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["iteration"] % 3 == 0 and checkpoint["iteration"] <= killed_at
+    assert "algo" in checkpoint and "learner" not in checkpoint  # the algorithm's state (PPO: policy, critic, ...)
 
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     records = read_metrics(run)
@@ -189,6 +198,30 @@ def test_resume_rejects_an_experiment_file(tmp_path, capsys):
     assert "give no experiment file" in capsys.readouterr().err
 
 
+def test_resuming_a_run_of_an_older_flowrl_is_a_one_line_error(tmp_path, capsys):
+    """An older run folder: a config.yaml with a `ppo:` section, or a checkpoint with a
+    'learner' entry instead of 'algo', is a one-line error saying what to do."""
+    assert main(["train", QUICKSTART, *TINY, "algo.iterations=1", f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    run = _run_dir(tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["iteration"] == 1 and "algo" in checkpoint
+    checkpoint["learner"] = checkpoint.pop("algo")
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    # names the checkpoint, what it lacks, and how to go on (a new run from the run's policy)
+    assert err.startswith("flowrl: error: ") and str(last) in err and "'algo'" in err and "policy.pretrained" in err
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["ppo"] = config.pop("algo")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert str(run / "config.yaml") in err and "'ppo' has moved to algo" in err
+
+
 def test_quickstart_learns(tmp_path):
     """The README's quickstart, unchanged: success <= 0.7 before fine-tuning, >= 0.9 after."""
     assert main(["train", QUICKSTART, f"runs_dir={tmp_path}", "--no-progress"]) == 0
@@ -201,7 +234,7 @@ def test_quickstart_learns(tmp_path):
 @pytest.mark.gpu
 def test_learner_on_cuda(tmp_path):
     assert (
-        main(["train", QUICKSTART, *TINY, "ppo.iterations=2", "device=cuda", f"runs_dir={tmp_path}", "--no-progress"])
+        main(["train", QUICKSTART, *TINY, "algo.iterations=2", "device=cuda", f"runs_dir={tmp_path}", "--no-progress"])
         == 0
     )
     assert len(read_metrics(_run_dir(tmp_path))) == 3
@@ -219,7 +252,7 @@ def test_training_survives_a_worker_killed_mid_iteration(tmp_path):
                 "train",
                 QUICKSTART,
                 *args,
-                "ppo.iterations=3",
+                "algo.iterations=3",
                 "env.id=flowrl/FaultInjection-v0",
                 f"env.kwargs={{fail_at_step: 40, mode: exit, once_marker: {marker}}}",
                 f"runs_dir={tmp_path / 'runs'}",
@@ -247,7 +280,7 @@ def test_ray_training_equals_in_process_training(tmp_path):
                     "train",
                     QUICKSTART,
                     *TINY,
-                    "ppo.iterations=2",
+                    "algo.iterations=2",
                     f"ray.enabled={enabled}",
                     f"runs_dir={tmp_path / name}",
                     "--no-progress",
@@ -272,7 +305,7 @@ def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
                 "train",
                 QUICKSTART,
                 *TINY,
-                "ppo.iterations=1",
+                "algo.iterations=1",
                 f"policy.pretrained={pretrained}",
                 f"runs_dir={tmp_path / 'ft'}",
                 "--no-progress",
@@ -312,7 +345,7 @@ def test_shortcut_policy_fine_tunes_with_one_denoising_step(tmp_path):
                 "train",
                 QUICKSTART,
                 *TINY,
-                "ppo.iterations=2",
+                "algo.iterations=2",
                 "policy.type=shortcut",
                 "policy.denoising_steps=1",
                 f"runs_dir={tmp_path}",
@@ -337,7 +370,7 @@ def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsy
     from flowrl.algos.bc import load_demos
     from flowrl.config import DemosConfig
 
-    train = ["train", QUICKSTART, *TINY, "ppo.iterations=1", f"runs_dir={tmp_path / 'train'}", "--no-progress"]
+    train = ["train", QUICKSTART, *TINY, "algo.iterations=1", f"runs_dir={tmp_path / 'train'}", "--no-progress"]
     assert main(train) == 0
     run = _run_dir(tmp_path / "train")
     out = tmp_path / "data" / "demos.npz"

@@ -6,8 +6,11 @@ import sys
 
 def test_core_imports_without_ray():
     code = (
-        "import sys; import flowrl.core, flowrl.models, flowrl.models.build, flowrl.rollout, flowrl.rewards, "
-        "flowrl.algos.ppo, flowrl.algos.bc, flowrl.algos.flow_bc, flowrl.config, envs; "
+        "import sys; import flowrl.core, flowrl.core.transitions, flowrl.core.solvers, flowrl.models, "
+        "flowrl.models.sampler, flowrl.models.build, flowrl.rollout, flowrl.rollout.collector, "
+        "flowrl.rollout.vector_env, flowrl.rewards, flowrl.algos.policy_gradient, flowrl.algos.ppo, "
+        "flowrl.algos.grpo, flowrl.algos.trainer, flowrl.algos.bc, flowrl.algos.flow_bc, flowrl.config, "
+        "flowrl.experiment, envs; "
         "bad = [m for m in ('ray', 'tensorboard') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -1,7 +1,7 @@
 """Behaviour cloning of any policy family from demonstrations, with EMA weights.
 
-Demonstrations are ``.npz`` files (observations ``[N, O]``, actions ``[N, Da]``,
-episode_ends ``[E]``), cut into (observation, next Ta actions) pairs. The family's loss:
+Demonstrations (flowrl.rollout.demos reads and checks them: observations ``[N, O]``,
+actions ``[N, Da]``, episode_ends ``[E]``) are cut into (observation, next Ta actions) pairs. The family's loss:
 rectified flow, shortcut and MeanFlow in ``flow_bc``, DDPM in ``diffusion_bc``, and for a
 Gaussian policy the squared error of its mean. The actor's observation normaliser takes the
 dataset's mean and std first (policy.obs_norm: dataset).
@@ -16,59 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
-import envs as flowrl_envs
 from flowrl.algos.diffusion_bc import diffusion_loss
 from flowrl.algos.flow_bc import flow_matching_loss, meanflow_loss, shortcut_loss
-from flowrl.config import DemosConfig, PolicyConfig, PretrainConfig
+from flowrl.config import PolicyConfig, PretrainConfig
 from flowrl.errors import FlowRLError
 from flowrl.models.diffusion_policy import cosine_alphas_cumprod
+from flowrl.rollout.demos import DEMO_KEYS, DatasetError, check_demos, load_demos
+from flowrl.runlog import RunLog, atomic_save
+from flowrl.runtime import Interrupted, stop_requested
 from flowrl.runtime import progress as progress_bar
-
-DEMO_KEYS = ("observations", "actions", "episode_ends")
-
-
-class DatasetError(FlowRLError, ValueError):
-    """A missing or malformed demonstration file; the message says how to fix it."""
-
-
-def check_demos(cfg: DemosConfig, env_id: str) -> None:
-    """Raises DatasetError when the demonstrations cannot be found (before any work starts)."""
-    if cfg.path is None:
-        if env_id not in flowrl_envs.DEMONSTRATORS:
-            raise DatasetError(
-                f"env {env_id} has no scripted demonstrator: set pretrain.demos.path to a demonstration .npz "
-                f"(keys {', '.join(DEMO_KEYS)}) or give policy.pretrained"
-            )
-        return
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise DatasetError(
-            f"demonstration file not found: {path} (pretrain.demos.path); record one with `flowrl collect "
-            f"EXPERT_RUN --out {path}` (README, Locomotion) or point the key at an existing .npz with keys "
-            f"{', '.join(DEMO_KEYS)}"
-        )
-
-
-def load_demos(cfg: DemosConfig, env_id: str, seed: int) -> dict[str, np.ndarray]:
-    """Demonstrations from ``cfg.path``, or from the env's scripted demonstrator if null."""
-    check_demos(cfg, env_id)
-    if cfg.path is None:
-        return flowrl_envs.DEMONSTRATORS[env_id](cfg.episodes, seed)
-    path = Path(cfg.path).expanduser()
-    with np.load(path) as data:
-        missing = [k for k in DEMO_KEYS if k not in data]
-        if missing:
-            raise DatasetError(f"{path}: missing arrays {missing}; a demonstration file needs {', '.join(DEMO_KEYS)}")
-        demos = {k: np.asarray(data[k]) for k in DEMO_KEYS}
-    n = len(demos["observations"])
-    ends = demos["episode_ends"]
-    if len(demos["actions"]) != n or len(ends) == 0 or ends[-1] != n or np.any(np.diff(ends) <= 0):
-        raise DatasetError(
-            f"{path}: inconsistent arrays: {n} observations, {len(demos['actions'])} actions, episode_ends must "
-            f"increase strictly and end at {n}"
-        )
-    return demos
 
 
 def action_chunks(demos: dict[str, np.ndarray], horizon: int) -> tuple[Tensor, Tensor]:
@@ -111,6 +69,10 @@ def bc_loss(policy: PolicyConfig, pretrain: PretrainConfig) -> LossFn:
     return gaussian_mean_loss
 
 
+class PretrainError(FlowRLError, FloatingPointError):
+    """Behaviour cloning diverged (a non-finite loss)."""
+
+
 def behaviour_clone(
     actor: nn.Module,
     obs: Tensor,
@@ -119,30 +81,98 @@ def behaviour_clone(
     cfg: PretrainConfig,
     seed: int,
     progress: bool = True,
+    run_dir: Path | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train ``actor`` on (obs ``[M, O]``, chunks ``[M, Ta, Da]``); returns its EMA copy and
-    the final loss."""
+    the final loss.
+
+    With ``run_dir``: the mean loss of every 100 steps goes to ``pretrain_metrics.jsonl`` and
+    ``tensorboard/pretrain``; a checkpoint (weights, EMA, optimiser, generator) is written to
+    ``checkpoints/pretrain.pt`` every ``cfg.checkpoint_every`` steps and when a stop is
+    requested (SIGINT/SIGTERM), and an existing one is resumed: a killed pretraining redoes at
+    most ``checkpoint_every`` steps and ends with the same weights as an uninterrupted one.
+    """
     device = next(actor.parameters()).device
     obs, chunks = obs.to(device), chunks.to(device)
     ema = copy.deepcopy(actor).requires_grad_(False)
     opt = torch.optim.AdamW(actor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
-    bar = progress_bar(range(cfg.steps), "pretrain", progress)
-    for step in bar:
-        idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
-        loss = loss_fn(actor, obs[idx], chunks[idx], gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), actor.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - cfg.ema_decay)
-            for b_ema, b in zip(ema.buffers(), actor.buffers(), strict=True):
-                b_ema.copy_(b)
-        losses.append(loss.item())
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", refresh=False)
+    start = 0
+    checkpoint = run_dir / "checkpoints" / "pretrain.pt" if run_dir is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        state = _load_pretrain_checkpoint(checkpoint)
+        actor.load_state_dict(state["actor"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["generator"])
+        start, losses = int(state["step"]), list(state["losses"])
+        tqdm.write(f"resuming pretraining from {checkpoint} (step {start} of {cfg.steps})")
+    log = None
+    if run_dir is not None:  # records a killed run wrote after its checkpoint are dropped (-1: all of them)
+        log = RunLog(run_dir, resume_after=start if start else -1, name="pretrain", step_key="step")
+
+    def save(step: int) -> None:
+        assert checkpoint is not None
+        state = {"step": step, "actor": actor.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+        atomic_save({**state, "generator": gen.get_state(), "losses": losses[-100:]}, checkpoint)
+
+    bar = progress_bar(range(start, cfg.steps), "pretrain", progress, initial=start, total=cfg.steps)
+    try:
+        for step in bar:
+            idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
+            loss = loss_fn(actor, obs[idx], chunks[idx], gen)
+            if not torch.isfinite(loss):
+                raise PretrainError(
+                    f"the pretraining loss is {loss.item()} at step {step}: lower pretrain.lr (now {cfg.lr:g})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), actor.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - cfg.ema_decay)
+                for b_ema, b in zip(ema.buffers(), actor.buffers(), strict=True):
+                    b_ema.copy_(b)
+            losses.append(loss.item())
+            losses = losses[-100:]
+            done = step + 1
+            if done % 100 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
+                if log is not None:
+                    log.log(done, {"pretrain/loss": float(np.mean(losses))})
+            if checkpoint is not None and (done % cfg.checkpoint_every == 0 or stop_requested()) and done < cfg.steps:
+                save(done)
+                if stop_requested():
+                    raise Interrupted(
+                        f"stopped pretraining at step {done} of {cfg.steps} (checkpoint saved); resume with: "
+                        f"flowrl train --resume {run_dir} (or flowrl pretrain --resume {run_dir})"
+                    )
+    finally:
+        if log is not None:
+            log.close()
     return ema.requires_grad_(True), {"pretrain/loss": float(np.mean(losses[-100:]))}
+
+
+def _load_pretrain_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and what to do
+        raise PretrainError(
+            f"{path} is unreadable ({type(exc).__name__}); delete it to restart pretraining from step 0"
+        ) from None
+    if not isinstance(state, dict) or not {"step", "actor", "ema", "opt", "generator", "losses"} <= set(state):
+        raise PretrainError(f"{path} is not a flowrl pretraining checkpoint; delete it to restart pretraining")
+    return state
+
+
+__all__ = [
+    "DEMO_KEYS",
+    "DatasetError",
+    "action_chunks",
+    "bc_loss",
+    "behaviour_clone",
+    "check_demos",
+    "dataset_obs_stats",
+    "load_demos",
+]

@@ -160,7 +160,7 @@ class GRPO:
                     kl = step_kl(self.policy, terms.evaluation, ref).mean()
                     loss = loss + cfg.beta * kl
                     logged["losses/kl_ref"] = kl.item()
-                grad_norm = self.optimizer.step(loss)
+                grad_norm = self.optimizer.step(loss, iteration)
                 for key, value in {
                     **logged,
                     "train/grad_norm": grad_norm,
@@ -177,6 +177,7 @@ class GRPO:
         metrics["train/ratio_max"] = float(np.max(history["train/ratio_max"]))
         metrics["train/ratio_min"] = float(np.min(history["train/ratio_min"]))
         metrics["train/epochs"] = float(epochs_done)
+        metrics["train/skipped_updates"] = float(self.optimizer.guard.pop_skipped())
         metrics["train/advantage_std"] = batch.advantages.std().item() if size > 1 else 0.0
         if self.running_obs_stats:
             update_obs_stats(batch.cond, self.policy)

@@ -3,6 +3,7 @@ optimiser over the policy's parameter groups, and the ratio = 1 check."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -10,16 +11,55 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowrl.config import _PolicyGradient
+from flowrl.config import PolicyGradientConfig
 from flowrl.core.batch import TensorBatch
 from flowrl.core.transitions import unit_values
 from flowrl.errors import FlowRLError
 from flowrl.models.networks import ObsNormalizer
 from flowrl.models.policy import Evaluation, Policy
 
+log = logging.getLogger("flowrl")
+
 
 class RatioCheckError(FlowRLError, RuntimeError):
     """Re-evaluated log-probs of a fresh rollout differ from the sampled ones."""
+
+
+class NumericalError(FlowRLError, FloatingPointError):
+    """Losses, gradients or weights stayed non-finite: the run stops rather than write them."""
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss or gradient norm is non-finite, logs each, and stops the run
+    after ``limit`` in a row (a diverging learning rate, exploding observations or rewards)."""
+
+    def __init__(self, limit: int, hint: str) -> None:
+        self.limit, self.hint = limit, hint
+        self.in_a_row = 0
+        self.skipped = 0  # since the last ``pop_skipped``
+
+    def ok(self, quantity: str, value: float, iteration: int) -> bool:
+        """True when ``value`` is finite (the update may go ahead)."""
+        if math.isfinite(value):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        log.warning(
+            "%s is %s at iteration %d: update skipped (%d in a row, the run stops at %d)",
+            quantity, value, iteration, self.in_a_row, self.limit,
+        )  # fmt: skip
+        if self.in_a_row >= self.limit:
+            raise NumericalError(
+                f"{quantity} was non-finite ({value}) in {self.in_a_row} updates in a row at iteration {iteration}; "
+                f"{self.hint}. The last good checkpoint is kept: resume it with lower learning rates "
+                "(flowrl train --resume RUN algo.actor_lr=...)"
+            )
+        return False
+
+    def pop_skipped(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
 
 @dataclass
@@ -59,6 +99,12 @@ def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: st
     new, old = terms.log_prob, terms.old_log_prob
     dev = ((new - old).exp() - 1.0).abs()
     worst = float(dev.max()) if dev.numel() else 0.0
+    if not bool(torch.isfinite(new).all() and torch.isfinite(old).all()):
+        i = int((~(torch.isfinite(new) & torch.isfinite(old))).nonzero()[0])
+        raise NumericalError(
+            f"{algo}: a log-prob of the fresh rollout is non-finite (sample {i}: sampled {old[i].item()}, "
+            f"re-evaluated {new[i].item()}): the policy's weights or the observations are non-finite"
+        )
     if not worst <= tol:
         i = int(dev.nan_to_num(nan=math.inf).argmax())
         raise RatioCheckError(
@@ -73,7 +119,12 @@ class PolicyOptimizer:
     """Adam over the policy's parameter groups (``actor`` at actor_lr, ``noise`` at noise_lr),
     gradient clipping, and the learning-rate schedule."""
 
-    def __init__(self, policy: Policy, cfg: _PolicyGradient, extra: list[torch.optim.Optimizer] = ()) -> None:
+    def __init__(self, policy: Policy, cfg: PolicyGradientConfig, extra: list[torch.optim.Optimizer] = ()) -> None:
+        self.guard = NonFiniteGuard(
+            cfg.max_skipped_updates,
+            f"the learning rates are likely too high (algo.actor_lr={cfg.actor_lr:g}), or the observations or "
+            "rewards explode",
+        )
         frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
         if frozen:
             raise ValueError(f"policy parameters are frozen (requires_grad=False): {frozen[:3]}")
@@ -95,13 +146,32 @@ class PolicyOptimizer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
 
-    def step(self, loss: Tensor) -> float:
-        """Backward, clip, step; returns the gradient norm before clipping."""
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
-        self.opt.step()
-        return float(grad_norm)
+    def step(self, loss: Tensor, iteration: int) -> float:
+        """Backward, clip, step; returns the gradient norm before clipping. A non-finite
+        loss or gradient norm skips the step (NonFiniteGuard) and returns NaN."""
+        return guarded_step(self.opt, self.policy.parameters(), loss, self.cfg.max_grad_norm, self.guard, iteration)
+
+
+def guarded_step(
+    opt: torch.optim.Optimizer,
+    params,
+    loss: Tensor,
+    max_grad_norm: float,
+    guard: NonFiniteGuard,
+    iteration: int,
+    name: str = "policy",
+) -> float:
+    """One optimiser step unless the loss or the gradient norm is non-finite."""
+    opt.zero_grad(set_to_none=True)
+    if not guard.ok(f"the {name} loss", float(loss.detach()), iteration):
+        return math.nan
+    loss.backward()
+    grad_norm = float(nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not guard.ok(f"the {name} gradient norm", grad_norm, iteration):
+        opt.zero_grad(set_to_none=True)
+        return math.nan
+    opt.step()
+    return grad_norm
 
 
 def update_obs_stats(obs: Tensor, *modules: nn.Module) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowrl.algos.policy_gradient import PolicyOptimizer, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import PolicyOptimizer, guarded_step, pg_samples, update_obs_stats
 from flowrl.config import PPOConfig
 from flowrl.core.advantages import gae
 from flowrl.core.batch import TensorBatch
@@ -171,13 +171,13 @@ class PPO:
                     w2 = self.w2_distance(batch.cond[mb])
                     loss = loss + cfg.w2_coef * w2
                     logged["losses/w2"] = w2.item()
-                grad_norm = self.optimizer.step(loss) if train_actor else 0.0
+                grad_norm = self.optimizer.step(loss, iteration) if train_actor else 0.0
 
                 v_loss, _ = value_loss(self.critic(batch.cond[mb]), batch.returns[mb], batch.values[mb], cfg.value_clip)
-                self.critic_opt.zero_grad(set_to_none=True)
-                v_loss.backward()
-                nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-                self.critic_opt.step()
+                guarded_step(
+                    self.critic_opt, self.critic.parameters(), v_loss, cfg.max_grad_norm, self.optimizer.guard,
+                    iteration, "value",
+                )  # fmt: skip
 
                 for key, value in {
                     **logged,
@@ -201,6 +201,7 @@ class PPO:
             update_obs_stats(batch.cond, self.policy, self.critic)
         metrics.update(
             {
+                "train/skipped_updates": float(self.optimizer.guard.pop_skipped()),
                 "train/epochs": float(epochs_done),
                 "train/explained_variance": v_metrics["explained_variance"],
                 "train/advantage_std": batch.advantages.std().item(),

@@ -19,19 +19,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.algos.policy_gradient import check_ratio
+from flowrl.algos.policy_gradient import NumericalError, check_ratio
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
 from flowrl.errors import FlowRLError
-from flowrl.models.build import actor_record
+from flowrl.models.build import CheckpointError, actor_record
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import Collector, Rollout, evaluate_policy
 from flowrl.runlog import RunLog, atomic_save
+from flowrl.runtime import Interrupted, stop_requested
 from flowrl.runtime import progress as progress_bar
 
 
 class RewardError(FlowRLError, RuntimeError):
     """The env returned a non-finite reward."""
+
+
+class ObservationError(FlowRLError, RuntimeError):
+    """The env returned a non-finite observation."""
 
 
 class Batch(Protocol):
@@ -59,15 +64,62 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def check_rewards(rollout: Rollout) -> None:
-    """A non-finite reward stops the run, naming where it came from."""
+def check_actions(rollout: Rollout, policy: Policy, iteration: int, lr: float) -> None:
+    """Non-finite sampled actions: the policy's weights have blown up (they stay finite
+    numbers but overflow in the forward pass)."""
+    actions = getattr(rollout.samples, "final", None)
+    if actions is None:
+        return
+    bad = ~torch.isfinite(actions).flatten(2).all(dim=2) & rollout.valid
+    if bool(bad.any()):
+        t, n = bad.nonzero()[0].tolist()
+        largest = max(float(p.detach().abs().max()) for p in policy.parameters())
+        raise NumericalError(
+            f"the policy sampled non-finite actions in iteration {iteration} (policy step {t}, env {n}); its largest "
+            f"weight is {largest:.3g}: the learning rates are likely too high (algo.actor_lr={lr:g}). The last good "
+            "checkpoint is kept: resume it with lower ones (flowrl train --resume RUN algo.actor_lr=...)"
+        )
+
+
+def check_weights(policy: Policy, iteration: int, lr: float) -> None:
+    """Weights that became non-finite in an update stop the run before anything saves them."""
+    bad = nonfinite_entries(policy.state_dict())
+    if bad:
+        raise NumericalError(
+            f"the policy's weights became non-finite in the update of iteration {iteration} ({bad[0]}, {len(bad)} "
+            f"tensors): the learning rates are likely too high (algo.actor_lr={lr:g}). The last good checkpoint is "
+            "kept: resume it with lower ones (flowrl train --resume RUN algo.actor_lr=...)"
+        )
+
+
+def check_rewards(rollout: Rollout, env_id: str = "the env") -> None:
+    """A non-finite reward or observation stops the run, naming where it came from."""
     bad = ~torch.isfinite(rollout.rewards) & rollout.valid
     if bool(bad.any()):
         t, n = bad.nonzero()[0].tolist()
         raise RewardError(
-            f"the env returned reward {rollout.rewards[t, n].item()} at policy step {t} of env {n}; "
+            f"{env_id} returned reward {rollout.rewards[t, n].item()} at policy step {t} of env {n}; "
             "fix the env's reward (flowrl does not replace bad rewards)"
         )
+    for name, obs in (("observation", rollout.obs), ("next observation", rollout.next_obs)):
+        bad = ~torch.isfinite(obs).flatten(2).all(dim=2) & rollout.valid
+        if bool(bad.any()):
+            t, n = bad.nonzero()[0].tolist()
+            raise ObservationError(
+                f"{env_id} returned a non-finite {name} at policy step {t} of env {n} "
+                f"({obs[t, n].flatten()[:6].tolist()}...); fix the env (flowrl does not replace bad observations)"
+            )
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in nonfinite_entries(v, f"{prefix}[{i}]")]
+    return []
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
@@ -95,12 +147,12 @@ class Trainer:
         run_dir: Path,
         policy: Policy,
         algo: Algorithm,
-        collector: Collector,
         device: torch.device,
         progress: bool = True,
     ) -> None:
         self.cfg, self.run_dir, self.policy, self.algo = cfg, run_dir, policy, algo
-        self.collector, self.device, self.progress = collector, device, progress
+        self.device, self.progress = device, progress
+        self.loaded = False  # a checkpoint was loaded
         # Rollouts run on the CPU (like remote workers); the learner may sit on the GPU.
         self.rollout_policy = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()
         self.iteration, self.env_steps = 0, 0
@@ -114,41 +166,56 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> None:
+        """Writes checkpoints/last.pt atomically; never with non-finite weights (the last good
+        checkpoint stays)."""
+        state = self.algo.state_dict()
+        bad = nonfinite_entries(state)
+        if bad:
+            raise NumericalError(
+                f"non-finite values in {bad[0]} (and {len(bad) - 1} more) at iteration {self.iteration}: no checkpoint "
+                "written, the last good one is kept; lower the learning rates and resume from it "
+                "(flowrl train --resume RUN algo.actor_lr=...)"
+            )
         atomic_save(
             {
                 "iteration": self.iteration,
                 "env_steps": self.env_steps,
                 "eval_before": self.before,
                 "eval_last": self.last_eval,
-                "algo": self.algo.state_dict(),
+                "algo": state,
                 **actor_record(self.policy.network, self.cfg.policy),
             },
             self.run_dir / "checkpoints" / "last.pt",
         )
 
-    def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "algo" not in checkpoint:
-            raise FlowRLError(
-                "this checkpoint was written by an older flowrl (no 'algo' entry); start a new run from its "
-                "policy instead: policy.pretrained=RUN/policy.pt"
-            )
-        self.algo.load_state_dict(checkpoint["algo"])
+    def load_checkpoint(self, checkpoint: dict[str, Any], source: Path | str = "the checkpoint") -> None:
+        """Continue from a checkpoint of this class; CheckpointError when it does not fit."""
+        try:
+            self.algo.load_state_dict(checkpoint["algo"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{source} does not fit this experiment ({first}); resume without the overrides that change the "
+                "policy, the algorithm or their sizes"
+            ) from None
         self.iteration, self.env_steps = checkpoint["iteration"], checkpoint["env_steps"]
         self.before, self.last_eval = checkpoint["eval_before"], checkpoint["eval_last"]
         if self.rollout_policy is not self.policy:
             self.rollout_policy.load_state_dict(self.policy.state_dict())
+        self.loaded = True
 
-    def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    def run(self, collector: Collector, resumed: bool = False) -> dict[str, Any]:
         """Train to ``algo.iterations``; returns {"before": eval metrics, "after": eval metrics}.
 
-        ``resume``: a checkpoint written by this class; training continues after its iteration.
+        Continues after the iteration of a loaded checkpoint (``load_checkpoint``); ``resumed``
+        without one starts over and drops what a killed process logged.
         """
         cfg, algo, policy = self.cfg, self.algo, self.policy
         iterations = cfg.algo.iterations
-        if resume is not None:
-            self.load_checkpoint(resume)
-        self.collector.reset(epoch=self.iteration)
-        log = RunLog(self.run_dir, resume_after=self.env_steps if resume is not None else None)
+        self.collector = collector
+        collector.reset(epoch=self.iteration)
+        resume_after = self.env_steps if self.loaded else (-1 if resumed else None)
+        log = RunLog(self.run_dir, resume_after=resume_after)
         try:
             if self.before is None:
                 self.before = self.evaluate()
@@ -168,12 +235,14 @@ class Trainer:
             for it in bar:
                 t0 = time.perf_counter()
                 rollout = algo.collect(self.collector, self.rollout_policy, it)
-                check_rewards(rollout)
+                check_actions(rollout, policy, it, cfg.algo.actor_lr)
+                check_rewards(rollout, cfg.env.id)
                 t1 = time.perf_counter()
                 algo.set_progress(it / iterations)
                 batch = algo.prepare(rollout)
                 ratio_dev = check_ratio(policy, batch.cond, batch.samples, cfg.algo.ratio_check_tol, algo.name)
                 metrics = algo.update(batch, it)
+                check_weights(policy, it, cfg.algo.actor_lr)
                 if self.rollout_policy is not policy:  # the CPU copy that collects and evaluates
                     self.rollout_policy.load_state_dict(policy.state_dict())
                 t2 = time.perf_counter()
@@ -198,10 +267,18 @@ class Trainer:
                     ret=f"{self.last_eval['eval/return']:.2f}",
                     refresh=False,
                 )
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations:
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations or stop_requested():
                     self.save_checkpoint()
+                if stop_requested() and self.iteration < iterations:
+                    raise Interrupted(
+                        f"stopped after iteration {self.iteration} of {iterations} (checkpoint saved); resume with: "
+                        f"flowrl train --resume {self.run_dir}"
+                    )
         finally:
             log.close()
             self.collector.close()
+        bad = nonfinite_entries(policy.network.state_dict())
+        if bad:  # unreachable while the guards hold; never write such a policy
+            raise NumericalError(f"the final policy has non-finite weights ({bad[0]}): policy.pt not written")
         atomic_save(actor_record(policy.network, cfg.policy), self.run_dir / "policy.pt")
         return {"before": self.before, "after": self.last_eval}

@@ -1,4 +1,5 @@
-"""Pure tensor math: time grids, stochastic steps, windows, advantages and losses.
+"""Pure tensor math: time grids, stochastic steps, ODE solvers, windows, transitions,
+advantages and losses.
 
 Nothing here knows about environments, Ray or configs; every function documents its shapes.
 """
@@ -7,6 +8,7 @@ from flowrl.core.advantages import gae, group_advantages
 from flowrl.core.batch import TensorBatch
 from flowrl.core.grids import time_grid
 from flowrl.core.losses import clipped_surrogate, value_loss
+from flowrl.core.solvers import SOLVERS, dpm_solver_2m_step, heun_step, ode_solve
 from flowrl.core.steps import (
     StepOutput,
     cps_step,
@@ -14,28 +16,40 @@ from flowrl.core.steps import (
     flow_sde_std_scale,
     flow_sde_step,
     gaussian_entropy,
+    gaussian_kl,
     gaussian_log_prob,
     gaussian_step,
+    gaussian_transition,
 )
+from flowrl.core.transitions import Transitions, steps_from_mask, unit_values
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow, StepWindow
 
 __all__ = [
+    "SOLVERS",
     "AllSteps",
     "OneRandomStep",
     "SlidingWindow",
     "StepOutput",
     "StepWindow",
     "TensorBatch",
+    "Transitions",
     "clipped_surrogate",
     "cps_step",
+    "dpm_solver_2m_step",
     "euler_step",
     "flow_sde_std_scale",
     "flow_sde_step",
     "gae",
     "gaussian_entropy",
+    "gaussian_kl",
     "gaussian_log_prob",
     "gaussian_step",
+    "gaussian_transition",
     "group_advantages",
+    "heun_step",
+    "ode_solve",
+    "steps_from_mask",
     "time_grid",
+    "unit_values",
     "value_loss",
 ]

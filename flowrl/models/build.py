@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -142,20 +146,141 @@ def actor_record(actor: Actor, cfg: PolicyConfig) -> dict[str, Any]:
     }
 
 
+# What torch.load raises on a truncated, corrupt or foreign file (found by fuzzing torch 2.x with
+# truncated, bit-flipped and random files): the zip reader's RuntimeError, the weights-only
+# unpickler's UnpicklingError, and from damaged pickles and headers EOFError, ValueError (also
+# UnicodeDecodeError), KeyError, IndexError, AttributeError, TypeError, struct.error; OSError for an
+# unreadable file (also a seek past the end of a truncated one); zipfile's, memory and overflow
+# errors for completeness.
+_UNREADABLE = (
+    RuntimeError,
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    TypeError,
+    struct.error,
+    OSError,
+    zipfile.BadZipFile,
+    MemoryError,
+    OverflowError,
+    NotImplementedError,
+)
+_USE = "point policy.pretrained (or --checkpoint) at a pretrained.pt or policy.pt that flowrl wrote"
+
+
 def load_actor(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> Actor:
-    """Load the network of a pretrained (or fine-tuned) checkpoint, checking it fits."""
+    """Load the network of a pretrained (or fine-tuned) checkpoint, checking it fits.
+
+    Raises CheckpointError (one line: the file, the problem, the fix) for a missing, truncated,
+    corrupt or foreign file, an architecture that differs from ``cfg`` and the env's dims, weights
+    whose names or shapes do not fit the network, and non-finite weights.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (policy.pretrained or --checkpoint)")
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(record, dict) or "actor" not in record or "arch" not in record:
-        raise CheckpointError(f"{path} is not a flowrl policy checkpoint (no 'actor'/'arch' entries)")
-    arch = record["arch"]
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:  # e.g. no permission: torch's own errors would not say so
+        raise CheckpointError(f"cannot read checkpoint {path} ({exc.strerror or exc}); {_USE}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on the odd pickle protocols of damaged files
+            record = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as exc:
+        raise CheckpointError(
+            f"{path} cannot be read by torch.load ({type(exc).__name__}): the file is truncated, corrupt or not a "
+            f"PyTorch checkpoint of plain tensors; {_USE}"
+        ) from None
+    if not (
+        isinstance(record, dict) and isinstance(record.get("actor"), dict) and isinstance(record.get("arch"), dict)
+    ):
+        what = (
+            f"entries {', '.join(repr(k) for k in list(record)[:8])}"
+            if isinstance(record, dict)
+            else f"a {type(record).__name__}"
+        )
+        raise CheckpointError(
+            f"{path} is not a flowrl policy checkpoint (it holds {what}; flowrl's hold 'actor' and 'arch' "
+            f"dicts): {_USE}"
+        )
+    _check_arch(path, record["arch"], cfg, obs_dim, action_dim)
+    actor = build_actor(cfg, obs_dim, action_dim)
+    state = record["actor"]
+    _check_state(path, state, actor.state_dict())
+    try:
+        actor.load_state_dict(state)
+    except RuntimeError as exc:  # what _check_state does not foresee (e.g. a dtype that cannot be copied)
+        first = (str(exc).strip().splitlines() or [""])[0][:150]
+        raise CheckpointError(f"{path}: its weights do not load into the network ({first}); {_USE}") from None
+    return actor
+
+
+def check_checkpoint(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> None:
+    """Raises CheckpointError when ``load_actor`` would (before any work starts)."""
+    load_actor(path, cfg, obs_dim, action_dim)
+
+
+def _check_arch(path: Path, arch: dict[str, Any], cfg: PolicyConfig, obs_dim: int, action_dim: int) -> None:
     expected = {"obs_dim": obs_dim, "action_dim": action_dim, **{k: getattr(cfg, k) for k in arch_keys(cfg)}}
     wrong = {k: (arch.get(k), v) for k, v in expected.items() if arch.get(k) != v}
-    if wrong:
-        detail = ", ".join(f"{k}: checkpoint {a} vs experiment {b}" for k, (a, b) in wrong.items())
-        raise CheckpointError(f"{path} does not fit this experiment ({detail}); set policy.* to match")
-    actor = build_actor(cfg, obs_dim, action_dim)
-    actor.load_state_dict(record["actor"])
-    return actor
+    if not wrong:
+        return
+    if arch.get("type") is not None and "type" in wrong:  # another family: its arch has other keys
+        wrong = {k: v for k, v in wrong.items() if v[0] is not None or k in ("obs_dim", "action_dim")}
+    detail = ", ".join(f"{k}: checkpoint {a} vs experiment {b}" for k, (a, b) in wrong.items())
+    fixes = []
+    keys = [k for k, (a, _) in wrong.items() if k not in ("obs_dim", "action_dim") and a is not None]
+    if keys:
+        fixes.append("set " + " ".join(f"policy.{k}={_yaml(wrong[k][0])}" for k in keys))
+    if "obs_dim" in wrong or "action_dim" in wrong:
+        fixes.append("use a checkpoint trained on this env (env.id, env.kwargs)")
+    lacking = [k for k, (a, _) in wrong.items() if a is None]
+    if lacking:
+        fixes.append(f"its 'arch' entry lacks {', '.join(lacking)} (not written by this flowrl): {_USE}")
+    raise CheckpointError(f"{path} does not fit this experiment ({detail}); {'; '.join(fixes)}")
+
+
+def _yaml(value: Any) -> str:
+    """A value as a command-line override writes it."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_yaml(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def _check_state(path: Path, state: dict[Any, Any], expected: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's weights against a fresh network's: names, shapes, finite values."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
+        raise CheckpointError(
+            f"{path}: its weights do not fit the network its 'arch' describes ({first}; {counts}): the file "
+            f"was edited or written by another program; {_USE}"
+        )
+    for name, want in expected.items():
+        have = state[name]
+        if not isinstance(have, torch.Tensor):
+            raise CheckpointError(f"{path}: weight {name!r} is a {type(have).__name__}, not a tensor; {_USE}")
+        if have.shape != want.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(have.shape)}, the network needs {list(want.shape)} (the "
+                f"file does not match its 'arch' entry); {_USE}"
+            )
+        if want.is_floating_point() and not have.is_floating_point():
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {str(have.dtype).removeprefix('torch.')}, the network needs real "
+                f"numbers ({str(want.dtype).removeprefix('torch.')}); {_USE}"
+            )
+        if have.is_floating_point():
+            bad = int((~torch.isfinite(have)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf), the weights of a diverged "
+                    "run; use an earlier checkpoint (e.g. the run's pretrained.pt or checkpoints/last.pt) or "
+                    "train again with lower learning rates"
+                )

@@ -164,6 +164,8 @@ class DiffusionPolicy(nn.Module):
             )
         if not (math.isfinite(min_std) and min_std >= 0):
             raise ValueError(f"min_std must be finite and >= 0, got {min_std}")
+        if num_steps == 1 and min_std == 0:
+            raise ValueError("num_steps=1 with min_std=0 has no stochastic step (nothing to train): set min_std > 0")
         if denoised_clip is not None and not (math.isfinite(denoised_clip) and denoised_clip > 0):
             raise ValueError(f"denoised_clip must be None or a finite value > 0, got {denoised_clip}")
         self.denoiser = denoiser

@@ -29,7 +29,7 @@ from flowrl.core.grids import GridKind, time_grid
 from flowrl.core.solvers import SOLVERS, SolverName, dpm_solver_2m_step, heun_step
 from flowrl.core.steps import StepOutput, cps_step, euler_step, flow_sde_step, gaussian_step
 from flowrl.core.transitions import Transitions, steps_from_mask
-from flowrl.core.windows import AllSteps, StepWindow
+from flowrl.core.windows import AllSteps, OneRandomStep, StepWindow
 from flowrl.models.networks import ReinFlowNoiseNet
 
 # (condition rows, x [B, *E], t [B] or scalar, t_next) -> velocity [B, *E]
@@ -154,6 +154,8 @@ class ChainSampler(nn.Module):
             raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
         if steps_after_window is not None and steps_after_window < 1:
             raise ValueError(f"steps_after_window must be >= 1 or None, got {steps_after_window}")
+        if steps_after_window is not None and isinstance(window, OneRandomStep):
+            raise ValueError("steps_after_window needs a window shared by the whole batch (all or sliding)")
         self.num_steps = num_steps
         self.converter = converter
         self.window = window if window is not None else AllSteps()

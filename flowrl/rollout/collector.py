@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.batch import TensorBatch
+from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy
 from flowrl.rollout.vector_env import GymVectorEnv
 from flowrl.runtime import derive_seed
@@ -322,6 +323,12 @@ def evaluate_policy(
         actions = policy.act(torch.as_tensor(obs), generator).numpy()
         for i in np.flatnonzero(active):
             o, r, term, trunc, info = env_list[i].step(actions[i])
+            if not (np.isfinite(r) and np.isfinite(o).all()):
+                what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
+                raise FlowRLError(
+                    f"evaluation: {env_id} returned {what} in episode {i}; fix the env (flowrl does not replace "
+                    "bad values)"
+                )
             obs[i] = o
             returns[i] += r
             lengths[i] += info["chunk_steps"]

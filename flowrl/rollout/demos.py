@@ -1,4 +1,5 @@
-"""Demonstration datasets made by a policy: ``flowrl collect``.
+"""Demonstration datasets: made by a policy (``flowrl collect``), read and checked for
+pretraining (``load_demos``).
 
 No D4RL downloads: an expert trained with flowrl's own Gaussian PPO (or any flowrl policy)
 acts in the env, optionally with Gaussian action noise to lower its quality to a
@@ -8,6 +9,12 @@ the same file.
 
 from __future__ import annotations
 
+import pickle
+import struct
+import tokenize
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +22,266 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import envs as flowrl_envs  # noqa: F401  (registers flowrl's envs)
+import envs as flowrl_envs
+from flowrl.config import DemosConfig
+from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy
 from flowrl.runtime import derive_seed
 from flowrl.runtime import progress as progress_bar
+
+DEMO_KEYS = ("observations", "actions", "episode_ends")
+_LAYOUT = "observations [N, O], actions [N, A], episode_ends [E]"
+_WRITE = "write it with np.savez(path, observations=..., actions=..., episode_ends=...) or `flowrl collect`"
+
+# What reading a damaged .npz raises (numpy 2 and zipfile; found by fuzzing truncated, bit-flipped
+# and random files): zipfile's and zlib's errors; numpy's format errors (ValueError, also
+# UnicodeDecodeError); headers numpy's parser gives up on (tokenize.TokenError, SyntaxError,
+# TypeError); zip features Python cannot read (NotImplementedError; RuntimeError for encrypted
+# members); short reads (EOFError, OSError, struct.error); headers that claim absurd sizes
+# (MemoryError, OverflowError); pickle errors for completeness (allow_pickle stays False).
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zlib.error,
+    ValueError,
+    OSError,
+    EOFError,
+    struct.error,
+    NotImplementedError,
+    RuntimeError,
+    tokenize.TokenError,
+    SyntaxError,
+    TypeError,
+    pickle.UnpicklingError,
+    MemoryError,
+    OverflowError,
+)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip (what np.load accepts)
+
+
+class DatasetError(FlowRLError, ValueError):
+    """A missing or malformed demonstration file; the message says how to fix it."""
+
+
+def check_demos(cfg: DemosConfig, env_id: str, dims: tuple[int, int] | None = None) -> None:
+    """Raises DatasetError when the demonstrations cannot be used, before any work starts.
+
+    Scripted demos (path null) need the env to have a demonstrator. A file is opened and fully
+    checked (as ``load_demos`` does); with ``dims`` = (obs dim, action dim) of the env its arrays'
+    widths must match them.
+    """
+    if cfg.path is None:
+        if env_id not in flowrl_envs.DEMONSTRATORS:
+            raise DatasetError(
+                f"env {env_id} has no scripted demonstrator: set pretrain.demos.path to a demonstration .npz "
+                f"(keys {', '.join(DEMO_KEYS)}) or give policy.pretrained"
+            )
+        return
+    read_demos(cfg.path, env_id, dims)
+
+
+def load_demos(cfg: DemosConfig, env_id: str, seed: int, dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Demonstrations from ``cfg.path`` (checked, see ``read_demos``), or from the env's scripted
+    demonstrator if null."""
+    if cfg.path is None:
+        check_demos(cfg, env_id)
+        return flowrl_envs.DEMONSTRATORS[env_id](cfg.episodes, seed)
+    return read_demos(cfg.path, env_id, dims)
+
+
+def read_demos(path: str | Path, env_id: str, dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Read and check a demonstration .npz: observations ``[N, O]`` and actions ``[N, A]`` of real
+    numbers, all finite, N >= 1; integer episode_ends ``[E]``, strictly increasing, > 0, ending at
+    N; with ``dims``, O and A equal to the env's. Any problem is one DatasetError line naming the
+    file, the array and the fix. Returns the three arrays (episode_ends as int64)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(
+            f"demonstration file not found: {path} (pretrain.demos.path); record one with `flowrl collect "
+            f"EXPERT_RUN --out {path}` (README, Locomotion) or point the key at an existing .npz with keys "
+            f"{', '.join(DEMO_KEYS)}"
+        )
+    with _open_npz(path) as data:
+        members = data.zip.namelist()
+        missing = [k for k in DEMO_KEYS if k not in data.files]
+        if missing:
+            has = ", ".join(repr(k) for k in data.files[:8]) + (", ..." if len(data.files) > 8 else "")
+            raise DatasetError(
+                f"{path}: missing arrays {', '.join(missing)} (it has {has or 'no arrays'}); a demonstration file "
+                f"needs {_LAYOUT}: {_WRITE}"
+            )
+        shapes = {}
+        for key in DEMO_KEYS:
+            member = key + ".npy" if key + ".npy" in members else key
+            shapes[key] = _check_header(data, member, path, key)
+        _check_sizes(path, env_id, shapes, dims)
+        demos = {key: _read_array(data, path, key) for key in DEMO_KEYS}
+    for key in ("observations", "actions"):
+        _check_finite(path, key, demos[key])
+    demos["episode_ends"] = _checked_ends(path, demos["episode_ends"], len(demos["observations"]))
+    return demos
+
+
+def _detail(exc: BaseException) -> str:
+    """Exception type and the first line of its message, short enough for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _open_npz(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DatasetError(f"cannot read demonstration file {path} ({_detail(exc)}; pretrain.demos.path)") from None
+    if not magic:
+        raise DatasetError(f"demonstration file {path} is empty (pretrain.demos.path): {_WRITE}")
+    if magic.startswith(b"\x93NUM"):
+        raise DatasetError(
+            f"{path} is a single .npy array, not an .npz archive of {_LAYOUT} (pretrain.demos.path): {_WRITE}"
+        )
+    if magic not in _ZIP_MAGIC:
+        raise DatasetError(
+            f"{path} is not an .npz archive (pretrain.demos.path needs a NumPy .npz of {_LAYOUT}): {_WRITE}"
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise DatasetError(
+            f"{path} is a truncated or corrupt .npz archive ({_detail(exc)}; pretrain.demos.path): {_WRITE}"
+        ) from None
+
+
+def _corrupt(path: Path, key: str, exc: BaseException) -> DatasetError:
+    return DatasetError(
+        f"{path}: array {key} cannot be read ({_detail(exc)}): the file is truncated or corrupt; {_WRITE}"
+    )
+
+
+def _check_header(data: Any, member: str, path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array ``key`` from its .npy header, after checking its dtype and rank (no data read)."""
+    try:
+        info = data.zip.getinfo(member)
+        with warnings.catch_warnings(), data.zip.open(member) as f:
+            warnings.simplefilter("ignore")  # numpy's note on Python 2 headers: the data read warns once
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except _UNREADABLE as exc:
+        raise _corrupt(path, key, exc) from None
+    ends = key == "episode_ends"
+    want, cast = ("integers", "np.int64") if ends else ("real numbers", "np.float32")
+    fix = f"save np.asarray({key}, dtype={cast})" + (" (cumulative episode lengths)" if ends else "")
+    if dtype.hasobject:
+        raise DatasetError(
+            f"{path}: array {key} holds Python objects (dtype object), which flowrl does not unpickle; {fix}"
+        )
+    if dtype.kind not in ("iu" if ends else "fiu"):
+        raise DatasetError(f"{path}: array {key} must hold {want}, not dtype {dtype}; {fix}")
+    rank = 1 if ends else 2
+    if len(shape) != rank:
+        layout = {"observations": "[N, O]", "actions": "[N, A]", "episode_ends": "[E]"}[key]
+        raise DatasetError(
+            f"{path}: array {key} has shape {tuple(shape)}, expected {layout} ({rank}-D); reshape it "
+            f"(e.g. {key}.reshape(len({key}), -1)) and save it again"
+            if rank == 2
+            else f"{path}: array episode_ends has shape {tuple(shape)}, expected [E] (1-D, the end of each "
+            "episode); save episode_ends.ravel()"
+        )
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if any(d < 0 for d in shape) or nbytes > info.file_size:
+        raise DatasetError(
+            f"{path}: array {key} claims shape {tuple(shape)} ({nbytes} bytes) but holds {info.file_size} bytes: "
+            f"the file is truncated or corrupt; {_WRITE}"
+        )
+    return tuple(shape)
+
+
+def _check_sizes(path: Path, env_id: str, shapes: dict[str, tuple[int, ...]], dims: tuple[int, int] | None) -> None:
+    n = shapes["observations"][0]
+    if n == 0:
+        raise DatasetError(
+            f"{path}: array observations holds no steps (shape {shapes['observations']}); record at least one episode"
+        )
+    for key, what in (("observations", "observation"), ("actions", "action")):
+        if shapes[key][1] == 0:
+            raise DatasetError(
+                f"{path}: array {key} has shape {shapes[key]}, an empty {what} per step; each step needs at least one "
+                "entry"
+            )
+    if shapes["actions"][0] != n:
+        raise DatasetError(
+            f"{path}: inconsistent arrays: {n} observations but {shapes['actions'][0]} actions; observations "
+            "and actions need one row per step"
+        )
+    if shapes["episode_ends"][0] == 0:
+        raise DatasetError(
+            f"{path}: inconsistent arrays: episode_ends is empty; it lists where each episode ends (cumulative "
+            f"lengths, the last one N = {n})"
+        )
+    if dims is None:
+        return
+    for key, have, want, what in (
+        ("observations", shapes["observations"][1], dims[0], "observation"),
+        ("actions", shapes["actions"][1], dims[1], "action"),
+    ):
+        if have != want:
+            raise DatasetError(
+                f"{path}: array {key} has {what} dim {have}, env {env_id} has {want}; use demonstrations "
+                f"recorded in {env_id} (flowrl collect), or set env.id / env.kwargs to the env they come from"
+            )
+
+
+def _read_array(data: Any, path: Path, key: str) -> np.ndarray:
+    try:
+        return np.asarray(data[key])
+    except _UNREADABLE as exc:
+        raise _corrupt(path, key, exc) from None
+
+
+def _check_finite(path: Path, key: str, array: np.ndarray) -> None:
+    if array.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        step, dim = np.argwhere(bad)[0]
+        raise DatasetError(
+            f"{path}: array {key} holds {int(bad.sum())} non-finite values (NaN or inf), the first at step "
+            f"{step} (dimension {dim}); drop or repair those steps"
+        )
+
+
+def _checked_ends(path: Path, ends: np.ndarray, n: int) -> np.ndarray:
+    """episode_ends as int64 after checking them against the N steps."""
+    rule = "episode_ends are cumulative episode lengths: strictly increasing, > 0, the last one N"
+    past = np.flatnonzero(ends > n)
+    if len(past):
+        i = past[0]
+        raise DatasetError(
+            f"{path}: inconsistent arrays: episode_ends[{i}] = {ends[i]} is past the last step N = {n}; {rule}"
+        )
+    ends = ends.astype(np.int64)
+    if ends[0] <= 0:
+        raise DatasetError(
+            f"{path}: inconsistent arrays: episode_ends[0] = {ends[0]}, but every episode holds at least one "
+            f"step; {rule}"
+        )
+    steps = np.flatnonzero(np.diff(ends) <= 0)
+    if len(steps):
+        i = steps[0]
+        raise DatasetError(
+            f"{path}: inconsistent arrays: episode_ends[{i + 1}] = {ends[i + 1]} does not follow "
+            f"episode_ends[{i}] = {ends[i]}; {rule}"
+        )
+    if ends[-1] != n:
+        raise DatasetError(
+            f"{path}: inconsistent arrays: episode_ends ends at {ends[-1]}, but there are {n} steps (observations "
+            f"[N, O] with N = {n}); {rule}"
+        )
+    return ends
 
 
 def collect_demos(

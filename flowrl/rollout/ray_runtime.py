@@ -1,28 +1,100 @@
-"""Starting or joining Ray, quietly. Imported only when Ray is enabled."""
+"""Starting or joining Ray, quietly. Imported only when Ray is enabled.
+
+A local Ray (``ray.address: null``) is closed to the network: every process it starts (GCS,
+raylet and its object manager, the runtime-env and dashboard agents with their metrics
+endpoints, the API server, the workers, this driver's own RPC server) listens on 127.0.0.1
+only, the dashboard is off, and all of it stops when the session ends or the driver dies
+(`tests/rollout/test_ray_network.py`). Only joining a cluster (``ray.address`` set) talks to
+other machines, on the terms the cluster was started with.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from flowrl.errors import FlowRLError
 
 log = logging.getLogger("flowrl")
 
+_AUTH_MODE = "RAY_AUTH_MODE"
 
-def _token_auth_for_joining() -> None:
-    """`ray start` (Ray >= 2.5x) runs clusters with token authentication, and a client that
-    names an explicit address sends no token unless RAY_AUTH_MODE=token; it is then refused
-    with InvalidAuthToken warnings. When a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
-    or ~/.ray/auth_token, where `ray start` keeps it), send it; a cluster without
-    authentication ignores it."""
-    if "RAY_AUTH_MODE" in os.environ:
+
+def _set_auth_mode(mode: str | None) -> None:
+    """Set (or, with None, unset) RAY_AUTH_MODE for this process and the Ray processes it starts,
+    and make Ray's cached config see it (what Ray itself does when it turns token mode on)."""
+    if mode is None:
+        os.environ.pop(_AUTH_MODE, None)
+    else:
+        os.environ[_AUTH_MODE] = mode
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication (< 2.5x): only the variable matters
         return
-    default_path = Path.home() / ".ray" / "auth_token"
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default_path.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+# Asks a cluster's GCS once, without a token, whether it lets this client in. In its own process,
+# with RAY_AUTH_MODE=disabled: the driver's Ray state stays untouched, and Ray's C++ warning about
+# the refusal (it names InvalidAuthToken) stays out of the console.
+_AUTH_PROBE = r"""
+import socket, sys
+from ray._common.network_utils import parse_address
+from ray._private.services import canonicalize_bootstrap_address
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    gcs = canonicalize_bootstrap_address(sys.argv[1])
+    host, port = parse_address(gcs)
+    # A cheap reachability check first: GcsClient waits 40 s for a GCS that is not there.
+    socket.create_connection((host, int(port)), timeout=5).close()
+except Exception:
+    sys.exit(2)
+try:
+    GcsClient(address=gcs)
+except AuthenticationError:
+    sys.exit(3)
+except Exception:
+    sys.exit(2)
+"""
+
+
+def _cluster_requires_token(address: str) -> bool | None:
+    """Whether the cluster at ``address`` refuses a client that sends no token. None when that
+    cannot be told (a Ray Client ``ray://`` address, nothing listening): ray.init then reports
+    the problem itself."""
+    if address.startswith("ray://"):
+        return None
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _AUTH_PROBE, address],
+            env={**os.environ, _AUTH_MODE: "disabled"},
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {0: False, 3: True}.get(probe.returncode)
+
+
+def _auth_mode_for_joining(address: str) -> None:
+    """Make the driver's authentication mode the cluster's. Both sides must agree: a driver in
+    token mode also requires a token from the cluster's workers that call it back, so joining a
+    cluster started without authentication in token mode cancels every actor ("Missing
+    authorization header in request!"), and joining a token cluster without a token is refused.
+    An explicit RAY_AUTH_MODE is the user's choice and is kept; otherwise the cluster is asked,
+    and the token is found by Ray in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+    (where `ray start` keeps it)."""
+    if _AUTH_MODE in os.environ:
+        return
+    requires = _cluster_requires_token(address)
+    if requires is not None:
+        # "disabled" also stops ray.init("auto") from turning token mode on because a token file exists.
+        _set_auth_mode("token" if requires else "disabled")
 
 
 def _quiet_environment() -> None:
@@ -31,30 +103,170 @@ def _quiet_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _start_local(ray, num_cpus: int | None, kwargs: dict) -> None:
+    """ray.init of a one-machine Ray whose processes all listen on 127.0.0.1 only.
+
+    Ray binds a component to the loopback interface when the node's IP is the loopback address
+    (gRPC servers of the GCS, raylet, object manager and workers; the agents' HTTP and metrics
+    servers; the autoscaler monitor's and API server's metrics), and to every interface
+    otherwise. ray.init turns a node IP of 127.0.0.1 into the machine's address, except in its
+    single-machine mode (ENABLE_RAY_CLUSTER off, the default on macOS and Windows), which this
+    turns on for the call only; no environment variable of Ray 2.60 sets the node IP."""
+    from ray._private import ray_constants
+
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # address "local": a new Ray even where RAY_ADDRESS names a cluster
+        ray.init("local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "the local Ray listens on %s, not only on 127.0.0.1 (this Ray version ignores the setting)", node_ip
+        )
+
+
+# Runs in its own small process (stdlib only) while a local Ray runs: it follows the processes
+# Ray started (the driver's new children and their descendants, by pid and start time) and, when
+# its stdin closes (the session ended, or the driver died, even by SIGKILL), ends those still alive.
+_REAPER = r"""# flowrl: stops the processes of a local Ray once its driver is gone
+import os, select, signal, sys, time
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19], fields[0]  # parent pid, start time, state
+
+seen = {}
+for pid in map(int, sys.argv[1:]):
+    st = stat(pid)
+    if st:
+        seen[pid] = st[1]
+
+def scan():
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = stat(int(name))
+            if st:
+                children.setdefault(st[0], []).append((int(name), st[1]))
+    todo = [pid for pid, start in seen.items() if (stat(pid) or (0, None))[1] == start]
+    while todo:
+        for child, start in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen[child] = start
+                todo.append(child)
+
+def alive():
+    out = []
+    for pid, start in seen.items():
+        st = stat(pid)
+        if st and st[1] == start and st[2] != "Z":
+            out.append(pid)
+    return out
+
+while True:
+    ready, _, _ = select.select([0], [], [], 1.0)
+    if ready and not os.read(0, 64):
+        break
+    scan()
+for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
+    left = alive()
+    for pid in left:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + grace
+    while left and time.monotonic() < end:
+        time.sleep(0.1)
+        left = alive()
+"""
+
+
+def _children() -> set[int]:
+    """Pids of this process's children (Linux /proc; empty elsewhere)."""
+    me, kids = str(os.getpid()), set()
+    if not os.path.isdir("/proc/self"):
+        return kids
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        kids.add(int(name))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def _start_reaper(ray_processes: set[int]) -> subprocess.Popen | None:
+    """The reaper of ``_REAPER`` for the processes Ray started (Linux only).
+
+    Why: after a SIGKILL of the driver, the GCS and raylet die with it (kernel fate-sharing) and
+    the workers within ~3 s, but the runtime-env and dashboard agents notice the raylet's death
+    after ~2 s and then block ~60 s publishing it to the dead GCS before they exit (Ray 2.60)."""
+    if not ray_processes or not sys.platform.startswith("linux"):
+        return None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-c", _REAPER, *map(str, sorted(ray_processes))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # no Ctrl-C of the terminal's process group: it must outlive the driver
+        )
+    except OSError:
+        return None
+
+
+def _stop_reaper(reaper: subprocess.Popen | None) -> None:
+    if reaper is None:
+        return
+    reaper.stdin.close()  # EOF: it ends what Ray left running and exits
+    try:
+        reaper.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):
-    """Join ``address`` ('auto' or 'HOST:PORT'), or start a local Ray (dashboard off);
-    shut down on exit only what this call started. Re-uses an already initialised Ray."""
-    if address is not None:
-        _token_auth_for_joining()  # before Ray is imported: it reads its auth mode once
+    """Join ``address`` ('auto' or 'HOST:PORT'), or start a local Ray that listens on 127.0.0.1
+    only (dashboard off); shut down on exit only what this call started, and leave
+    RAY_AUTH_MODE as it was. Re-uses an already initialised Ray."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
     _quiet_environment()
+    auth_mode = os.environ.get(_AUTH_MODE)  # ray.init of a local Ray, or the join below, may set it
     # Workers' own output stays in Ray's session logs (/tmp/ray/session_latest/logs); failures
     # reach the console as flowrl's one-line messages.
     kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
+    reaper = None
     try:
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            before = _children()
+            _start_local(ray, num_cpus, kwargs)
+            reaper = _start_reaper(_children() - before)
             log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
         else:
+            _auth_mode_for_joining(address)
             ray.init(address=address, **kwargs)
             nodes = [n for n in ray.nodes() if n["Alive"]]
             log.info("joined the Ray cluster at %s (%d nodes)", address, len(nodes))
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        ray.shutdown()
+        _stop_reaper(reaper)
+        _set_auth_mode(auth_mode)
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         raise FlowRLError(
             f"could not start or join {where}: {exc}. Check ray.address (or --ray-address); a cluster "
@@ -64,7 +276,11 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     try:
         yield ray
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            _stop_reaper(reaper)
+            _set_auth_mode(auth_mode)
 
 
 def describe_failure(exc: BaseException) -> str:

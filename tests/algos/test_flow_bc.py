@@ -17,6 +17,7 @@ from flowrl.algos.flow_bc import flow_matching_loss
 from flowrl.config import DemosConfig, PretrainConfig
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import VelocityMLP
+from flowrl.models.sampler import ChainSampler
 
 # --------------------------------------------------------------------------------------------
 # action_chunks
@@ -159,7 +160,7 @@ def test_behaviour_cloning_learns_a_conditional_target(one_thread) -> None:
     assert metrics["pretrain/loss"] < 0.2 * before
 
     # the ODE policy maps noise onto the conditional target obs * C
-    policy = FlowPolicy(ema, 10)
+    policy = FlowPolicy(ema, ChainSampler(10))
     test_obs = torch.tensor([[-1.0]] * 64 + [[1.0]] * 64)
     actions = policy.act(test_obs, torch.Generator().manual_seed(2))
     target = test_obs.view(-1, 1, 1) * c
@@ -167,5 +168,5 @@ def test_behaviour_cloning_learns_a_conditional_target(one_thread) -> None:
     assert float(err.mean()) < 0.05, float(err.mean())
     assert float(err.max()) < 0.25, float(err.max())
     # the untrained field does not (the check has teeth)
-    untrained = FlowPolicy(initial, 10).act(test_obs, torch.Generator().manual_seed(2))
+    untrained = FlowPolicy(initial, ChainSampler(10)).act(test_obs, torch.Generator().manual_seed(2))
     assert float((untrained - target).abs().mean()) > 0.3

@@ -13,6 +13,7 @@ from flowrl.config import PretrainConfig, build_config
 from flowrl.models.build import actor_record, build_actor, load_actor
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import SinusoidalTimeEmbedding, VelocityMLP
+from flowrl.models.sampler import ChainSampler
 
 
 def _bimodal(n: int = 4096):
@@ -32,7 +33,8 @@ def _one_step_samples(method: str) -> torch.Tensor:
         return shortcut_loss(v, o, c, 0.25, g) if method == "shortcut" else flow_matching_loss(v, o, c, g)
 
     ema, _ = behaviour_clone(velocity, obs, chunks, loss, cfg, seed=0, progress=False)
-    return FlowPolicy(ema, num_steps=1).act(torch.zeros(4000, 1), torch.Generator().manual_seed(1)).flatten()
+    policy = FlowPolicy(ema, ChainSampler(num_steps=1))
+    return policy.act(torch.zeros(4000, 1), torch.Generator().manual_seed(1)).flatten()
 
 
 def test_shortcut_model_samples_both_modes_in_one_step():
@@ -194,7 +196,7 @@ def test_meanflow_policy_samples_a_conditional_gaussian_in_one_step():
         return meanflow_loss(v, o, c, 0.75, gen, weight_power=0.0)
 
     ema, _ = behaviour_clone(velocity, obs, chunks, loss, cfg, seed=0, progress=False)
-    policy = FlowPolicy(ema, num_steps=1)
+    policy = FlowPolicy(ema, ChainSampler(num_steps=1))
     for context, mean, std in zip(contexts.tolist(), means.tolist(), stds.tolist(), strict=True):
         x = policy.act(torch.full((4000, 1), context), torch.Generator().manual_seed(1)).flatten()
         assert abs(x.mean().item() - mean) < 0.08, (context, x.mean().item())

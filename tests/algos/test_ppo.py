@@ -1,6 +1,8 @@
-"""The PPO learner: ratio check before the first update, bad rewards, parameter updates; the
-reward scaler against a hand computation; DPPO's per-step samples; Gaussian PPO with the W2
-regulariser (closed-form W2 of diagonal Gaussians) and running observation statistics."""
+"""PPO: the ratio check before the first update, bad rewards, parameter updates; the reward
+scaler against a hand computation; DPPO's per-step samples; Gaussian PPO with the W2
+regulariser (closed-form W2 of diagonal Gaussians) and running observation statistics.
+
+An iteration runs as the Trainer runs it: check_rewards -> PPO.prepare -> check_ratio -> PPO.update."""
 
 from __future__ import annotations
 
@@ -11,31 +13,42 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.algos.ppo import PPOLearner, RatioCheckError, RewardError, RewardScaler, _ppo_samples
+from flowrl.algos.policy_gradient import RatioCheckError, check_ratio, pg_samples
+from flowrl.algos.ppo import PPO, RewardScaler
+from flowrl.algos.trainer import RewardError, check_rewards
 from flowrl.config import build_config
 from flowrl.core.grids import time_grid
 from flowrl.models.build import build_actor, build_critic, build_policy
 from flowrl.models.networks import ObsNormalizer, ValueMLP
+from flowrl.models.policy import Evaluation
 from flowrl.rollout.collector import InProcessCollector
 
 
-def _setup(converter: dict, window: dict | None = None):
+def _setup(converter: dict, window: dict | None = None, **algo):
     cfg = build_config(
         {
             "name": "t",
             "env": {"num_envs": 4},
             "policy": {"hidden_dims": [16], "time_embed_dim": 8},
             "mdp": {"converter": converter, "window": window or {"type": "all"}},
-            "ppo": {"minibatch_size": 8, "epochs": 2},
+            "algo": {"type": "ppo", "minibatch_size": 8, "epochs": 2, **algo},
         }
     )
     torch.manual_seed(0)
     policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
-    learner = PPOLearner(policy, ValueMLP(2, (16,)), cfg.ppo, torch.device("cpu"), seed=0)
+    ppo = PPO(policy, ValueMLP(2, (16,)), cfg.algo, torch.device("cpu"), seed=0)
     collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
     rollout = collector.collect(policy, 6, iteration=0)
     collector.close()
-    return policy, learner, rollout
+    return policy, ppo, rollout
+
+
+def _iteration(ppo: PPO, rollout, iteration: int = 0) -> tuple[float, dict[str, float]]:
+    """What the Trainer does with a fresh rollout; returns (ratio check deviation, update metrics)."""
+    check_rewards(rollout)
+    batch = ppo.prepare(rollout)
+    deviation = check_ratio(ppo.policy, batch.cond, batch.samples, ppo.cfg.ratio_check_tol, ppo.name)
+    return deviation, ppo.update(batch, iteration)
 
 
 CONVERTERS = [{"type": "reinflow"}, {"type": "flow_noise"}, {"type": "flow_sde"}, {"type": "cps"}]
@@ -43,41 +56,44 @@ CONVERTERS = [{"type": "reinflow"}, {"type": "flow_noise"}, {"type": "flow_sde"}
 
 @pytest.mark.parametrize("converter", CONVERTERS, ids=lambda c: c["type"])
 def test_update_moves_the_policy_after_an_exact_ratio_check(converter):
-    policy, learner, rollout = _setup(converter, {"type": "one_random"} if converter["type"] == "flow_sde" else None)
+    policy, ppo, rollout = _setup(converter, {"type": "one_random"} if converter["type"] == "flow_sde" else None)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    metrics = learner.update(rollout)
-    assert metrics["train/ratio_check_dev"] <= 1e-5
+    deviation, metrics = _iteration(ppo, rollout)
+    assert deviation <= 1e-5
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if v == v)
     changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
     assert any(k.startswith("velocity.") for k in changed)
     if converter["type"] in ("reinflow", "flow_noise"):
-        assert any(k.startswith("converter.noise_net.") for k in changed)
+        assert any(k.startswith("sampler.converter.noise_net.") for k in changed)
 
 
 def test_mismatched_time_grid_fails_the_ratio_check():
     """ReinFlow's issue #5: sampling on linspace(0, 1, K+1) but re-evaluating on a shifted grid."""
-    policy, learner, rollout = _setup({"type": "reinflow"})
+    policy, ppo, rollout = _setup({"type": "reinflow"})
     k = policy.num_steps
-    policy.grid = torch.linspace(0, 1 - 1 / k, k + 1)
+    policy.sampler.grid = torch.linspace(0, 1 - 1 / k, k + 1)
     with pytest.raises(RatioCheckError, match="ratio is not 1 before the first update"):
-        learner.update(rollout)
-    policy.grid = time_grid(k)
-    learner.update(rollout)  # the right grid passes
+        _iteration(ppo, rollout)
+    policy.sampler.grid = time_grid(k)
+    _iteration(ppo, rollout)  # the right grid passes
 
 
 def test_changed_weights_fail_the_ratio_check():
-    policy, learner, rollout = _setup({"type": "flow_sde"})
+    policy, ppo, rollout = _setup({"type": "flow_sde"})
     with torch.no_grad():
         policy.velocity.net[-1].bias.add_(0.5)
     with pytest.raises(RatioCheckError):
-        learner.update(rollout)
+        _iteration(ppo, rollout)
 
 
 def test_non_finite_reward_is_an_error():
-    _, learner, rollout = _setup({"type": "reinflow"})
+    _, ppo, rollout = _setup({"type": "reinflow"})
     rollout.rewards[2, 1] = float("nan")
     with pytest.raises(RewardError, match="reward nan at policy step 2 of env 1"):
-        learner.update(rollout)
+        _iteration(ppo, rollout)
+    # a step outside every training episode (collect_episodes' tail, padding) is not looked at
+    rollout.valid[2, 1] = False
+    check_rewards(rollout)
 
 
 def test_frozen_policy_is_refused():
@@ -85,7 +101,7 @@ def test_frozen_policy_is_refused():
     policy.velocity.requires_grad_(False)
     cfg = build_config({"name": "t"})
     with pytest.raises(ValueError, match="frozen"):
-        PPOLearner(policy, ValueMLP(2), cfg.ppo, torch.device("cpu"), seed=0)
+        PPO(policy, ValueMLP(2), cfg.algo, torch.device("cpu"), seed=0)
 
 
 # --------------------------------------------------------------------------- reward scaling
@@ -130,97 +146,113 @@ def test_reward_scaler_divides_by_the_std_of_hand_computed_returns():
 
 
 # --------------------------------------------------------------------------- DPPO samples
-def test_ppo_samples_of_per_step_log_probs_pick_the_masked_steps():
-    g = torch.Generator().manual_seed(0)
-    b, k = 5, 4
-    mask = torch.tensor(
-        [[True, False, True, True], [False] * 4, [True] * 4, [False, False, False, True], [False, True, False, False]]
+def _fake_policy(new_log_prob: torch.Tensor, unit: str, reduce: str, event_shape=(2, 3)):
+    """A policy whose re-evaluation returns the given per-step log-probs ``[B, S]``."""
+    b, s = new_log_prob.shape
+    zeros = torch.zeros(b, s, *event_shape)
+    evaluation = Evaluation(new_log_prob, torch.zeros(b), zeros, zeros)
+    return SimpleNamespace(
+        evaluate=lambda cond, sample: evaluation, sample_unit=unit, log_prob_reduce=reduce, event_shape=event_shape
     )
-    new, old = torch.randn(b, k, generator=g), torch.randn(b, k, generator=g)
+
+
+def test_pg_samples_of_per_step_log_probs_are_the_stored_steps():
+    g = torch.Generator().manual_seed(0)
+    b, s, numel = 5, 3, 6  # 5 chains of 3 stochastic steps over events [2, 3]
+    new, old = torch.randn(b, s, generator=g), torch.randn(b, s, generator=g)
     adv = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])
-    got_new, got_old, got_adv = _ppo_samples(new, SimpleNamespace(mask=mask, log_prob=old), adv)
-    # by hand, row by row in step order
-    pairs = [(i, j) for i in range(b) for j in range(k) if mask[i, j]]
-    assert len(pairs) == 9
-    assert torch.equal(got_new, torch.stack([new[i, j] for i, j in pairs]))
-    assert torch.equal(got_old, torch.stack([old[i, j] for i, j in pairs]))
-    assert torch.equal(got_adv, torch.tensor([adv[i] for i, _ in pairs]))
-    # per-env-step log-probs [B] pass through unchanged
-    lp = torch.randn(b, generator=g)
-    sample = SimpleNamespace(log_prob=torch.randn(b, generator=g))
-    out = _ppo_samples(lp, sample, adv)
-    assert out[0] is lp and out[1] is sample.log_prob and out[2] is adv
+    cond = torch.zeros(b, 2)
+    sample = SimpleNamespace(log_prob=old)
+    # DPPO (step, mean): one sample per stored step, row by row in step order, per-dimension log-probs,
+    # each with its env step's advantage
+    got = pg_samples(_fake_policy(new, "step", "mean"), cond, sample, adv)
+    pairs = [(i, j) for i in range(b) for j in range(s)]
+    assert torch.equal(got.log_prob, torch.stack([new[i, j] / numel for i, j in pairs]))
+    assert torch.equal(got.old_log_prob, torch.stack([old[i, j] / numel for i, j in pairs]))
+    assert torch.equal(got.advantages, torch.tensor([adv[i] for i, _ in pairs]))
+    got = pg_samples(_fake_policy(new, "step", "sum"), cond, sample, adv)
+    assert torch.equal(got.log_prob, new.reshape(-1)) and torch.equal(got.old_log_prob, old.reshape(-1))
+    # a chain (ReinFlow: mean): one sample per chain, the joint log-prob of its steps per dimension
+    got = pg_samples(_fake_policy(new, "chain", "mean"), cond, sample, adv)
+    torch.testing.assert_close(got.log_prob, torch.stack([sum(new[i, j] for j in range(s)) for i in range(b)]) / 18)
+    torch.testing.assert_close(got.old_log_prob, old.sum(1) / (s * numel))
+    assert got.advantages is adv
+    # per-env-step log-probs (Gaussian: one step, summed) pass through unchanged
+    lp, old1 = torch.randn(b, 1, generator=g), torch.randn(b, 1, generator=g)
+    got = pg_samples(_fake_policy(lp, "chain", "sum"), cond, SimpleNamespace(log_prob=old1), adv)
+    assert torch.equal(got.log_prob, lp[:, 0]) and torch.equal(got.old_log_prob, old1[:, 0])
+    assert got.advantages is adv
 
 
 # --------------------------------------------------------------------------- Gaussian PPO
-def _gaussian_setup(running_obs_stats: bool = False, **ppo):
+def _gaussian_setup(running_obs_stats: bool = False, **algo):
     cfg = build_config(
         {
             "name": "t",
             "env": {"num_envs": 4},
             "policy": {"type": "gaussian", "hidden_dims": [16]},
-            "ppo": {"minibatch_size": 8, "epochs": 2, "actor_lr": 3e-3, **ppo},
+            "algo": {"type": "ppo", "minibatch_size": 8, "epochs": 2, "actor_lr": 3e-3, **algo},
         }
     )
     torch.manual_seed(0)
     actor = build_actor(cfg.policy, 2, 2)
     policy, critic = build_policy(cfg, actor), build_critic(actor, (16,))
-    learner = PPOLearner(policy, critic, cfg.ppo, torch.device("cpu"), seed=0, running_obs_stats=running_obs_stats)
+    ppo = PPO(policy, critic, cfg.algo, torch.device("cpu"), seed=0, running_obs_stats=running_obs_stats)
     collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
-    return policy, learner, collector
+    return policy, ppo, collector
 
 
 def test_gaussian_ppo_update_passes_the_ratio_check_and_moves_the_policy():
-    policy, learner, collector = _gaussian_setup()
+    policy, ppo, collector = _gaussian_setup()
     rollout = collector.collect(policy, 6, iteration=0)
-    assert type(rollout.samples).__name__ == "GaussianSample" and rollout.samples.log_prob.shape == (6, 4)
+    assert type(rollout.samples).__name__ == "GaussianSample" and rollout.samples.log_prob.shape == (6, 4, 1)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    metrics = learner.update(rollout)
-    assert metrics["train/ratio_check_dev"] <= 1e-6
+    deviation, metrics = _iteration(ppo, rollout)
+    assert deviation <= 1e-6
     changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
     assert "actor.log_std" in changed and "actor.net.0.weight" in changed
-    assert "losses/w2" not in metrics and learner.reference is None
+    assert "losses/w2" not in metrics and ppo.reference is None
     # the ratio check catches a policy changed between sampling and the update
     rollout = collector.collect(policy, 6, iteration=1)
     with torch.no_grad():
         policy.actor.log_std.add_(0.1)
     with pytest.raises(RatioCheckError):
-        learner.update(rollout)
+        _iteration(ppo, rollout, 1)
     collector.close()
 
 
 def test_w2_regulariser_is_zero_at_the_start_and_matches_the_closed_form_after_an_update():
-    policy, learner, collector = _gaussian_setup(w2_coef=1.0)
-    reference_before = {k: v.clone() for k, v in learner.reference.state_dict().items()}
+    policy, ppo, collector = _gaussian_setup(w2_coef=1.0)
+    reference_before = {k: v.clone() for k, v in ppo.reference.state_dict().items()}
     rollout = collector.collect(policy, 6, iteration=0)
     obs = rollout.obs.flatten(0, 1)
-    assert learner.w2_distance(obs).item() == 0.0  # policy == reference, same noise
-    metrics = learner.update(rollout)
+    assert ppo.w2_distance(obs).item() == 0.0  # policy == reference, same noise
+    _, metrics = _iteration(ppo, rollout)
     assert "losses/w2" in metrics and metrics["losses/w2"] >= 0.0
-    w2 = learner.w2_distance(obs)
+    w2 = ppo.w2_distance(obs)
     assert w2.item() > 0.0 and w2.requires_grad
     # the reference does not move (parameters and buffers)
-    assert all(torch.equal(v, reference_before[k]) for k, v in learner.reference.state_dict().items())
-    assert not any(p.requires_grad for p in learner.reference.parameters())
+    assert all(torch.equal(v, reference_before[k]) for k, v in ppo.reference.state_dict().items())
+    assert not any(p.requires_grad for p in ppo.reference.parameters())
     # Oracle: the shared-noise distance per action dimension of two diagonal Gaussians has
     # expectation mean_dims((mu1 - mu2)² + (s1 - s2)²); Monte-Carlo over many copies of the obs.
     many = obs.repeat(2000, 1)  # 48000 rows
     with torch.no_grad():
-        (m1, s1), (m2, s2) = policy.actor(obs), learner.reference.actor(obs)
+        (m1, s1), (m2, s2) = policy.actor(obs), ppo.reference.actor(obs)
         closed_form = ((m1 - m2) ** 2 + (s1 - s2) ** 2).mean().item()
-        mc = learner.w2_distance(many).item()
+        mc = ppo.w2_distance(many).item()
     assert closed_form > 0
     assert abs(mc - closed_form) < 0.03 * closed_form, (mc, closed_form)
     collector.close()
 
 
 def test_running_obs_stats_after_the_first_update_are_the_rollout_stats():
-    policy, learner, collector = _gaussian_setup(running_obs_stats=True)
-    critic = learner.critic
+    policy, ppo, collector = _gaussian_setup(running_obs_stats=True)
+    critic = ppo.critic
     norms = [m for m in (*policy.modules(), *critic.modules()) if isinstance(m, ObsNormalizer)]
     assert len(norms) == 2 and all(float(m.count) == 0 for m in norms)
     rollout = collector.collect(policy, 6, iteration=0)
-    learner.update(rollout)
+    _iteration(ppo, rollout)
     data = rollout.obs.reshape(-1, 2).double().numpy()
     for m in norms:
         np.testing.assert_allclose(m.mean.numpy(), data.mean(0), rtol=1e-5, atol=1e-6)
@@ -229,8 +261,8 @@ def test_running_obs_stats_after_the_first_update_are_the_rollout_stats():
     assert float(data.std(0).min()) > 0.01  # the stats are not the defaults (mean 0, var 1)
     # the next rollout samples with the new statistics: its ratio check passes; the stats fold in
     second = collector.collect(policy, 6, iteration=1)
-    metrics = learner.update(second)
-    assert metrics["train/ratio_check_dev"] <= 1e-6
+    deviation, _ = _iteration(ppo, second, 1)
+    assert deviation <= 1e-6
     both = np.concatenate([data, second.obs.reshape(-1, 2).double().numpy()])
     for m in norms:
         np.testing.assert_allclose(m.mean.numpy(), both.mean(0), rtol=1e-5, atol=1e-6)
@@ -239,9 +271,13 @@ def test_running_obs_stats_after_the_first_update_are_the_rollout_stats():
 
 
 def test_critic_warmup_trains_only_the_critic():
-    policy, learner, rollout = _setup({"type": "reinflow"})
+    policy, ppo, rollout = _setup({"type": "reinflow"}, critic_warmup_iterations=2)
     actor_before = {k: v.clone() for k, v in policy.state_dict().items()}
-    critic_before = {k: v.clone() for k, v in learner.critic.state_dict().items()}
-    learner.update(rollout, train_actor=False)
+    critic_before = {k: v.clone() for k, v in ppo.critic.state_dict().items()}
+    for iteration in (0, 1):  # the warm-up iterations
+        _iteration(ppo, rollout, iteration)
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in actor_before.items())
-    assert any(not torch.equal(v, learner.critic.state_dict()[k]) for k, v in critic_before.items())
+    assert any(not torch.equal(v, ppo.critic.state_dict()[k]) for k, v in critic_before.items())
+    # after the warm-up the actor trains too
+    _iteration(ppo, rollout, 2)
+    assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in actor_before.items())

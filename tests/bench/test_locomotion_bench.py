@@ -15,12 +15,12 @@ from flowrl.rollout.demos import collect_demos, save_demos
 
 TINY = [
     "ray.enabled=false",
-    "ray.num_workers=1",
+    "env.num_workers=1",
     "env.num_envs=2",
-    "ppo.iterations=2",
-    "ppo.steps_per_iteration=3",
-    "ppo.epochs=1",
-    "ppo.minibatch_size=4",
+    "algo.iterations=2",
+    "algo.steps_per_iteration=3",
+    "algo.epochs=1",
+    "algo.minibatch_size=4",
     "eval.episodes=1",
     "eval.every=1",
     "pretrain.steps=3",

@@ -1,4 +1,8 @@
-"""Tests of flowrl.core.windows against hand-computed schedules and frequency checks."""
+"""Tests of flowrl.core.windows against hand-computed schedules and frequency checks.
+
+A sliding window slides over the eligible steps only: its positions are ranks among the E
+eligible steps, so it always holds min(size, E) eligible steps (and no other).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,22 @@ import math
 import pytest
 import torch
 
+from flowrl.core.grids import time_grid
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow
+from flowrl.models.sampler import CPSConverter
 
 
 def _eligible(*flags: int) -> torch.Tensor:
     return torch.tensor([bool(f) for f in flags])
 
 
-def _window_mask(k: int, begin: int, size: int, eligible: torch.Tensor) -> torch.Tensor:
-    row = torch.tensor([begin <= j < begin + size for j in range(k)]) & eligible
-    return row
+def _window_mask(begin: int, size: int, eligible: torch.Tensor) -> torch.Tensor:
+    """The eligible steps whose rank among the eligible steps is in [begin, begin + size)."""
+    rank, row = 0, []
+    for flag in eligible.tolist():
+        row.append(bool(flag) and begin <= rank < begin + size)
+        rank += bool(flag)
+    return torch.tensor(row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,13 +112,27 @@ def test_progressive_hand_table() -> None:
 def test_progressive_mask_is_window_and_eligible() -> None:
     eligible = _eligible(1, 1, 1, 1, 1, 1, 1, 1, 1, 0)  # last step deterministic (CPS)
     w = SlidingWindow(3, "progressive", shift_interval=5, stride=2)
-    for it, begin in [(0, 0), (7, 2), (12, 4), (100, 7)]:
+    # E = 9 eligible steps: positions 0, 2, 4, then clipped at E - size = 6
+    for it, begin in [(0, 0), (7, 2), (12, 4), (17, 6), (100, 6)]:
         mask = w.mask(4, eligible, it, None)
         assert mask.shape == (4, 10)
-        expected = _window_mask(10, begin, 3, eligible)
+        expected = _window_mask(begin, 3, eligible)
         assert bool((mask == expected).all()), (it, mask[0], expected)
-    # at the end the window [7, 10) loses the ineligible last step
-    assert w.mask(1, eligible, 100, None)[0].tolist() == [False] * 7 + [True, True, False]
+        assert int(mask[0].sum()) == 3
+    # at the end the window holds the last 3 eligible steps, not the ineligible last step
+    assert w.mask(1, eligible, 100, None)[0].tolist() == [False] * 6 + [True, True, True, False]
+
+
+def test_window_positions_are_ranks_among_eligible_steps() -> None:
+    # eligible steps 1, 3, 4 (E = 3); size 2, stride 1: positions 0 then 1 (= E - size)
+    eligible = _eligible(0, 1, 0, 1, 1, 0)
+    w = SlidingWindow(2, "progressive", shift_interval=1)
+    assert w.mask(1, eligible, 0, None)[0].tolist() == [False, True, False, True, False, False]
+    for it in (1, 2, 50):
+        assert w.mask(1, eligible, it, None)[0].tolist() == [False, False, False, True, True, False]
+    roll = SlidingWindow(1, "progressive", shift_interval=2, roll_back=True)
+    picked = [int(roll.mask(1, eligible, it, None)[0].nonzero()) for it in range(12)]
+    assert picked == [1, 1, 3, 3, 4, 4] * 2  # each eligible step in turn, then back to the first
 
 
 def test_progressive_roll_back_stride_one_wraps() -> None:
@@ -133,14 +157,57 @@ def test_size_larger_than_chain_covers_everything() -> None:
     w = SlidingWindow(5, "progressive", shift_interval=1)
     assert w.start(3, 10) == 0
     assert w.mask(2, eligible, 10, None).all()
+    # larger than the eligible steps: it holds all E of them
+    assert w.mask(1, _eligible(0, 1, 1, 0), 10, None)[0].tolist() == [False, True, True, False]
 
 
-def test_window_without_eligible_step_raises() -> None:
+def test_window_always_lands_on_eligible_steps() -> None:
+    """Once past the eligible steps the window stays on the last ones: it never runs out."""
     eligible = _eligible(1, 1, 0, 0)
     w = SlidingWindow(1, "progressive", shift_interval=1)
-    assert w.mask(1, eligible, 1, None)[0].tolist() == [False, True, False, False]
-    with pytest.raises(ValueError):
-        w.mask(1, eligible, 2, None)  # window [2, 3) holds no eligible step
+    assert w.mask(1, eligible, 0, None)[0].tolist() == [True, False, False, False]
+    for it in (1, 2, 3, 100):  # the old window [2, 3) held no eligible step from iteration 2
+        assert w.mask(1, eligible, it, None)[0].tolist() == [False, True, False, False], it
+    two = SlidingWindow(2, "progressive", shift_interval=1)
+    for it in range(6):
+        assert two.mask(1, eligible, it, None)[0].tolist() == [True, True, False, False], it
+    rand = SlidingWindow(1, "random", seed=4)
+    picks = {int(rand.mask(1, eligible, it, None)[0].nonzero()) for it in range(200)}
+    assert picks == {0, 1}  # both eligible steps, never steps 2 or 3 (miss prob 2 * 2**-200)
+
+
+@pytest.mark.parametrize(("k", "size"), [(2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (10, 1), (10, 2)])
+def test_cps_sliding_window_never_runs_out_of_eligible_steps(k, size) -> None:
+    """Regression: CPS with a sliding window of size 1 crashed mid-run. The old window's last
+    position was K - size over all K steps, but CPS never makes the step into t = 1 stochastic,
+    so from iteration (K - 1) * shift_interval (progressive), or on ~1/K of the iterations
+    (random), the window held no eligible step. Every mask must hold exactly ``size`` eligible
+    steps and no ineligible one, and over a run the window must visit every eligible step."""
+    eligible = CPSConverter(0.7).eligible(time_grid(k))
+    assert eligible.tolist() == [True] * (k - 1) + [False]  # the CPS eligibility, as the sampler sees it
+    interval, batch = 3, 2
+    windows = {
+        "progressive": (SlidingWindow(size, "progressive", shift_interval=interval), range((k + 2) * interval + 1)),
+        "roll_back": (SlidingWindow(size, "progressive", shift_interval=interval, roll_back=True), range(60)),
+        "decay": (SlidingWindow(size, "decay", shift_interval=4, decay_rate=0.5), range(40)),
+        "random": (SlidingWindow(size, "random", seed=5), range(400)),
+    }
+    for mode, (w, iterations) in windows.items():
+        visited = torch.zeros(k, dtype=torch.bool)
+        for it in iterations:
+            mask = w.mask(batch, eligible, it, torch.Generator().manual_seed(it))
+            assert mask.shape == (batch, k), (mode, it)
+            assert bool((mask == mask[0]).all()), (mode, it)  # batch-wide
+            assert int(mask[0, eligible].sum()) == size, (mode, it, mask[0].tolist())
+            assert not bool(mask[0, ~eligible].any()), (mode, it, mask[0].tolist())
+            steps = mask[0].nonzero().flatten()
+            # consecutive among the eligible steps (here steps 0..K-2)
+            assert steps.tolist() == list(range(int(steps[0]), int(steps[0]) + size)), (mode, it)
+            visited |= mask[0]
+        assert torch.equal(visited, eligible), (mode, visited.tolist())
+    # progressive: the window reaches the last eligible step and stays there
+    last = SlidingWindow(size, "progressive", shift_interval=interval).mask(1, eligible, 10_000, None)[0]
+    assert last.nonzero().flatten().tolist() == list(range(k - 1 - size, k - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +228,7 @@ def test_random_mode_deterministic_given_seed_and_iteration() -> None:
         m2 = b.mask(4, eligible, it, torch.Generator().manual_seed(2))
         assert torch.equal(m1, m2)
         assert bool((m1 == m1[0]).all())  # the same window for the whole batch
-        assert torch.equal(m1[0], _window_mask(k, starts_a[it], size, eligible))
+        assert torch.equal(m1[0], _window_mask(starts_a[it], size, eligible))
     # valid range and coverage of all K - size + 1 = 8 starts (miss prob ~ 8 (7/8)^200 ~ 2e-11)
     assert set(starts_a) == set(range(k - size + 1))
     # a different seed gives a different sequence

@@ -17,13 +17,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 from torch.distributions import Normal
 
+from flowrl.config import ConfigError, build_config
+from flowrl.core.transitions import Transitions, unit_values
 from flowrl.models.diffusion_policy import (
     DiffusionPolicy,
     cosine_alphas_cumprod,
     ddim_step,
     ddim_timesteps,
 )
-from flowrl.models.flow_policy import ChainSample
 from flowrl.models.networks import VelocityMLP
 
 O, TA, DA, B = 2, 2, 3, 5
@@ -218,18 +219,32 @@ def test_step_reevaluates_a_stored_sample_and_floors_the_std() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def oracle_log_probs(policy: DiffusionPolicy, obs, chain, clip) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step log-probs [B, K] (per dimension) and mean per-dim entropy [B] from diffusers."""
+def oracle_steps(policy: DiffusionPolicy, obs, sample: Transitions, clip):
+    """Over the stored steps, from diffusers: per-dimension log-probs ``[B, S]`` (the sum over
+    the chunk divided by Ta*Da), the mean per-dimension entropy ``[B]``, and each step's mean
+    and (floored) std ``[B, S, Ta, Da]``."""
     sched = _ddim_scheduler(policy.train_steps, policy.num_steps, clip)
-    lps, ents = [], []
-    for k in range(policy.num_steps):
+    lps, ents, means, stds = [], [], [], []
+    for j in range(sample.steps.shape[1]):
+        k = int(sample.steps[0, j])
+        assert bool((sample.steps[:, j] == k).all())  # every chain stores the same steps
         tau = int(sched.timesteps[k])
-        eps = policy.denoiser(obs, chain[:, k], (tau + 1) / policy.train_steps)
-        mean, std = diffusers_transition(sched, eps, tau, chain[:, k], policy.min_std)
+        x = sample.x_in[:, j]
+        eps = policy.denoiser(obs, x, (tau + 1) / policy.train_steps)
+        mean, std = diffusers_transition(sched, eps, tau, x, policy.min_std)
         dist = Normal(mean.to(F64), std.to(F64))
-        lps.append(dist.log_prob(chain[:, k + 1].to(F64)).mean(dim=(1, 2)))
+        lps.append(dist.log_prob(sample.x_out[:, j].to(F64)).mean(dim=(1, 2)))
         ents.append(dist.entropy().mean(dim=(1, 2)))
-    return torch.stack(lps, 1), torch.stack(ents, 1).mean(1)
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(lps, 1), torch.stack(ents, 1).mean(1), torch.stack(means, 1), torch.stack(stds, 1)
+
+
+def _per_dim(policy: DiffusionPolicy, per_step: torch.Tensor) -> torch.Tensor:
+    """DPPO's per-step samples: each step's log-prob per action dimension, back in ``[B, S]``."""
+    assert policy.sample_unit == "step" and policy.log_prob_reduce == "mean"
+    b, s = per_step.shape
+    return unit_values(per_step, policy.sample_unit, policy.log_prob_reduce, TA * DA).view(b, s)
 
 
 @pytest.mark.parametrize(
@@ -239,23 +254,35 @@ def test_sample_and_log_prob_match_oracle(train_steps, num_steps, min_std, clip)
     policy = make_policy(train_steps, num_steps, min_std=min_std, clip=clip)
     obs = _obs()
     s = policy.sample(obs, 0, torch.Generator().manual_seed(2))
-    assert isinstance(s, ChainSample)
-    assert s.chain.shape == (B, num_steps + 1, TA, DA) and s.log_prob.shape == (B, num_steps)
-    assert s.mask.shape == (B, num_steps) and bool(s.mask.all())
-    assert torch.equal(s.actions, s.chain[:, -1])
-    assert torch.equal(s.chain[:, 0], torch.randn(B, TA, DA, generator=torch.Generator().manual_seed(2)))
-    lp, ent = policy.log_prob(obs, s)
-    assert lp.shape == (B, num_steps) and ent.shape == (B,)
+    assert isinstance(s, Transitions)
+    # with a floor every step is stochastic and stored: S = K, in order
+    assert s.x_in.shape == (B, num_steps, TA, DA) and s.x_out.shape == (B, num_steps, TA, DA)
+    assert s.log_prob.shape == (B, num_steps) and s.final.shape == (B, TA, DA)
+    assert s.steps.tolist() == [list(range(num_steps))] * B
+    assert torch.equal(s.nfe, torch.full((B,), float(num_steps)))
+    # the stored steps are one chain: each starts where the last ended, from x_T to the actions
+    assert torch.equal(s.x_in[:, 0], torch.randn(B, TA, DA, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(s.x_in[:, 1:], s.x_out[:, :-1])
+    assert torch.equal(s.final, s.x_out[:, -1])
+    ev = policy.evaluate(obs, s)
+    assert ev.log_prob.shape == (B, num_steps) and ev.entropy.shape == (B,)
+    assert ev.mean.shape == (B, num_steps, TA, DA) and ev.std.shape == (B, num_steps, TA, DA)
     with torch.no_grad():
-        expected_lp, expected_ent = oracle_log_probs(policy, obs, s.chain, clip)
+        expected_lp, expected_ent, mean, std = oracle_steps(policy, obs, s, clip)
     # Without a clip an untrained denoiser (eps ~ 0) blows the chain up to |x| ~ 1e3, where the
     # float32 rounding of the stored chain alone moves a per-dimension log-prob by ~ulp(x) / std.
-    atol = 1e-4 + 3e-7 * float(s.chain.abs().max()) / min_std
-    torch.testing.assert_close(s.log_prob.to(F64), expected_lp, rtol=1e-4, atol=atol)
-    torch.testing.assert_close(lp.detach().to(F64), expected_lp, rtol=1e-4, atol=atol)
-    torch.testing.assert_close(ent.detach().to(F64), expected_ent, rtol=1e-5, atol=1e-5)
+    biggest = float(torch.cat([s.x_in, s.x_out], 1).abs().max())
+    atol = 1e-4 + 3e-7 * biggest / min_std
+    torch.testing.assert_close(_per_dim(policy, s.log_prob).to(F64), expected_lp, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(_per_dim(policy, ev.log_prob).detach().to(F64), expected_lp, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(ev.entropy.detach().to(F64), expected_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ev.std.detach().to(F64), std, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ev.mean.detach().to(F64), mean, rtol=1e-4, atol=1e-4 + 1e-6 * biggest)
     # the floor really is used: the last step (sigma = 0) samples with std = min_std
     assert float(policy.sample_std[-1]) == pytest.approx(min_std)
+    # a given x_T (a GRPO group's) replaces the generator's first draw
+    noise = _rand(B, TA, DA, seed=3)
+    assert torch.equal(policy.sample(obs, 0, torch.Generator().manual_seed(2), noise=noise).x_in[:, 0], noise)
 
 
 def test_sampled_steps_are_distributed_as_the_oracle() -> None:
@@ -266,41 +293,72 @@ def test_sampled_steps_are_distributed_as_the_oracle() -> None:
     obs = _obs(n)
     s = policy.sample(obs, 0, torch.Generator().manual_seed(4))
     assert float(policy.sample_std.min()) == pytest.approx(min_std)  # at least one floored step
+    assert s.steps.tolist() == [list(range(5))] * n
     with torch.no_grad():
         for k in range(5):
             tau = int(sched.timesteps[k])
-            eps = policy.denoiser(obs, s.chain[:, k], (tau + 1) / 20)
-            mean, std = diffusers_transition(sched, eps, tau, s.chain[:, k], min_std)
-            z = ((s.chain[:, k + 1] - mean) / std).flatten().to(F64)
+            eps = policy.denoiser(obs, s.x_in[:, k], (tau + 1) / 20)
+            mean, std = diffusers_transition(sched, eps, tau, s.x_in[:, k], min_std)
+            z = ((s.x_out[:, k] - mean) / std).flatten().to(F64)
             assert abs(float(z.mean())) < 0.03, (k, float(z.mean()))  # SE = 1/sqrt(12000) ~ 0.009
             assert abs(float(z.std()) - 1.0) < 0.03, (k, float(z.std()))
 
 
-def test_without_a_floor_the_last_step_is_deterministic() -> None:
-    policy = make_policy(20, 5, min_std=0.0, clip=1.0)
+@pytest.mark.parametrize(("train_steps", "num_steps"), [(20, 2), (20, 5), (12, 12)])
+def test_without_a_floor_the_last_step_is_deterministic(train_steps, num_steps) -> None:
+    """min_std = 0: the step into alpha_bar = 1 has std 0, so it is not stored (S = K - 1)."""
+    policy = make_policy(train_steps, num_steps, min_std=0.0, clip=1.0)
+    assert policy.stochastic_steps().tolist() == [True] * (num_steps - 1) + [False]
     obs = _obs()
     s = policy.sample(obs, 0, torch.Generator().manual_seed(5))
-    assert s.mask[:, :-1].all() and not s.mask[:, -1].any()
-    assert torch.equal(s.log_prob[:, -1], torch.zeros(B))
-    assert bool(s.actions.abs().max() <= 1.0)  # the last step returns the clipped x0
-    lp, _ = policy.log_prob(obs, s)
-    assert torch.equal(lp[:, -1], torch.zeros(B))
-    torch.testing.assert_close(lp, s.log_prob, rtol=1e-5, atol=1e-5)
+    s_num = num_steps - 1
+    assert s.steps.tolist() == [list(range(s_num))] * B
+    assert s.x_in.shape == (B, s_num, TA, DA) and s.x_out.shape == (B, s_num, TA, DA)
+    assert s.log_prob.shape == (B, s_num) and bool(torch.isfinite(s.log_prob).all())
+    assert bool(s.final.abs().max() <= 1.0)  # the last step returns the clipped x0
+    # the last, unstored step is the deterministic one from the last stored state: its mean
+    k = num_steps - 1
+    with torch.no_grad():
+        eps = policy.denoiser(obs, s.x_out[:, -1], policy.step_time[k])
+        last = ddim_step(s.x_out[:, -1], eps, policy.step_alpha[k], 1.0, eta=1.0, denoised_clip=1.0)
+    assert float(last.std.max()) == 0.0
+    torch.testing.assert_close(s.final, last.mean.to(s.final.dtype), rtol=1e-6, atol=1e-6)
+    ev = policy.evaluate(obs, s)
+    assert ev.log_prob.shape == (B, s_num)
+    assert bool((ev.std > 0).all())  # every stored step is stochastic
+    torch.testing.assert_close(ev.log_prob, s.log_prob, rtol=1e-5, atol=1e-5)
+
+
+def test_config_rejects_one_step_without_a_floor() -> None:
+    """denoising_steps 1 with min_std 0 has no stochastic step: rejected at load time, naming the fix."""
+
+    def cfg(**policy):
+        return build_config(
+            {"name": "x", "policy": {"type": "diffusion", **policy}, "pretrain": {"steps": 10, "batch_size": 8}}
+        )
+
+    with pytest.raises(ConfigError, match=r"min_std > 0 or denoising_steps >= 2") as err:
+        cfg(denoising_steps=1, min_std=0.0)
+    assert "policy" in str(err.value)
+    # either fix is accepted
+    assert cfg(denoising_steps=1, min_std=0.05).policy.min_std == 0.05
+    assert cfg(denoising_steps=2, min_std=0.0).policy.denoising_steps == 2
 
 
 def test_reevaluation_reproduces_fresh_log_probs() -> None:
     policy = make_policy(100, 10, min_std=0.1)
     obs = _obs(64)
     s = policy.sample(obs, 3, torch.Generator().manual_seed(6))
-    lp, _ = policy.log_prob(obs, s)
+    lp = _per_dim(policy, policy.evaluate(obs, s).log_prob)
+    old = _per_dim(policy, s.log_prob)
     # per-dimension log-probs: Ta*Da times the ratio tolerance of a summed log-prob
-    ratio = torch.exp(lp - s.log_prob)
+    ratio = torch.exp(lp - old)
     assert float((ratio - 1).abs().max().detach()) < 1e-5
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        lp2, _ = policy.log_prob(obs, s)
-    assert float((torch.exp(lp2 - s.log_prob) - 1).abs().max()) > 1e-3
+        lp2 = _per_dim(policy, policy.evaluate(obs, s).log_prob)
+    assert float((torch.exp(lp2 - old) - 1).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("clip", [None, 5.0])
@@ -312,7 +370,7 @@ def test_gradients_reach_the_denoiser(clip) -> None:
     s = policy.sample(obs, 0, torch.Generator().manual_seed(7))
     params = dict(policy.denoiser.named_parameters())
     assert params
-    lp, _ = policy.log_prob(obs, s)
+    lp = policy.evaluate(obs, s).log_prob
     grads = torch.autograd.grad(lp.sum(), list(params.values()))
     for name, g in zip(params, grads, strict=True):
         assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0, name
@@ -321,8 +379,10 @@ def test_gradients_reach_the_denoiser(clip) -> None:
     grads = torch.autograd.grad(actions.pow(2).sum(), list(params.values()))
     for name, g in zip(params, grads, strict=True):
         assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0, name
-    assert policy.noise_parameters() == []
-    assert policy.actor is policy.denoiser and policy.event_shape == (TA, DA)
+    # one parameter group: the exploration noise is the fixed DDPM variance with its floor
+    groups = policy.param_groups()
+    assert set(groups) == {"actor"} and [id(p) for p in groups["actor"]] == [id(p) for p in params.values()]
+    assert policy.network is policy.denoiser and policy.event_shape == (TA, DA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +421,10 @@ class GaussianEpsOracle(nn.Module):
         self.register_buffer("abar", cosine_alphas_cumprod(train_steps))
         self.train_steps = train_steps
         self.dummy = nn.Parameter(torch.zeros(()))  # a policy module needs no parameters, but mimic a net
+
+    @property
+    def event_shape(self) -> tuple[int, int]:  # as VelocityMLP's: the chunk (Ta, Da)
+        return (self.horizon, self.action_dim)
 
     def forward(self, obs, x, t, t_next=None):
         tau = torch.round(torch.as_tensor(t, dtype=F64) * self.train_steps).long() - 1
@@ -409,7 +473,7 @@ def test_exact_eps_stochastic_sampling_reproduces_gaussian_data() -> None:
     """
     t_steps, m, s, n = 1000, -0.2, 0.3, 8000
     policy = DiffusionPolicy(GaussianEpsOracle(m, s, t_steps), t_steps, t_steps, min_std=0.0, denoised_clip=None)
-    acts = policy.sample(torch.zeros(n, 1), 0, torch.Generator().manual_seed(12)).actions.to(F64).flatten()
+    acts = policy.sample(torch.zeros(n, 1), 0, torch.Generator().manual_seed(12)).final.to(F64).flatten()
     assert abs(float(acts.mean()) - m) < 4 * s / math.sqrt(n)
     assert abs(float(acts.std()) - s) < 4 * s / math.sqrt(2 * n) + 0.005
 
@@ -439,4 +503,14 @@ def test_bad_arguments_raise() -> None:
     policy = make_policy(20, 5)
     s = policy.sample(_obs(), 0, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError):
-        make_policy(20, 4).log_prob(_obs(), s)
+        make_policy(20, 4).evaluate(_obs(), s)  # step index 4 does not fit K = 4
+    wrong_event = Transitions(
+        final=s.final[:, :1],
+        x_in=s.x_in[:, :, :1],
+        x_out=s.x_out[:, :, :1],
+        steps=s.steps,
+        log_prob=s.log_prob,
+        nfe=s.nfe,
+    )
+    with pytest.raises(ValueError):
+        policy.evaluate(_obs(), wrong_event)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch.distributions import Normal
 
+from flowrl.core.transitions import unit_values
 from flowrl.models.gaussian_policy import GaussianPolicy, GaussianSample
 from flowrl.models.networks import GaussianActor
 
@@ -32,21 +33,32 @@ def test_sample_and_log_prob_match_torch_normal():
     obs = torch.randn(B, O)
     sample = policy.sample(obs, generator=torch.Generator().manual_seed(1))
     assert isinstance(sample, GaussianSample)
-    assert sample.actions.shape == (B, TA, DA) and sample.log_prob.shape == (B,)
+    # one stochastic "step" per chunk: log_prob [B, 1], summed over the chunk
+    assert sample.final.shape == (B, TA, DA) and sample.log_prob.shape == (B, 1)
     mean, std = policy.actor(obs)
     normal = Normal(mean.detach(), std.detach().expand_as(mean))
-    expected = normal.log_prob(sample.actions).sum(dim=(1, 2))
-    torch.testing.assert_close(sample.log_prob, expected, rtol=1e-5, atol=1e-5)
+    expected = normal.log_prob(sample.final).sum(dim=(1, 2))
+    torch.testing.assert_close(sample.log_prob[:, 0], expected, rtol=1e-5, atol=1e-5)
+    # one sample per chunk with the summed log-prob (CleanRL): the chain value is the column itself
+    assert policy.sample_unit == "chain" and policy.log_prob_reduce == "sum"
+    chain = unit_values(sample.log_prob, policy.sample_unit, policy.log_prob_reduce, TA * DA)
+    assert torch.equal(chain, sample.log_prob[:, 0])
     # re-evaluating a fresh sample reproduces its log-prob exactly (the PPO ratio check)
-    log_prob, entropy = policy.log_prob(obs, sample)
-    assert torch.equal(log_prob, sample.log_prob)
+    ev = policy.evaluate(obs, sample)
+    assert ev.log_prob.shape == (B, 1)
+    assert torch.equal(ev.log_prob, sample.log_prob)
+    # the Gaussian of the (single) step, for a KL to a reference policy
+    assert ev.mean.shape == (B, 1, TA, DA) and ev.std.shape == (B, 1, TA, DA)
+    torch.testing.assert_close(ev.mean[:, 0].detach(), normal.mean, rtol=0, atol=0)
+    torch.testing.assert_close(ev.std[:, 0].detach(), normal.stddev, rtol=0, atol=0)
     # log_prob of arbitrary actions too, and it is differentiable in the actor's parameters
-    other = GaussianSample(actions=torch.randn(B, TA, DA) * 2, log_prob=torch.zeros(B))
-    lp, _ = policy.log_prob(obs, other)
-    torch.testing.assert_close(lp.detach(), normal.log_prob(other.actions).sum(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    other = GaussianSample(final=torch.randn(B, TA, DA) * 2, log_prob=torch.zeros(B, 1))
+    lp = policy.evaluate(obs, other).log_prob
+    torch.testing.assert_close(lp[:, 0].detach(), normal.log_prob(other.final).sum(dim=(1, 2)), rtol=1e-5, atol=1e-5)
     lp.sum().backward()
     assert policy.actor.log_std.grad is not None and policy.actor.net[0].weight.grad is not None
     # entropy per dimension = mean over dimensions of the Normal entropies, for every row
+    entropy = ev.entropy
     assert entropy.shape == (B,)
     torch.testing.assert_close(entropy, normal.entropy().mean(dim=(1, 2)), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(
@@ -59,14 +71,18 @@ def test_sample_statistics_and_generator_determinism():
     policy = _policy(1)
     obs = torch.randn(1, O).expand(20000, O)
     g = torch.Generator().manual_seed(2)
-    actions = policy.sample(obs, generator=g).actions
+    actions = policy.sample(obs, generator=g).final
     mean, std = policy.actor(obs[:1])
     # standard errors: std / sqrt(n) <= 0.01; sample std error ~ std / sqrt(2n)
     torch.testing.assert_close(actions.mean(0), mean[0].detach(), rtol=0, atol=0.04)
     torch.testing.assert_close(actions.std(0), std.detach(), rtol=0.03, atol=0)
-    again = policy.sample(obs, generator=torch.Generator().manual_seed(2)).actions
+    again = policy.sample(obs, generator=torch.Generator().manual_seed(2)).final
     assert torch.equal(actions, again)
-    assert not torch.equal(actions, policy.sample(obs, generator=torch.Generator().manual_seed(3)).actions)
+    assert not torch.equal(actions, policy.sample(obs, generator=torch.Generator().manual_seed(3)).final)
+    # a given noise (a GRPO group's) replaces the generator's draw: actions = mean + std * noise
+    noise = torch.randn(4, TA, DA, generator=torch.Generator().manual_seed(4))
+    fixed = policy.sample(obs[:4], noise=noise).final
+    torch.testing.assert_close(fixed, (mean[0] + std * noise).detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_act_is_the_mean():
@@ -76,7 +92,12 @@ def test_act_is_the_mean():
     assert torch.equal(policy.act(obs, torch.Generator().manual_seed(0)), mean.detach())
     assert torch.equal(policy.act(obs), policy.act(obs))
     assert policy.event_shape == (TA, DA)
-    assert policy.noise_parameters() == []
+    # the network a checkpoint stores, and one parameter group (the std is part of the actor)
+    assert policy.network is policy.actor
+    groups = policy.param_groups()
+    assert set(groups) == {"actor"}
+    assert [id(p) for p in groups["actor"]] == [id(p) for p in policy.actor.parameters()]
+    assert any(p is policy.actor.log_std for p in groups["actor"])
 
 
 def test_coupled_actions_attain_the_closed_form_w2():

@@ -19,6 +19,7 @@ from flowrl.config import DemosConfig
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
 from flowrl.models.networks import GaussianActor, VelocityMLP
+from flowrl.models.sampler import ChainSampler
 from flowrl.rollout.demos import collect_demos, save_demos
 from flowrl.runtime import derive_seed
 
@@ -43,7 +44,7 @@ def flow_policy(horizon: int = 2) -> FlowPolicy:
     with torch.no_grad():
         velocity.net[-1].weight.mul_(0.1)
         velocity.net[-1].bias.fill_(0.8)
-    return FlowPolicy(velocity, 2)
+    return FlowPolicy(velocity, ChainSampler(2))  # ODE only: no converter, it acts deterministically
 
 
 POLICIES = {"gaussian": gaussian_policy, "flow": flow_policy}

@@ -22,7 +22,22 @@ from flowrl.rollout.ray_collector import RayCollector, WorkerError
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.reward_workers import RewardPool
 
-FIELDS = ("obs", "next_obs", "samples.chain", "samples.mask", "samples.log_prob", "rewards", "terminated", "truncated")
+FIELDS = (
+    "obs",
+    "next_obs",
+    "samples.final",
+    "samples.x_in",
+    "samples.x_out",
+    "samples.steps",
+    "samples.log_prob",
+    "samples.nfe",
+    "rewards",
+    "terminated",
+    "truncated",
+    "valid",
+    "group",
+)
+EPISODE_FIELDS = ("episode_return", "episode_success", "episode_done")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +65,9 @@ def flowrl_log():
     logger.removeHandler(handler)
 
 
+KWARGS = {"start_noise": 0.5}  # TwoGoal starts spread out: episodes of different lengths
+
+
 def _policy(converter="reinflow"):
     cfg = build_config(
         {"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8}, "mdp": {"converter": {"type": converter}}}
@@ -62,7 +80,7 @@ def _policy(converter="reinflow"):
 def test_ray_and_in_process_collectors_return_identical_rollouts(local_ray, converter):
     policy = _policy(converter)
     remote = RayCollector("flowrl/TwoGoal-v0", 4, 6, seed=11, num_workers=2)
-    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 6, seed=11, num_shards=2)
+    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 6, seed=11, num_workers=2)
     try:
         for collector in (remote, local):
             collector.reset(0)
@@ -76,6 +94,35 @@ def test_ray_and_in_process_collectors_return_identical_rollouts(local_ray, conv
                 b.episode_successes,
             )
             with torch.no_grad():  # weights change between iterations, as in training
+                policy.velocity.net[-1].bias.add_(0.05)
+    finally:
+        remote.close()
+        local.close()
+
+
+@pytest.mark.parametrize("converter", ["reinflow", "flow_sde"])
+def test_ray_and_in_process_collectors_return_identical_episode_rollouts(local_ray, converter):
+    # groups of 2 envs (3 per worker), episodes ended in some envs and cut by max_steps in the others, new
+    # reset states every iteration: the same rollout over Ray as in this process
+    policy = _policy(converter)
+    remote = RayCollector("flowrl/TwoGoal-v0", 4, 12, seed=1, num_workers=2, env_kwargs=KWARGS, group_size=2)
+    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 12, 1, 2, KWARGS, group_size=2)
+    try:
+        for iteration in range(2):
+            a, b = remote.collect_episodes(policy, 7, iteration), local.collect_episodes(policy, 7, iteration)
+            for name in FIELDS:
+                assert torch.equal(attrgetter(name)(a), attrgetter(name)(b)), name
+            for name in EPISODE_FIELDS:
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert (a.env_steps, a.episode_returns, a.episode_successes) == (
+                b.env_steps,
+                b.episode_returns,
+                b.episode_successes,
+            )
+            assert torch.equal(a.group, torch.arange(12) // 2)
+            if iteration == 0:  # some episodes ended before the others (the mask matters), some were cut
+                assert not bool(a.valid.all()) and bool(a.episode_done.any()) and not bool(a.episode_done.all())
+            with torch.no_grad():
                 policy.velocity.net[-1].bias.add_(0.05)
     finally:
         remote.close()

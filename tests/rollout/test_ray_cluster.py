@@ -42,8 +42,10 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
             rollout = collector.collect(policy, 4, 0)
         finally:
             collector.close()
-    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_shards=2)
+    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_workers=2)
     local.reset(0)
     expected = local.collect(policy, 4, 0)
     local.close()
-    assert torch.equal(rollout.samples.chain, expected.samples.chain) and torch.equal(rollout.rewards, expected.rewards)
+    assert torch.equal(rollout.samples.final, expected.samples.final)
+    assert torch.equal(rollout.samples.x_out, expected.samples.x_out)  # the whole stored chain, not only its end
+    assert torch.equal(rollout.rewards, expected.rewards)

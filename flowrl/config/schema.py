@@ -1,32 +1,12 @@
-"""Experiment configuration: one YAML file = one experiment, validated strictly.
-
-Every field has a type, a default and a description. Unknown keys and wrong types are
-errors that name the key and the file. Command-line overrides use ``key.sub=value`` (the
-value is parsed as YAML: ``algo.clip=0.1``, ``policy.hidden_dims=[64,64]``, ``x=null``).
-"""
+"""The experiment schema: one pydantic model per section, every field with a type, a default
+and a description. Tagged sections (``env.type``, ``policy.type``, ``algo.type``, the
+converter's and window's ``type``) hold only the keys of their kind."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    model_serializer,
-    model_validator,
-)
-
-from flowrl.errors import FlowRLError
-
-
-class ConfigError(FlowRLError, ValueError):
-    """A bad experiment file or override; the message names the key and the fix."""
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
 
 class _Strict(BaseModel):
@@ -319,16 +299,21 @@ class PretrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA of the weights; the EMA copy is saved")
+    checkpoint_every: int = Field(
+        500, ge=1, description="gradient steps between pretraining checkpoints (a killed pretraining resumes there)"
+    )
 
 
 # --------------------------------------------------------------------------- algorithms
-class _PolicyGradient(_Strict):
+class PolicyGradientConfig(_Strict):
     """What PPO and GRPO share: iterations, the clipped surrogate, optimisers."""
 
     iterations: int = Field(50, ge=1)
     clip: float = Field(0.2, gt=0, description="ratio clip")
     epochs: int = Field(4, ge=1, description="passes over each rollout")
-    minibatch_size: int = Field(256, ge=1, description="policy-gradient samples per minibatch")
+    minibatch_size: int = Field(
+        256, ge=1, description="env steps per minibatch (each with its chain, or its S denoising-step samples)"
+    )
     actor_lr: float = Field(3e-4, gt=0, description="policy network learning rate")
     noise_lr: float = Field(3e-4, gt=0, description="noise net learning rate (reinflow / flow_noise)")
     lr_schedule: Literal["constant", "linear"] = Field(
@@ -337,12 +322,18 @@ class _PolicyGradient(_Strict):
     entropy_coef: float = Field(0.0, ge=0, description="bonus on the learned steps' entropy")
     max_grad_norm: float = Field(1.0, gt=0)
     target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
+    max_skipped_updates: int = Field(
+        3,
+        ge=1,
+        description="an update whose loss or gradient norm is non-finite is skipped; this many in a row stop the "
+        "run (the last good checkpoint is kept)",
+    )
     ratio_check_tol: float = Field(
         1e-4, gt=0, description="max |ratio - 1| allowed when re-evaluating a fresh rollout before the first update"
     )
 
 
-class PPOConfig(_PolicyGradient):
+class PPOConfig(PolicyGradientConfig):
     """PPO over the env MDP: critic on observations, GAE over env steps."""
 
     type: Literal["ppo"]
@@ -366,7 +357,7 @@ class PPOConfig(_PolicyGradient):
     )
 
 
-class GRPOConfig(_PolicyGradient):
+class GRPOConfig(PolicyGradientConfig):
     """GRPO without a critic: each env runs one episode per iteration from its group's shared
     reset state; the group-normalised outcome is the advantage of every step of the episode."""
 
@@ -441,9 +432,7 @@ class ExperimentConfig(_Strict):
                 )
         if isinstance(self.algo, PPOConfig):
             batch = self.env.num_envs * self.algo.steps_per_iteration
-            if self.policy.type in FLOW_TYPES and self.mdp.sample_unit == "step":
-                batch = 0  # depends on the window: checked when the rollout exists
-            if batch and self.algo.minibatch_size > batch:
+            if self.algo.minibatch_size > batch:
                 problems.append(
                     f"algo.minibatch_size={self.algo.minibatch_size} is larger than the batch of env.num_envs x "
                     f"algo.steps_per_iteration = {batch}; lower it"
@@ -493,167 +482,3 @@ class ExperimentConfig(_Strict):
             if isinstance(node, dict):
                 node.pop(last, None)
         return data
-
-
-# --------------------------------------------------------------------------- loading
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'algo.clip=0.1'`` -> ``('algo.clip', 0.1)``; the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"bad override {text!r}: expected key.sub=value, e.g. algo.clip=0.1")
-    try:
-        return key, yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r} ({exc.problem})") from None
-
-
-def _dotted_loc(loc: tuple[Any, ...], data: Any) -> str:
-    """Error location as the user wrote it: drops pydantic's union tags (e.g. 'reinflow', 'flow')."""
-    parts: list[str] = []
-    node = data
-    for item in loc:
-        if isinstance(node, dict) and item in node:
-            parts.append(str(item))
-            node = node[item]
-        elif isinstance(node, dict) and (node.get("type") == item or item == _policy_tag(node)):
-            continue
-        else:
-            parts.append(str(item))
-            node = None
-    return ".".join(parts)
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in get_args(annotation) for m in _models_in(arg)]
-
-
-def _section_keys(dotted_parent: str, data: Any) -> list[str] | None:
-    """The valid keys of the section at ``dotted_parent``, for the type ``data`` gives it."""
-    model: Any = ExperimentConfig
-    node = data
-    for part in [p for p in dotted_parent.split(".") if p]:
-        field = model.model_fields.get(part)
-        node = node.get(part) if isinstance(node, dict) else None
-        candidates = _models_in(field.annotation) if field is not None else []
-        if len(candidates) > 1:
-            kind = node.get("type") if isinstance(node, dict) else None
-            fits = [
-                m
-                for m in candidates
-                if "type" in m.model_fields and kind in get_args(m.model_fields["type"].annotation)
-            ]
-            if not fits and kind is None:
-                fits = [
-                    m for m in candidates if m.model_fields.get("type") and m.model_fields["type"].default is not None
-                ]
-            candidates = fits[:1]
-        if len(candidates) != 1:
-            return None
-        model = candidates[0]
-    return list(model.model_fields)
-
-
-def moved_keys(data: dict[str, Any]) -> list[str]:
-    """One line per key of an older flowrl that now lives elsewhere."""
-    lines = []
-    for old, new in MOVED.items():
-        node: Any = data
-        for part in old.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is not _ABSENT:
-            lines.append(f"'{old}' has moved to {new}")
-    return lines
-
-
-_ABSENT = object()
-
-
-def format_validation_error(exc: ValidationError, data: dict[str, Any], source: str, overridden: set[str]) -> str:
-    lines = []
-    for err in exc.errors():
-        key = _dotted_loc(err["loc"], data)
-        origin = (
-            " (command-line override)"
-            if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden)
-            else ""
-        )
-        if err["type"] == "extra_forbidden":
-            parent = key.rpartition(".")[0]
-            valid = _section_keys(parent, data)
-            hint = f"; valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}" if valid else ""
-            lines.append(f"{source}: unknown key '{key}'{origin}{hint}")
-        elif err["type"] == "policy_type":
-            kind = err["input"].get("type") if isinstance(err["input"], dict) else err["input"]
-            lines.append(f"{source}: policy.type: {kind!r} is not one of {', '.join(POLICY_TYPES)}{origin}")
-        elif err["type"] == "union_tag_not_found":
-            lines.append(f"{source}: {key}: missing '{key}.type' (it chooses the kind, e.g. {key}.type=...)")
-        elif err["type"] == "union_tag_invalid":
-            lines.append(
-                f"{source}: {key}.type: {err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}{origin}"
-            )
-        elif err["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err['input']!r})" if err["type"] not in ("value_error", "assertion_error") else ""
-            section = (
-                f"; to replace the whole section instead, give {key}={{...}}"
-                if err["type"] == "value_error" and key and any(o.startswith(key + ".") for o in overridden)
-                else ""
-            )
-            lines.append(f"{source}: {key or 'experiment'}: {msg}{got}{origin}{section}")
-    return "\n".join(lines)
-
-
-def build_config(
-    data: dict[str, Any], source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()
-) -> ExperimentConfig:
-    """Validate a raw dict plus ``key=value`` overrides into an ExperimentConfig."""
-    data = dict(data)
-    overridden = set()
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
-        overridden.add(key)
-    moved = moved_keys(data)
-    if moved:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in moved))
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, data, source, overridden)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load an experiment YAML with overrides; raises ConfigError naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return build_config(data, str(path), overrides)
-
-
-def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
