@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from flowrl.algos.policy_gradient import PolicyOptimizer, event_numel, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, event_numel, pg_samples, update_obs_stats
 from flowrl.config import GRPOConfig
 from flowrl.core.advantages import group_advantages
 from flowrl.core.batch import TensorBatch
@@ -141,7 +140,7 @@ class GRPO:
         metrics = dict(self._stats)
         if size == 0:  # every group tied: nothing to learn from this rollout
             return {**metrics, "train/epochs": 0.0}
-        history: dict[str, list[float]] = {}
+        history = MetricHistory()
         epochs_done = 0
         for _ in range(cfg.epochs):
             perm = torch.randperm(size, generator=self.generator).to(self.device)
@@ -161,21 +160,14 @@ class GRPO:
                     loss = loss + cfg.beta * kl
                     logged["losses/kl_ref"] = kl.item()
                 grad_norm = self.optimizer.step(loss, iteration)
-                for key, value in {
-                    **logged,
-                    "train/grad_norm": grad_norm,
-                    **{f"train/{k}": v for k, v in pg_metrics.items()},
-                }.items():
-                    history.setdefault(key, []).append(value)
+                history.add(logged, grad_norm, pg_metrics)
                 if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
                     kl_stop = True
                     break
             epochs_done += 1
             if kl_stop:
                 break
-        metrics.update({k: float(np.mean(v)) for k, v in history.items()})
-        metrics["train/ratio_max"] = float(np.max(history["train/ratio_max"]))
-        metrics["train/ratio_min"] = float(np.min(history["train/ratio_min"]))
+        metrics.update(history.summary())
         metrics["train/epochs"] = float(epochs_done)
         metrics["train/skipped_updates"] = float(self.optimizer.guard.pop_skipped())
         metrics["train/advantage_std"] = batch.advantages.std().item() if size > 1 else 0.0

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -182,3 +183,25 @@ def update_obs_stats(obs: Tensor, *modules: nn.Module) -> None:
         for m in module.modules():
             if isinstance(m, ObsNormalizer):
                 m.update(obs)
+
+
+class MetricHistory:
+    """Per-minibatch metrics of one update, summarised as means (ratio min and max as extremes)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, logged: dict[str, float], grad_norm: float, pg_metrics: dict[str, float]) -> None:
+        for key, value in {
+            **logged,
+            "train/grad_norm": grad_norm,
+            **{f"train/{k}": v for k, v in pg_metrics.items()},
+        }.items():
+            self.values.setdefault(key, []).append(value)
+
+    def summary(self) -> dict[str, float]:
+        metrics = {k: float(np.mean(v)) for k, v in self.values.items()}
+        if "train/ratio_max" in self.values:
+            metrics["train/ratio_max"] = float(np.max(self.values["train/ratio_max"]))
+            metrics["train/ratio_min"] = float(np.min(self.values["train/ratio_min"]))
+        return metrics

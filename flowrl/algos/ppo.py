@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowrl.algos.policy_gradient import PolicyOptimizer, guarded_step, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, guarded_step, pg_samples, update_obs_stats
 from flowrl.config import PPOConfig
 from flowrl.core.advantages import gae
 from flowrl.core.batch import TensorBatch
@@ -152,7 +151,7 @@ class PPO:
         cfg, dev = self.cfg, self.device
         train_actor = iteration >= cfg.critic_warmup_iterations
         size = batch.advantages.shape[0]
-        history: dict[str, list[float]] = {}
+        history = MetricHistory()
         epochs_done = 0
         for _ in range(cfg.epochs):
             perm = torch.randperm(size, generator=self.generator).to(dev)
@@ -179,22 +178,14 @@ class PPO:
                     iteration, "value",
                 )  # fmt: skip
 
-                for key, value in {
-                    **logged,
-                    "losses/value": v_loss.item(),
-                    "train/grad_norm": grad_norm,
-                    **{f"train/{k}": v for k, v in pg_metrics.items()},
-                }.items():
-                    history.setdefault(key, []).append(value)
+                history.add({**logged, "losses/value": v_loss.item()}, grad_norm, pg_metrics)
                 if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
                     kl_stop = True
                     break
             epochs_done += 1
             if kl_stop:
                 break
-        metrics = {k: float(np.mean(v)) for k, v in history.items()}
-        metrics["train/ratio_max"] = float(np.max(history["train/ratio_max"]))
-        metrics["train/ratio_min"] = float(np.min(history["train/ratio_min"]))
+        metrics = history.summary()
         with torch.no_grad():
             _, v_metrics = value_loss(self.critic(batch.cond), batch.returns)
         if self.running_obs_stats:

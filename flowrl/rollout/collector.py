@@ -23,7 +23,7 @@ from torch import Tensor
 from flowrl.core.batch import TensorBatch
 from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy
-from flowrl.rollout.vector_env import GymVectorEnv
+from flowrl.rollout.vector_env import EnvStep, GymVectorEnv
 from flowrl.runtime import derive_seed
 
 if TYPE_CHECKING:
@@ -111,6 +111,19 @@ class Rollout:
 _TIME_MAJOR = ("obs", "next_obs", "rewards", "terminated", "truncated", "valid")
 
 
+def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Tensor) -> None:
+    """Append one policy step of every env to the time-major lists of a Rollout."""
+    for key, value in (
+        ("obs", obs),
+        ("next_obs", step.reached),
+        ("rewards", step.reward.to(torch.float32)),
+        ("terminated", step.terminated),
+        ("truncated", step.truncated),
+        ("valid", valid),
+    ):
+        rows[key].append(value)
+
+
 class Collector(Protocol):
     def reset(self, epoch: int) -> None:
         """(Re)start every env from seeds derived from (seed, shard, epoch)."""
@@ -181,15 +194,7 @@ class EnvShard:
                 ep_successes.append(float(bool(step.success[i])))
                 self._returns[i] = 0.0
             env_steps += int(step.env_steps.sum())
-            for key, value in (
-                ("obs", obs),
-                ("next_obs", step.reached),
-                ("rewards", step.reward.to(torch.float32)),
-                ("terminated", step.terminated),
-                ("truncated", step.truncated),
-                ("valid", torch.ones(self.num_envs, dtype=torch.bool)),
-            ):
-                rows[key].append(value)
+            _record(rows, obs, step, torch.ones(self.num_envs, dtype=torch.bool))
             samples.append(sample)
         return Rollout(
             **{k: torch.stack(v) for k, v in rows.items()},
@@ -218,15 +223,7 @@ class EnvShard:
             success |= ended & step.success
             active &= ~ended
             env_steps += int(step.env_steps[valid].sum())
-            for key, value in (
-                ("obs", obs),
-                ("next_obs", step.reached),
-                ("rewards", step.reward.to(torch.float32)),
-                ("terminated", step.terminated),
-                ("truncated", step.truncated),
-                ("valid", valid),
-            ):
-                rows[key].append(value)
+            _record(rows, obs, step, valid)
             samples.append(sample)
         done = ~active
         self._obs = None  # the next collection resets
