@@ -12,10 +12,20 @@ from pathlib import Path
 from flowrl.errors import FlowRLError, Interrupted
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default in its help when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of flow-matching policies.")
     sub = p.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
 
     def common(sp: argparse.ArgumentParser, experiment_required: bool = True) -> None:
         sp.add_argument(

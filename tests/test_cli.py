@@ -127,6 +127,16 @@ def test_same_seed_same_metrics_and_eval_command(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["eval/success_rate"] == first[-1]["eval/success_rate"]
     assert metrics["eval/return"] == first[-1]["eval/return"]
+    # ... and so does `flowrl eval RUN_DIR` (its config.yaml and policy.pt), with no other argument
+    assert main(["eval", str(run)]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert by_folder["checkpoint"] == str(run / "policy.pt")
+    assert {k: v for k, v in by_folder.items() if k != "checkpoint"} == {
+        k: v for k, v in metrics.items() if k != "checkpoint"
+    }
+    for name in ("pretrain_metrics.json", "pretrain_metrics.jsonl", "events.log"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
 
 
 def _tensorboard_steps(run: Path, tag: str) -> list[int]:

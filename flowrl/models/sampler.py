@@ -209,17 +209,48 @@ class ChainSampler(nn.Module):
         converter = self._require_converter()
         device = self.grid.device
         mask = self.window.mask(batch, converter.eligible(self.grid), iteration, generator).to(device)
-        steps = steps_from_mask(mask)
+        shared = bool((mask == mask[:1]).all())  # a batch-wide window
+        steps = mask[0].nonzero().flatten().expand(batch, -1).clone() if shared else steps_from_mask(mask)
+        if steps.shape[1] == 0:
+            raise ValueError("the window holds no stochastic step: nothing to train")
         s = steps.shape[1]
         x = noise if noise is not None else torch.randn((batch, *event_shape), generator=generator, device=device)
         if x.shape != (batch, *event_shape):
             raise ValueError(f"noise has shape {tuple(x.shape)}, expected {(batch, *event_shape)}")
-        x_in = x.new_zeros((batch, s, *event_shape))
-        x_out = x.new_zeros((batch, s, *event_shape))
-        log_prob = torch.zeros(batch, s, device=device)
-        slot = torch.zeros(batch, dtype=torch.long, device=device)
-        nfe = torch.zeros(batch, device=device)
         solver = _Solver(self.solver, batch, device)
+        if shared:  # whole-batch steps, no row indexing
+            stochastic_steps = set(steps[0].tolist())
+            every = torch.ones(batch, dtype=torch.bool, device=device)
+            x_in, x_out, log_prob = [], [], []
+            evaluations, extra_nfe = 0, torch.zeros(batch, device=device)
+            for k, t, t_next in self._schedule(mask):
+                v = velocity(cond, x, t, t_next)
+                evaluations += 1
+                if k in stochastic_steps:
+                    out = converter(cond, x, v, t, t_next, self.t_floor, generator=generator)
+                    x_in.append(x)
+                    x_out.append(out.next_x)
+                    log_prob.append(out.log_prob.to(torch.float32))
+                    solver.broke(every)
+                    x = out.next_x
+                else:
+                    x, extra = solver.step(velocity, cond, x, v, t, t_next, every)
+                    if self.solver == "heun":
+                        extra_nfe += extra
+            return Transitions(
+                final=x,
+                x_in=torch.stack(x_in, dim=1),
+                x_out=torch.stack(x_out, dim=1),
+                steps=steps,
+                log_prob=torch.stack(log_prob, dim=1),
+                nfe=extra_nfe + evaluations,
+            )
+        nfe = torch.zeros(batch, device=device)
+        # one window per sample (one random step): the stochastic rows of each step are scattered
+        x_in_t = x.new_zeros((batch, s, *event_shape))
+        x_out_t = x.new_zeros((batch, s, *event_shape))
+        log_prob_t = torch.zeros(batch, s, device=device)
+        slot = torch.zeros(batch, dtype=torch.long, device=device)
         for k, t, t_next in self._schedule(mask):
             v = velocity(cond, x, t, t_next)
             nfe += 1.0
@@ -230,13 +261,13 @@ class ChainSampler(nn.Module):
                 out = converter(cond, x, v, t, t_next, self.t_floor, generator=generator)
                 x_next = torch.where(_rows(stochastic, x), out.next_x, x_next)
                 rows = stochastic.nonzero().flatten()
-                x_in[rows, slot[rows]] = x[rows]
-                x_out[rows, slot[rows]] = out.next_x[rows]
-                log_prob[rows, slot[rows]] = out.log_prob[rows].to(log_prob.dtype)
+                x_in_t[rows, slot[rows]] = x[rows]
+                x_out_t[rows, slot[rows]] = out.next_x[rows]
+                log_prob_t[rows, slot[rows]] = out.log_prob[rows].to(log_prob_t.dtype)
                 slot[rows] += 1
                 solver.broke(stochastic)
             x = x_next
-        return Transitions(final=x, x_in=x_in, x_out=x_out, steps=steps, log_prob=log_prob, nfe=nfe)
+        return Transitions(final=x, x_in=x_in_t, x_out=x_out_t, steps=steps, log_prob=log_prob_t, nfe=nfe)
 
     def evaluate(self, velocity: VelocityFn, cond, sample: Transitions) -> tuple[Tensor, StepOutput]:
         """Re-evaluate the stored steps under the current parameters, in one batched pass.
