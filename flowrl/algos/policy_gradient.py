@@ -32,31 +32,35 @@ class NumericalError(FlowRLError, FloatingPointError):
 
 class NonFiniteGuard:
     """Skips updates whose loss or gradient norm is non-finite, logs each, and stops the run
-    after ``limit`` in a row (a diverging learning rate, exploding observations or rewards)."""
+    after ``limit`` skipped updates of one network in a row (a diverging learning rate,
+    exploding observations or rewards)."""
 
     def __init__(self, limit: int, hint: str) -> None:
         self.limit, self.hint = limit, hint
-        self.in_a_row = 0
+        self.in_a_row: dict[str, int] = {}  # per network: skipped updates since its last step
         self.skipped = 0  # since the last ``pop_skipped``
 
-    def ok(self, quantity: str, value: float, iteration: int) -> bool:
-        """True when ``value`` is finite (the update may go ahead)."""
+    def ok(self, quantity: str, value: float, iteration: int, network: str = "policy") -> bool:
+        """True when ``value`` is finite (the update may go ahead); else count and log a skip."""
         if math.isfinite(value):
-            self.in_a_row = 0
             return True
-        self.in_a_row += 1
+        self.in_a_row[network] = self.in_a_row.get(network, 0) + 1
         self.skipped += 1
         log.warning(
             "%s is %s at iteration %d: update skipped (%d in a row, the run stops at %d)",
-            quantity, value, iteration, self.in_a_row, self.limit,
+            quantity, value, iteration, self.in_a_row[network], self.limit,
         )  # fmt: skip
-        if self.in_a_row >= self.limit:
+        if self.in_a_row[network] >= self.limit:
             raise NumericalError(
-                f"{quantity} was non-finite ({value}) in {self.in_a_row} updates in a row at iteration {iteration}; "
-                f"{self.hint}. The last good checkpoint is kept: resume it with lower learning rates "
+                f"{quantity} was non-finite ({value}) in {self.in_a_row[network]} updates in a row at iteration "
+                f"{iteration}; {self.hint}. The last good checkpoint is kept: resume it with lower learning rates "
                 "(flowrl train --resume RUN algo.actor_lr=...)"
             )
         return False
+
+    def stepped(self, network: str = "policy") -> None:
+        """``network`` took an optimiser step: its run of skipped updates ends."""
+        self.in_a_row[network] = 0
 
     def pop_skipped(self) -> int:
         skipped, self.skipped = self.skipped, 0
@@ -164,14 +168,15 @@ def guarded_step(
 ) -> float:
     """One optimiser step unless the loss or the gradient norm is non-finite."""
     opt.zero_grad(set_to_none=True)
-    if not guard.ok(f"the {name} loss", float(loss.detach()), iteration):
+    if not guard.ok(f"the {name} loss", float(loss.detach()), iteration, name):
         return math.nan
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_(params, max_grad_norm))
-    if not guard.ok(f"the {name} gradient norm", grad_norm, iteration):
+    if not guard.ok(f"the {name} gradient norm", grad_norm, iteration, name):
         opt.zero_grad(set_to_none=True)
         return math.nan
     opt.step()
+    guard.stepped(name)
     return grad_norm
 
 
