@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.errors import FlowRLError, Interrupted  # noqa: F401  (Interrupted: raised at safe points)
+from flowrl.errors import FlowRLError
 
 
 def derive_seed(*parts: int) -> int:

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from flowrl.algos.diffusion_bc import diffusion_loss
 from flowrl.algos.flow_bc import flow_matching_loss, meanflow_loss, shortcut_loss
 from flowrl.config import PolicyConfig, PretrainConfig
-from flowrl.errors import FlowRLError
+from flowrl.errors import FlowRLError, Interrupted
 from flowrl.models.diffusion_policy import cosine_alphas_cumprod
 from flowrl.rollout.demos import DEMO_KEYS, DatasetError, check_demos, load_demos
 from flowrl.runlog import RunLog, atomic_save
-from flowrl.runtime import Interrupted, stop_requested
 from flowrl.runtime import progress as progress_bar
+from flowrl.runtime import stop_requested
 
 
 def action_chunks(demos: dict[str, np.ndarray], horizon: int) -> tuple[Tensor, Tensor]:

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from flowrl.algos.policy_gradient import NumericalError, check_ratio
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
-from flowrl.errors import FlowRLError
+from flowrl.errors import FlowRLError, Interrupted
 from flowrl.models.build import CheckpointError, actor_record
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import Collector, Rollout, evaluate_policy
 from flowrl.runlog import RunLog, atomic_save
-from flowrl.runtime import Interrupted, stop_requested
 from flowrl.runtime import progress as progress_bar
+from flowrl.runtime import stop_requested
 
 
 class RewardError(FlowRLError, RuntimeError):

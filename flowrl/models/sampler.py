@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.core.grids import GridKind, time_grid
-from flowrl.core.solvers import SOLVERS, SolverName, dpm_solver_2m_step, heun_step
+from flowrl.core.solvers import SOLVERS, SolverName, dpm_solver_2m_step, heun_step, ode_solve
 from flowrl.core.steps import StepOutput, cps_step, euler_step, flow_sde_step, gaussian_step
 from flowrl.core.transitions import Transitions, steps_from_mask
 from flowrl.core.windows import AllSteps, OneRandomStep, StepWindow
@@ -99,11 +99,11 @@ class _Solver:
     def step(
         self, velocity: VelocityFn, cond, x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, rows: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Next states ``[B, *E]`` (meaningful for ``rows`` ``[B]`` bool) and extra NFE ``[B]``."""
-        extra = torch.zeros(x.shape[0], device=x.device)
+        """Next states ``[B, *E]`` (meaningful for ``rows`` ``[B]`` bool) and the extra NFE:
+        ``[B]`` for Heun (its corrector), 0 otherwise."""
         euler = euler_step(x, v, t, t_next).next_x
         if self.name == "euler" or not bool(rows.any()):
-            return euler, extra
+            return euler, 0.0
         if self.name == "heun":
             idx = rows.nonzero().flatten()
             sub_cond = cond if bool(rows.all()) else cond[idx]
@@ -111,6 +111,7 @@ class _Solver:
             v_next = velocity(sub_cond, es, t_next, t_next)
             out = euler.clone()
             out[idx] = heun_step(xs, vs, v_next, t, t_next)
+            extra = torch.zeros(x.shape[0], device=x.device)
             extra[idx] = 1.0
             return out, extra
         # dpm_solver_2m
@@ -123,7 +124,7 @@ class _Solver:
         self.x0_prev = x0 if self.x0_prev is None else torch.where(_rows(rows, x0), x0, self.x0_prev)
         self.t_prev = t
         self.has_history = self.has_history | rows
-        return out, extra
+        return out, 0.0
 
     def broke(self, rows: Tensor) -> None:
         """``rows`` ``[B]`` took a stochastic step: their multistep history no longer applies."""
@@ -235,8 +236,7 @@ class ChainSampler(nn.Module):
                     x = out.next_x
                 else:
                     x, extra = solver.step(velocity, cond, x, v, t, t_next, every)
-                    if self.solver == "heun":
-                        extra_nfe += extra
+                    extra_nfe += extra
             return Transitions(
                 final=x,
                 x_in=torch.stack(x_in, dim=1),
@@ -290,14 +290,5 @@ class ChainSampler(nn.Module):
     def ode(self, velocity: VelocityFn, cond, noise: Tensor) -> tuple[Tensor, Tensor]:
         """Deterministic integration of the whole grid with the solver, differentiable.
         ``noise [B, *E] -> (x_1 [B, *E], nfe [B])``."""
-        b = noise.shape[0]
-        solver = _Solver(self.solver, b, noise.device)
-        every = torch.ones(b, dtype=torch.bool, device=noise.device)
-        nfe = torch.zeros(b, device=noise.device)
-        x = noise
-        for k in range(self.num_steps):
-            t, t_next = self.grid[k], self.grid[k + 1]
-            v = velocity(cond, x, t, t_next)
-            x, extra = solver.step(velocity, cond, x, v, t, t_next, every)
-            nfe += 1.0 + extra
-        return x, nfe
+        x, nfe = ode_solve(lambda x, t, t_next: velocity(cond, x, t, t_next), noise, self.grid, self.solver)
+        return x, torch.full((noise.shape[0],), float(nfe), device=noise.device)

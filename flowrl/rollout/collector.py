@@ -182,6 +182,7 @@ class EnvShard:
             self.reset(0)
         rows: dict[str, list[Tensor]] = {k: [] for k in _TIME_MAJOR}
         samples = []
+        every = torch.ones(self.num_envs, dtype=torch.bool)  # all steps count (stacking copies it)
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
@@ -194,7 +195,7 @@ class EnvShard:
                 ep_successes.append(float(bool(step.success[i])))
                 self._returns[i] = 0.0
             env_steps += int(step.env_steps.sum())
-            _record(rows, obs, step, torch.ones(self.num_envs, dtype=torch.bool))
+            _record(rows, obs, step, every)
             samples.append(sample)
         return Rollout(
             **{k: torch.stack(v) for k, v in rows.items()},
