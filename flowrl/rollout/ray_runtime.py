@@ -170,8 +170,11 @@ def alive():
             out.append(pid)
     return out
 
+# Scan at once and often: once the raylet dies its children (the agents) belong to init and can
+# no longer be found as its descendants.
+scan()
 while True:
-    ready, _, _ = select.select([0], [], [], 1.0)
+    ready, _, _ = select.select([0], [], [], 0.2)
     if ready and not os.read(0, 64):
         break
     scan()
