@@ -6,14 +6,26 @@
 | flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that fails at a chosen step (worker-recovery tests) |
 | Hopper-v5, Walker2d-v5, HalfCheetah-v5, Ant-v5, Humanoid-v5 | gymnasium | locomotion (LOCOMOTION) |
 
-The locomotion tasks' demonstrations come from `flowrl collect` (experiments/locomotion).
+The locomotion tasks (one file each in experiments/locomotion/tasks/, flowrl.bench.tasks) get
+their demonstrations from `flowrl collect` of a policy trained by flowrl.
 
 ``make_env`` wraps any of them in action chunking; observation normalisation lives in the
 policy's networks (their ObsNormalizer buffers travel with every checkpoint).
+
+``REPORTS_SUCCESS``: the envs whose step info carries ``"success"`` (flowrl prints a success
+rate only for those; add the id of your own env when it reports one).
+
+MuJoCo's warnings: importing ``envs`` routes MuJoCo's C-level warnings (printed to stderr and
+appended to ``MUJOCO_LOG.TXT`` otherwise) into Python's ``warnings`` as ``MujocoWarning``, and
+drops exactly one of them: MuJoCo 4.0 deprecates the ``settotalmass`` compiler attribute that
+gymnasium's HalfCheetah model uses, and said so once per env created (~150 lines per log).
 """
 
 from __future__ import annotations
 
+import re
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +49,42 @@ DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
 }
 
 
+# Envs whose step info carries "success" (bool): the console prints their success rate.
+REPORTS_SUCCESS: set[str] = {"flowrl/TwoGoal-v0", "flowrl/FaultInjection-v0"}
+
+
+class MujocoWarning(UserWarning):
+    """A warning of the MuJoCo library, routed from its C callback into Python's ``warnings``."""
+
+
+# Third-party messages dropped, each matched exactly (nothing else is filtered): gymnasium's
+# half_cheetah.xml sets `settotalmass`, which MuJoCo 4.0 deprecates; the model it compiles is
+# unchanged, and the warning came once per HalfCheetah env created.
+MUJOCO_MESSAGES_DROPPED = (re.compile(r"^compiler attribute 'settotalmass' is deprecated and will be removed"),)
+
+
+def _mujoco_warning(message: str) -> None:
+    if any(pattern.match(message) for pattern in MUJOCO_MESSAGES_DROPPED):
+        return
+    try:
+        warnings.warn(message, MujocoWarning, stacklevel=2)
+    except Exception:  # noqa: BLE001 - a filter set to "error": raising through MuJoCo's C code would abort
+        print(f"WARNING: {message}", file=sys.stderr)
+
+
+def _route_mujoco_warnings() -> None:
+    """Install the hook unless someone else installed one (theirs is left alone)."""
+    try:
+        import mujoco
+    except ImportError:  # gymnasium without its mujoco extra: nothing to route
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
+_route_mujoco_warnings()
+
+
 def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) -> gym.Env:
     """An env that takes action chunks of ``horizon`` steps (``kwargs`` go to gym.make)."""
     try:
@@ -46,4 +94,4 @@ def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) ->
     return ActionChunk(env, horizon)
 
 
-__all__ = ["DEMONSTRATORS", "LOCOMOTION", "ActionChunk", "make_env"]
+__all__ = ["DEMONSTRATORS", "LOCOMOTION", "REPORTS_SUCCESS", "ActionChunk", "MujocoWarning", "make_env"]

@@ -51,17 +51,30 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     sp.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster ('auto' = the local one)")
 
+    from flowrl.bench.tasks import TASKS_DIR_VAR, task_names, tasks_dir
+
     sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart", formatter_class=formatter)
     sp.add_argument(
         "bench",
         choices=["rollout", "locomotion"],
         help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / GRPO / DPPO / Gaussian PPO "
-        "fine-tuning side by side on Hopper and Walker2d",
+        "fine-tuning side by side on the locomotion tasks (one file each in the tasks folder)",
     )
+    names = ", ".join(task_names()) or "none found"
     sp.add_argument(
         "--tasks",
         help="comma list; rollout: toy, mujoco (HalfCheetah-v5) or env ids (default toy,mujoco); "
-        "locomotion: hopper, walker2d (default both)",
+        f"locomotion (required): task names or all; tasks in {tasks_dir()}: {names}",
+    )
+    sp.add_argument(
+        "--tasks-dir",
+        metavar="DIR",
+        help=f"locomotion: folder of task files (default: ${TASKS_DIR_VAR}, else experiments/locomotion/tasks)",
+    )
+    sp.add_argument(
+        "--data-only",
+        action="store_true",
+        help="locomotion: train the experts and record every dataset of the tasks (cache/), then stop",
     )
     sp.add_argument("--variants", help="locomotion: comma list of variant labels or method names (default all)")
     sp.add_argument("--size", choices=["cpu", "paper"], default="cpu", help="locomotion: experiment files")
@@ -80,7 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run folder of a finished `flowrl train` (its config.yaml and policy.pt)")
     sp.add_argument("--out", required=True, help="dataset file to write (.npz), e.g. cache/datasets/hopper-medium.npz")
     sp.add_argument("--episodes", type=int, default=100, help="episodes to record")
-    sp.add_argument("--action-noise", type=float, default=0.0, help="std of Gaussian noise added to every action")
+    sp.add_argument(
+        "--actions",
+        choices=["deterministic", "sample"],
+        default="deterministic",
+        help="deterministic: the policy's evaluation actions (mean, ODE, DDIM eta = 0); sample: draws from its own "
+        "stochastic policy (a D4RL-like dataset: README, Locomotion)",
+    )
+    sp.add_argument("--action-noise", type=float, default=0.0, help="std of extra Gaussian noise on every action")
     sp.add_argument("--seed", type=int, default=0, help="seed of the env resets and the noise")
     sp.add_argument("--checkpoint", help="policy checkpoint (default: RUN/policy.pt)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -109,14 +129,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.bench == "locomotion":
         from flowrl.bench import locomotion
 
+        if not args.tasks:
+            raise FlowRLError("flowrl bench locomotion: give --tasks, a comma list of task names or all (see --help)")
         results = locomotion.run_locomotion_bench(
             args.out,
-            _split(args.tasks or "hopper,walker2d"),
+            _split(args.tasks),
             _split(args.variants) if args.variants else None,
             args.size,
             args.set,
             progress=not args.no_progress,
+            tasks_dir=args.tasks_dir,
+            data_only=args.data_only,
         )
+        if args.data_only:
+            for task, datasets in results["datasets"].items():
+                print(f"{task}: " + ", ".join(f"{name} {d['path']}" for name, d in datasets.items()))
+            return 0
         print(locomotion.format_table(results))
         print(f"written: {Path(args.out) / 'locomotion.json'}, {Path(args.out) / 'locomotion.png'}")
         return 0
@@ -135,7 +163,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "collect":
         ex.collect(
-            args.run, args.out, args.episodes, args.action_noise, args.seed, args.checkpoint, not args.no_progress
+            args.run,
+            args.out,
+            args.episodes,
+            args.action_noise,
+            args.seed,
+            args.checkpoint,
+            not args.no_progress,
+            args.actions,
         )
         return 0
     overrides = list(args.overrides)

@@ -31,6 +31,7 @@ from flowrl.models.build import (
 )
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import evaluate_policy, make_collector
+from flowrl.rollout.demos import Actions
 from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
 from flowrl.runtime import graceful_stop, resolve_device, seed_everything
 
@@ -55,9 +56,18 @@ def env_dims(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple[int, in
     return obs_space.shape[0], act_space.shape[0]
 
 
+def reports_success(env_id: str) -> bool:
+    """Whether the env's step info carries "success" (``envs.REPORTS_SUCCESS``): the success
+    rate is printed only then (MuJoCo locomotion has none: it would always read 0.00)."""
+    import envs
+
+    return env_id in envs.REPORTS_SUCCESS
+
+
 def preflight(cfg: ExperimentConfig) -> None:
-    """Checks that need no run folder (device, env, given checkpoint, demonstrations), so that
-    bad input fails before one is created."""
+    """Checks that need no run folder (device, env, given checkpoint, demonstrations: readable,
+    recorded in env.id when the file says where, of the env's dims), so that bad input fails
+    before one is created."""
     resolve_device(cfg.device)
     dims = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:  # readable, a flowrl checkpoint, fits the experiment, finite weights
@@ -87,16 +97,17 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     ``pretrained.pt`` in the run folder."""
     assert cfg.pretrain is not None
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
-    demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed)
+    # a file: recorded in this env (when it says), with its observation and action dims
+    demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed, (obs_dim, action_dim))
     if cfg.pretrain.demos.path is None:  # keep the generated demonstrations with the run
         tmp = run_dir / ".demos.npz.tmp"
         with tmp.open("wb") as f:
             np.savez(f, **demos)
         tmp.replace(run_dir / "demos.npz")
     if demos["observations"].shape[1] != obs_dim or demos["actions"].shape[1] != action_dim:
-        raise FlowRLError(
-            f"demonstrations have obs dim {demos['observations'].shape[1]} / action dim {demos['actions'].shape[1]}, "
-            f"env {cfg.env.id} has {obs_dim} / {action_dim}"
+        raise FlowRLError(  # scripted demonstrators are code: a mismatch is theirs
+            f"the scripted demonstrations of {cfg.env.id} have obs dim {demos['observations'].shape[1]} / action dim "
+            f"{demos['actions'].shape[1]}, the env has {obs_dim} / {action_dim}"
         )
     obs, chunks = action_chunks(demos, cfg.policy.horizon)
     actor = build_actor(cfg.policy, obs_dim, action_dim)
@@ -130,10 +141,8 @@ def pretrain_only(
     with graceful_stop():
         pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
     metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt")
-    print(
-        f"pretrained policy: {run_dir / 'pretrained.pt'} (success {metrics['eval/success_rate']:.2f}, "
-        f"return {metrics['eval/return']:.3f})"
-    )
+    success = f"success {metrics['eval/success_rate']:.2f}, " if reports_success(cfg.env.id) else ""
+    print(f"pretrained policy: {run_dir / 'pretrained.pt'} ({success}return {metrics['eval/return']:.3f})")
     return metrics
 
 
@@ -211,10 +220,12 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
         logging.getLogger("flowrl").removeHandler(events)
         events.close()
     before, after = result["before"], result["after"]
-    print(
-        f"return before: {before['eval/return']:.3f} -> after: {after['eval/return']:.3f} "
-        f"(success {before['eval/success_rate']:.2f} -> {after['eval/success_rate']:.2f})"
+    success = (
+        f" (success {before['eval/success_rate']:.2f} -> {after['eval/success_rate']:.2f})"
+        if reports_success(cfg.env.id)
+        else ""
     )
+    print(f"return before: {before['eval/return']:.3f} -> after: {after['eval/return']:.3f}{success}")
     print(f"run folder: {run_dir}")
     return result
 
@@ -282,9 +293,12 @@ def collect(
     seed: int,
     checkpoint: str | None = None,
     progress: bool = True,
+    actions: Actions = "deterministic",
 ) -> dict[str, float]:
     """``flowrl collect``: a demonstration dataset from a trained run's policy (see
-    flowrl.rollout.demos); returns the dataset's return statistics."""
+    flowrl.rollout.demos); ``actions``: the policy's deterministic actions or draws from its
+    own stochastic policy. The file records its provenance (env, policy, its training
+    iterations, these settings); returns the dataset's return statistics."""
     from flowrl.rollout.demos import collect_demos, save_demos
 
     cfg = load_run_config(run_dir, [])
@@ -293,18 +307,31 @@ def collect(
         raise FlowRLError(f"{path} not found: train the run to its end first, or pass --checkpoint")
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     policy = build_policy(cfg, load_actor(path, cfg.policy, obs_dim, action_dim))
-    demos = collect_demos(policy, cfg.env.id, episodes, seed, action_noise, cfg.env.kwargs, progress)
+    demos = collect_demos(policy, cfg.env.id, episodes, seed, action_noise, cfg.env.kwargs, progress, actions)
     returns = demos["episode_returns"]
-    written = save_demos(demos, out, env_id=cfg.env.id, policy=path.resolve(), action_noise=action_noise, seed=seed)
+    provenance: dict[str, Any] = {
+        "env_id": cfg.env.id,
+        "env_kwargs": json.dumps(cfg.env.kwargs, sort_keys=True),
+        "policy": path.resolve(),
+        "actions": actions,
+        "action_noise": action_noise,
+        "episodes": episodes,
+        "seed": seed,
+    }
+    if checkpoint is None:  # the run's final policy: trained for all its iterations
+        provenance["policy_iterations"] = cfg.algo.iterations
+    written = save_demos(demos, out, **provenance)
     stats = {
         "episodes": float(len(returns)),
         "steps": float(len(demos["observations"])),
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
     }
+    how = "sampled actions" if actions == "sample" else "deterministic actions"
     print(
         f"wrote {written}: {len(returns)} episodes, {len(demos['observations'])} steps, return "
-        f"{stats['return_mean']:.1f} +- {stats['return_std']:.1f} (action noise {action_noise})"
+        f"{stats['return_mean']:.1f} +- {stats['return_std']:.1f} ({how}"
+        + (f", action noise {action_noise})" if action_noise else ")")
     )
     return stats
 

@@ -379,6 +379,7 @@ def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsy
 
     from flowrl.algos.bc import load_demos
     from flowrl.config import DemosConfig
+    from flowrl.rollout.demos import read_metadata
 
     train = ["train", QUICKSTART, *TINY, "algo.iterations=1", f"runs_dir={tmp_path / 'train'}", "--no-progress"]
     assert main(train) == 0
@@ -398,6 +399,14 @@ def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsy
     assert main([*args[:3], str(again), *args[4:], "--no-progress"]) == 0
     with np.load(out) as a, np.load(again) as b:
         assert all(np.array_equal(a[k], b[k]) for k in ("observations", "actions", "episode_ends"))
+    # --actions sample: the policy's own stochastic sampler (here the ReinFlow noise), recorded as such
+    sampled = tmp_path / "sampled.npz"
+    assert main(["collect", str(run), "--out", str(sampled), "--episodes", "6", "--actions", "sample"]) == 0
+    recorded = read_metadata(sampled)
+    assert recorded["actions"] == "sample" and recorded["action_noise"] == "0.0" and recorded["episodes"] == "6"
+    assert recorded["env_id"] == "flowrl/TwoGoal-v0" and recorded["policy_iterations"] == "1"
+    with np.load(out) as a, np.load(sampled) as b:
+        assert a["actions"].shape != b["actions"].shape or not np.array_equal(a["actions"], b["actions"])
 
     tiny_from_file = [a for a in TINY if not a.startswith("pretrain.demos.")]
     from_file = [f"pretrain.demos={{path: {out}}}", f"runs_dir={tmp_path / 'pre'}", "--no-progress"]
@@ -428,3 +437,45 @@ def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config.yaml" in err[0] and str(empty) in err[0], err
     assert "--resume" not in err[0], "collect takes no --resume"
+
+
+def test_a_dataset_of_another_env_stops_before_a_run_folder_and_locomotion_prints_no_success(tmp_path, capsys):
+    """Walker2d-v5 and HalfCheetah-v5 both have 17-dim observations and 6-dim actions: only the
+    env id the dataset records tells their data apart. Then, with Walker2d data, the run's
+    summary has no success rate (MuJoCo locomotion reports none)."""
+    from flowrl.config import build_config
+    from flowrl.models.build import build_actor, build_policy
+    from flowrl.rollout.demos import collect_demos, save_demos
+
+    cfg = build_config({"name": "d", "policy": {"type": "gaussian", "horizon": 1, "hidden_dims": [8]}})
+    policy = build_policy(cfg, build_actor(cfg.policy, 17, 6))
+    data = {}
+    for env_id in ("HalfCheetah-v5", "Walker2d-v5"):
+        demos = collect_demos(policy, env_id, 1, 0, env_kwargs={"max_episode_steps": 40}, progress=False)
+        data[env_id] = save_demos(demos, tmp_path / f"{env_id}.npz", env_id=env_id)
+    walker = str(ROOT / "experiments" / "locomotion" / "walker2d_gaussian.yaml")
+    runs = tmp_path / "runs"
+    assert main(["train", walker, f"pretrain.demos.path={data['HalfCheetah-v5']}", f"runs_dir={runs}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert (
+        f"{data['HalfCheetah-v5']} was recorded in HalfCheetah-v5 but the experiment's env.id is Walker2d-v5" in err[0]
+    )
+    assert not runs.exists(), "refused before a run folder exists"
+
+    tiny = [
+        "ray.enabled=false",
+        "env.num_envs=2",
+        "env.num_workers=1",
+        "env.kwargs.max_episode_steps=40",
+        "algo.iterations=1",
+        "algo.steps_per_iteration=2",
+        "algo.epochs=1",
+        "algo.minibatch_size=4",
+        "eval.episodes=1",
+        "pretrain.steps=2",
+    ]
+    args = ["train", walker, *tiny, f"pretrain.demos.path={data['Walker2d-v5']}", f"runs_dir={runs}", "--no-progress"]
+    assert main(args) == 0
+    (summary,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("return before:")]
+    assert "success" not in summary, summary

@@ -1,17 +1,25 @@
-"""Smoke test of every experiment file (experiments/*.yaml and experiments/locomotion/) with a
-tiny budget (the acceptance check that each file loads, pretrains, trains with its algorithm,
-evaluates and checkpoints). The full locomotion runs are `flowrl bench locomotion`."""
+"""Smoke test of every experiment file (experiments/*.yaml, and every file of every locomotion
+task) with a tiny budget (the acceptance check that each file loads, pretrains, trains with its
+algorithm, evaluates and checkpoints). The full locomotion runs are `flowrl bench locomotion`.
+
+The locomotion files are found through the task files (flowrl.bench.tasks: the folder
+experiments/locomotion/tasks, or $FLOWRL_LOCOMOTION_TASKS), so a task added as data is
+smoke-tested too, each file on its own env (its env.id and env.kwargs)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import envs
+from flowrl.bench.tasks import DEFAULT_TASKS_DIR, METHODS, Task, load_tasks
 from flowrl.cli import main
-from flowrl.config import build_config
+from flowrl.config import GymEnvConfig, build_config, load_config
+from flowrl.experiment import env_dims
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.demos import collect_demos, save_demos
 from flowrl.runlog import read_metrics
@@ -19,7 +27,19 @@ from flowrl.runlog import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 TOP_LEVEL = sorted(EXPERIMENTS.glob("*.yaml"))
-LOCOMOTION = sorted((EXPERIMENTS / "locomotion").rglob("*.yaml"))
+
+
+def locomotion_files(tasks: dict[str, Task]) -> list[tuple[Task, Path]]:
+    """Every experiment file of every task (its expert's, then each size's method files)."""
+    return [(task, path) for task in tasks.values() for path in task.files()]
+
+
+def _file_id(item: tuple[Task, Path]) -> str:
+    task, path = item
+    return path.relative_to(task.folder.parent).as_posix()  # e.g. locomotion/paper/hopper_dppo.yaml
+
+
+LOCOMOTION = locomotion_files(load_tasks())
 COMMON = ["ray.enabled=false", "env.num_workers=1", "algo.iterations=1", "algo.epochs=1", "eval.episodes=1"]
 # The tiny budget of each algorithm (algo.type of the file): PPO collects steps_per_iteration
 # policy steps per env; GRPO one episode of at most max_steps policy steps per env, in groups
@@ -38,24 +58,46 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory) -> dict[str, Path]:
-    """A few short episodes of a random Gaussian policy per task: enough to run the pipeline."""
-    out = {}
-    for env_id, dims in {"Hopper-v5": (11, 3), "Walker2d-v5": (17, 6)}.items():
-        cfg = build_config({"name": "d", "policy": {"type": "gaussian", "horizon": 1, "hidden_dims": [8]}})
-        torch.manual_seed(0)
-        policy = build_policy(cfg, build_actor(cfg.policy, *dims))
-        demos = collect_demos(policy, env_id, episodes=3, seed=0, action_noise=1.0, progress=False)
-        out[env_id] = save_demos(demos, tmp_path_factory.mktemp("data") / f"{env_id}.npz")
-    return out
+def dataset_for(tmp_path_factory):
+    """A few short episodes of a random Gaussian policy in an experiment's env (made once per
+    env id and kwargs): enough to run the pipeline."""
+    made: dict[str, Path] = {}
+
+    def make(env: GymEnvConfig) -> Path:
+        key = json.dumps([env.id, env.kwargs], sort_keys=True)
+        if key not in made:
+            cfg = build_config({"name": "d", "policy": {"type": "gaussian", "horizon": 1, "hidden_dims": [8]}})
+            torch.manual_seed(0)
+            policy = build_policy(cfg, build_actor(cfg.policy, *env_dims(env.id, env.kwargs)))
+            demos = collect_demos(policy, env.id, 3, 0, action_noise=1.0, env_kwargs=env.kwargs, progress=False)
+            folder = tmp_path_factory.mktemp("data")
+            made[key] = save_demos(demos, folder / f"{env.id}.npz", env_id=env.id)
+        return made[key]
+
+    return make
 
 
-def test_every_locomotion_task_has_cpu_and_paper_files():
-    names = {p.relative_to(EXPERIMENTS / "locomotion").as_posix() for p in LOCOMOTION}
-    for task in ("hopper", "walker2d"):
-        assert f"{task}_expert.yaml" in names
-        for method in ("reinflow", "shortcut", "meanflow", "dppo", "gaussian"):
-            assert f"{task}_{method}.yaml" in names and f"paper/{task}_{method}.yaml" in names
+def test_every_gymnasium_locomotion_task_ships_with_every_method_and_size():
+    tasks = load_tasks(DEFAULT_TASKS_DIR)
+    assert sorted(t.spec.env_id for t in tasks.values()) == sorted(envs.LOCOMOTION)
+    for task in tasks.values():
+        task.check()  # every file exists, in the task's env, with the expert's env.kwargs
+        assert task.spec.methods == list(METHODS) and task.spec.sizes == ["cpu", "paper"]
+        expert = load_config(task.expert_file)
+        assert expert.policy.type == "gaussian" and expert.pretrain is None  # from scratch
+        # D4RL-like: a partly trained policy acting with its own stochasticity, no extra noise
+        medium = task.spec.datasets["medium"]
+        assert medium.actions == "sample" and medium.action_noise == 0
+        assert 0 < medium.policy_iterations < expert.algo.iterations
+        assert task.spec.datasets["expert"].policy_iterations is None
+
+
+def test_every_locomotion_file_belongs_to_a_task():
+    """A file no task lists would be skipped by the benchmark and the smoke test."""
+    listed = {path for _, path in locomotion_files(load_tasks(DEFAULT_TASKS_DIR))}
+    folder = DEFAULT_TASKS_DIR.parent
+    on_disk = {p for p in folder.rglob("*.yaml") if DEFAULT_TASKS_DIR not in p.parents}
+    assert on_disk - listed == set()
 
 
 def test_both_algorithms_have_a_quickstart():
@@ -76,7 +118,8 @@ def _smoke(path: Path, overrides: list[str], tmp_path: Path) -> None:
         assert "losses/value" in records[1]
     else:  # no critic; groups of env.group_size envs, one episode each of at most max_steps chunks
         assert "losses/value" not in records[1] and records[1]["grpo/groups"] == GRPO_ENVS / GRPO_GROUP
-        assert records[1]["charts/episodes"] == GRPO_ENVS
+        # one episode per env: finished, or cut at max_steps (HalfCheetah's never finish early)
+        assert records[1].get("charts/episodes", 0) + records[1]["grpo/unfinished_episodes"] == GRPO_ENVS
         horizon = yaml.safe_load((run / "config.yaml").read_text())["policy"]["horizon"]
         assert records[1]["env_steps"] <= GRPO_ENVS * GRPO_MAX_STEPS * horizon
     assert (run / "policy.pt").is_file()
@@ -98,11 +141,11 @@ def test_experiment_runs_with_a_tiny_budget(path, tmp_path):
         assert update["train/epochs"] == 1.0 and "losses/policy" in update
 
 
-@pytest.mark.parametrize("path", LOCOMOTION, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())
-def test_locomotion_experiment_runs_with_a_tiny_budget(path, datasets, tmp_path):
-    text = path.read_text()
-    env_id = "Hopper-v5" if "Hopper-v5" in text else "Walker2d-v5"
-    overrides = []
-    if "pretrain: null" not in text:
-        overrides += [f"pretrain.demos.path={datasets[env_id]}", "pretrain.steps=3"]
+@pytest.mark.parametrize(("task", "path"), LOCOMOTION, ids=[_file_id(item) for item in LOCOMOTION])
+def test_locomotion_experiment_runs_with_a_tiny_budget(task, path, dataset_for, tmp_path):
+    env = load_config(path).env
+    assert env.id == task.spec.env_id
+    overrides = ["env.kwargs.max_episode_steps=50"]  # gym.make's time limit: short evaluation episodes
+    if load_config(path).pretrain is not None:
+        overrides += [f"pretrain.demos.path={dataset_for(env)}", "pretrain.steps=3"]
     _smoke(path, overrides, tmp_path)

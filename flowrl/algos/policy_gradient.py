@@ -95,11 +95,14 @@ def pg_samples(policy: Policy, cond, samples: TensorBatch, advantages: Tensor) -
 
 
 @torch.no_grad()
-def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: str) -> float:
-    """Before any update, re-evaluated log-probs must reproduce the sampled ones (ratio = 1)."""
+def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: str) -> dict[str, float]:
+    """Before any update, re-evaluated log-probs must reproduce the sampled ones (ratio = 1).
+
+    Returns ``train/ratio_check_dev`` (max |ratio - 1|) and the noise std of the rollout's
+    stochastic steps (``noise/std_min|mean|max``), so a learned std drifting to a bound shows."""
     b = samples.log_prob.shape[0]
     if b == 0:  # nothing kept (GRPO: every group tied): nothing to check
-        return 0.0
+        return {"train/ratio_check_dev": 0.0}
     terms = pg_samples(policy, cond, samples, torch.zeros(b, device=samples.log_prob.device))
     new, old = terms.log_prob, terms.old_log_prob
     dev = ((new - old).exp() - 1.0).abs()
@@ -117,7 +120,13 @@ def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: st
             f"sampled log-prob {old[i].item():.6g}, re-evaluated {new[i].item():.6g}). Sampling and re-evaluation "
             "disagree (time grid, window or noise state); raise algo.ratio_check_tol only if this is float round-off"
         )
-    return worst
+    std = terms.evaluation.std
+    return {
+        "train/ratio_check_dev": worst,
+        "noise/std_min": std.min().item(),
+        "noise/std_mean": std.mean().item(),
+        "noise/std_max": std.max().item(),
+    }
 
 
 class PolicyOptimizer:

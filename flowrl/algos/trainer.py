@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import envs as flowrl_envs
 from flowrl.algos.policy_gradient import NumericalError, check_ratio
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
@@ -158,6 +159,8 @@ class Trainer:
         self.iteration, self.env_steps = 0, 0
         self.before: dict[str, float] | None = None
         self.last_eval: dict[str, float] | None = None
+        # Envs without a success signal (MuJoCo locomotion) would always show 0.00.
+        self.reports_success = cfg.env.id in flowrl_envs.REPORTS_SUCCESS
 
     def evaluate(self) -> dict[str, float]:
         env = self.cfg.env
@@ -220,10 +223,8 @@ class Trainer:
             if self.before is None:
                 self.before = self.evaluate()
                 log.log(0, self.before, iteration=0)
-                tqdm.write(
-                    f"before training: return {self.before['eval/return']:.3f}, "
-                    f"success {self.before['eval/success_rate']:.2f}"
-                )
+                success = f", success {self.before['eval/success_rate']:.2f}" if self.reports_success else ""
+                tqdm.write(f"before training: return {self.before['eval/return']:.3f}{success}")
             self.last_eval = self.last_eval or self.before
             bar = progress_bar(
                 range(self.iteration, iterations),
@@ -240,14 +241,14 @@ class Trainer:
                 t1 = time.perf_counter()
                 algo.set_progress(it / iterations)
                 batch = algo.prepare(rollout)
-                ratio_dev = check_ratio(policy, batch.cond, batch.samples, cfg.algo.ratio_check_tol, algo.name)
+                ratio_metrics = check_ratio(policy, batch.cond, batch.samples, cfg.algo.ratio_check_tol, algo.name)
                 metrics = algo.update(batch, it)
                 check_weights(policy, it, cfg.algo.actor_lr)
                 if self.rollout_policy is not policy:  # the CPU copy that collects and evaluates
                     self.rollout_policy.load_state_dict(policy.state_dict())
                 t2 = time.perf_counter()
                 self.iteration, self.env_steps = it + 1, self.env_steps + rollout.env_steps
-                metrics["train/ratio_check_dev"] = ratio_dev
+                metrics.update(ratio_metrics)
                 metrics.update(rollout_metrics(rollout))
                 if hasattr(self.collector, "restarts"):
                     metrics["ray/worker_restarts"] = float(self.collector.restarts)
@@ -262,11 +263,8 @@ class Trainer:
                     }
                 )
                 log.log(self.env_steps, metrics, iteration=self.iteration)
-                bar.set_postfix(
-                    success=f"{self.last_eval['eval/success_rate']:.2f}",
-                    ret=f"{self.last_eval['eval/return']:.2f}",
-                    refresh=False,
-                )
+                shown = {"success": f"{self.last_eval['eval/success_rate']:.2f}"} if self.reports_success else {}
+                bar.set_postfix(**shown, ret=f"{self.last_eval['eval/return']:.2f}", refresh=False)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations or stop_requested():
                     self.save_checkpoint()
                 if stop_requested() and self.iteration < iterations:

@@ -1,12 +1,20 @@
 """``flowrl bench locomotion``: ReinFlow (rectified flow, shortcut, MeanFlow; K = 4 and
-K = 1), GRPO with ReinFlow's sampler, DPPO and Gaussian PPO fine-tuned side by side on
-Hopper and Walker2d.
+K = 1), GRPO with ReinFlow's sampler, DPPO and Gaussian PPO fine-tuned side by side on the
+locomotion tasks.
+
+The tasks are data: one file per task in ``experiments/locomotion/tasks/`` (its env, its
+expert, its methods and sizes, its dataset recipes; see flowrl.bench.tasks). A task added
+there is run by ``--tasks NAME`` (or ``all``) with no code change.
 
 The whole pipeline runs in one command, each step cached under ``cache/``:
-  1. expert: Gaussian PPO from scratch (``experiments/locomotion/TASK_expert.yaml``),
-  2. dataset: ``flowrl collect`` of a medium-quality dataset (the expert with action noise),
+  1. expert: Gaussian PPO from scratch (the task's ``expert`` experiment, ``cache/experts/TASK``),
+  2. dataset: the task's "medium" recipe, D4RL-like: a partly trained policy (the expert's
+     experiment stopped after ``policy_iterations``, ``cache/experts/TASK-itN``) acting with its
+     own stochasticity, recorded by ``flowrl collect --actions sample``
+     (``cache/datasets/TASK-medium.npz``; re-recorded when the file's recorded recipe differs),
   3. per method file: behaviour cloning once (K = 4 and K = 1 share the pretrained network),
   4. per variant: PPO fine-tuning from that network, timed.
+``--data-only`` stops after steps 1-2, making every dataset the task lists (expert and medium).
 Every variant is evaluated with its deterministic policy (ODE, DDIM eta = 0, or the mean)
 before and after. Results: ``locomotion.json`` (table and curves), ``locomotion.png``
 (eval return against env steps) and TensorBoard scalars in ``tensorboard/``.
@@ -23,32 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from flowrl import experiment as ex
+from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
 from flowrl.config import load_config
 from flowrl.errors import FlowRLError
+from flowrl.rollout.demos import read_metadata
 from flowrl.runlog import read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = ROOT / "experiments" / "locomotion"
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """How the medium dataset of a task is made (the README quotes these commands)."""
-
-    episodes: int
-    action_noise: float
-
-
-# The expert with Gaussian action noise 0.5: the behaviour-cloned policies then start far
-# below the expert, like D4RL "medium" (measured: Hopper data 1927 of the expert's 3170, BC
-# 760-1570; Walker2d data 3086 of 3922, BC 760-1840).
-DATASETS = {"hopper": Dataset(episodes=100, action_noise=0.5), "walker2d": Dataset(episodes=100, action_noise=0.5)}
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
-    method: str  # experiment file: experiments/locomotion/[paper/]TASK_METHOD.yaml
+    method: str  # experiment file: [paper/]TASK_METHOD.yaml, when the task lists the method
     overrides: tuple[str, ...] = field(default=())
 
 
@@ -65,25 +58,61 @@ VARIANTS = (
 )
 
 
-def prepare_dataset(task: str, cache: Path, progress: bool) -> tuple[Path, dict[str, float]]:
-    """The task's medium dataset, training the expert and collecting it when missing."""
-    spec = DATASETS[task]
-    path = cache / "datasets" / f"{task}-medium.npz"
+def prepare_dataset(
+    task: Task, cache: Path, progress: bool, dataset: str = BENCH_DATASET
+) -> tuple[Path, dict[str, float]]:
+    """The task's dataset ``dataset`` (cache/datasets/TASK-DATASET.npz), made by its recipe:
+    training the acting policy when missing (resuming a stopped training), then collecting."""
+    recipe = task.spec.datasets[dataset]
+    path = task.dataset_path(cache, dataset)
+    expert_cfg = load_config(task.expert_file)
+    iterations = recipe.policy_iterations or expert_cfg.algo.iterations
     timings: dict[str, float] = {}
     if path.exists():
-        return path, timings
-    expert = cache / "experts" / task
-    if not (expert / "policy.pt").exists():
-        cfg = load_config(EXPERIMENTS / f"{task}_expert.yaml")
-        resume = (expert / "checkpoints" / "last.pt").exists()
-        expert.mkdir(parents=True, exist_ok=True)
+        stale = _recorded_otherwise(path, task, recipe, iterations)
+        if not stale:
+            return path, timings
+        print(f"{path} was recorded with {stale}: re-recording it with the task's recipe ({task.file})", flush=True)
+    partial = iterations != expert_cfg.algo.iterations
+    run = cache / "experts" / (f"{task.name}-it{iterations}" if partial else task.name)
+    if (run / "policy.pt").exists():
+        trained = ex.load_run_config(run, []).algo.iterations
+        if trained != iterations:  # e.g. the expert file's budget changed since
+            raise FlowRLError(
+                f"{run} holds a policy trained for {trained} iterations, the recipe of {task.file} wants {iterations}: "
+                "move the folder away to train it again"
+            )
+    else:
+        resume = (run / "checkpoints" / "last.pt").exists()
+        stopped_short = [f"algo.iterations={iterations}"]
+        cfg = ex.load_run_config(run, []) if resume else load_config(task.expert_file, stopped_short)
+        run.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        ex.train(cfg if not resume else ex.load_run_config(expert, []), expert, resume=resume, progress=progress)
-        timings["expert_s"] = time.perf_counter() - t0
+        ex.train(cfg, run, resume=resume, progress=progress)
+        timings["policy_s" if partial else "expert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ex.collect(expert, path, spec.episodes, spec.action_noise, seed=0, progress=progress)
+    ex.collect(run, path, recipe.episodes, recipe.action_noise, seed=0, progress=progress, actions=recipe.actions)
     timings["collect_s"] = time.perf_counter() - t0
     return path, timings
+
+
+def _recorded_otherwise(path: Path, task: Task, recipe: DatasetRecipe, iterations: int) -> str:
+    """How the file's recorded recipe differs from the task's ('' when it does not; a file
+    without any record, e.g. hand-made, is taken as it is)."""
+    recorded = read_metadata(path)
+    if not recorded:
+        print(f"{path}: no recorded recipe (not from flowrl collect); using it as it is", flush=True)
+        return ""
+    wanted = {
+        "env_id": task.spec.env_id,
+        "policy_iterations": str(iterations),
+        "actions": recipe.actions,
+        "action_noise": str(recipe.action_noise),
+        "episodes": str(recipe.episodes),
+    }
+    return ", ".join(
+        f"{k} {recorded.get(k, '(none)')} instead of {v}" for k, v in wanted.items() if recorded.get(k) != v
+    )
 
 
 def run_locomotion_bench(
@@ -94,32 +123,52 @@ def run_locomotion_bench(
     overrides: list[str] | None = None,
     cache: str | Path = "cache",
     progress: bool = True,
+    tasks_dir: str | Path | None = None,
+    data_only: bool = False,
 ) -> dict[str, Any]:
-    """Run the benchmark; ``variants``: labels or method names (default: all)."""
-    unknown = [t for t in tasks if t not in DATASETS]
-    if unknown:
-        raise FlowRLError(f"unknown locomotion task(s) {unknown}; known: {', '.join(DATASETS)}")
+    """Run the benchmark on ``tasks`` (names of task files in ``tasks_dir``, or ``["all"]``);
+    ``variants``: labels or method names (default: all). ``data_only``: make the experts and
+    every dataset of the tasks, and stop."""
+    chosen_tasks = select_tasks(tasks, tasks_dir)  # every file checked before any work
+    out, cache = Path(out_dir), Path(cache)
+    if data_only:
+        datasets: dict[str, Any] = {}
+        for task in chosen_tasks:
+            for name in task.spec.datasets:
+                path, timings = prepare_dataset(task, cache, progress, name)
+                datasets.setdefault(task.name, {})[name] = {"path": str(path), "data_prep_s": timings}
+        return {"datasets": datasets}
     chosen = [v for v in VARIANTS if variants is None or v.label in variants or v.method in variants]
     if not chosen:
         raise FlowRLError(f"no variant matches {variants}; labels: {[v.label for v in VARIANTS]}")
-    folder = EXPERIMENTS if size == "cpu" else EXPERIMENTS / "paper"
-    out, cache = Path(out_dir), Path(cache)
+    for task in chosen_tasks:
+        if size not in task.spec.sizes:
+            raise TaskError(f"task {task.name} has no {size}-sized experiments (sizes: {task.spec.sizes}; {task.file})")
+    if not any(v.method in t.spec.methods for t in chosen_tasks for v in chosen):
+        raise FlowRLError(f"none of the tasks {[t.name for t in chosen_tasks]} has a method of the chosen variants")
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count()},
         "size": size,
         "overrides": list(overrides or []),
         "tasks": {},
     }
-    for task in tasks:
+    for task in chosen_tasks:
+        runnable = [v for v in chosen if v.method in task.spec.methods]
+        skipped = sorted({v.method for v in chosen} - set(task.spec.methods))
+        if skipped:
+            print(f"{task.name}: no experiment file for {', '.join(skipped)} (methods in {task.file})", flush=True)
+        if not runnable:
+            continue
         dataset, timings = prepare_dataset(task, cache, progress)
         rows: list[dict[str, Any]] = []
         pretrained: dict[str, tuple[Path, float]] = {}
-        for variant in chosen:
-            file = folder / f"{task}_{variant.method}.yaml"
+        for variant in runnable:
+            file = task.method_file(variant.method, size)
             extra = [f"pretrain.demos.path={dataset}", *(overrides or []), *variant.overrides]
-            run_root = out / "runs" / task
+            run_root = out / "runs" / task.name
             if variant.method not in pretrained:  # behaviour cloning once per method file
                 cfg = load_config(file, [*extra, f"runs_dir={run_root}"])
+                ex.preflight(cfg)  # e.g. a dataset of another env: before a run folder exists
                 run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-pretrain"}))
                 t0 = time.perf_counter()
                 ex.pretrain_only(cfg, run_dir, progress)
@@ -147,7 +196,7 @@ def run_locomotion_bench(
                     "curve": curve,
                 }
             )
-            _write(results, out, task, rows, timings)
+            _write(results, out, task.name, rows, timings)
     return results
 
 
@@ -164,8 +213,7 @@ def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, A
         for other, res in previous.get("tasks", {}).items():
             if other != task:
                 results["tasks"][other] = res
-    order = [*DATASETS, *sorted(results["tasks"])]
-    results["tasks"] = {t: results["tasks"][t] for t in dict.fromkeys(order) if t in results["tasks"]}
+    results["tasks"] = {t: results["tasks"][t] for t in sorted(results["tasks"])}
     ratios = _wall_ratio(rows)
     if ratios:
         results["tasks"][task]["reinflow_vs_dppo_wall_per_improvement"] = ratios

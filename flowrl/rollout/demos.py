@@ -1,14 +1,21 @@
 """Demonstration datasets: made by a policy (``flowrl collect``), read and checked for
 pretraining (``load_demos``).
 
-No D4RL downloads: an expert trained with flowrl's own Gaussian PPO (or any flowrl policy)
-acts in the env, optionally with Gaussian action noise to lower its quality to a
-"medium" dataset, and every primitive step is recorded. Same policy, seed and noise give
-the same file.
+No D4RL downloads: a policy trained with flowrl (any family) acts in the env and every
+primitive step is recorded. Like D4RL's "medium" datasets, the locomotion recipe is a partly
+trained policy acting with its own stochasticity (``actions="sample"``: a Gaussian policy's
+N(mean, std²), a flow or diffusion policy's stochastic sampler); ``"deterministic"`` records
+its evaluation actions (mean, ODE, DDIM eta = 0), optionally with extra Gaussian
+``action_noise``. Same policy, seed and settings give the same file.
+
+Every file written by ``save_demos`` carries its provenance as ``meta_*`` string arrays, among
+them ``meta_env_id``: pretraining refuses a dataset recorded in another env than the
+experiment's (``read_demos``), whatever the dimensions.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import struct
 import tokenize
@@ -16,7 +23,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -29,7 +36,11 @@ from flowrl.models.policy import Policy
 from flowrl.runtime import derive_seed
 from flowrl.runtime import progress as progress_bar
 
+log = logging.getLogger("flowrl")
+
 DEMO_KEYS = ("observations", "actions", "episode_ends")
+ENV_KEY = "meta_env_id"  # the env the dataset was recorded in (save_demos(..., env_id=...))
+Actions = Literal["deterministic", "sample"]
 _LAYOUT = "observations [N, O], actions [N, A], episode_ends [E]"
 _WRITE = "write it with np.savez(path, observations=..., actions=..., episode_ends=...) or `flowrl collect`"
 
@@ -66,8 +77,8 @@ def check_demos(cfg: DemosConfig, env_id: str, dims: tuple[int, int] | None = No
     """Raises DatasetError when the demonstrations cannot be used, before any work starts.
 
     Scripted demos (path null) need the env to have a demonstrator. A file is opened and fully
-    checked (as ``load_demos`` does); with ``dims`` = (obs dim, action dim) of the env its arrays'
-    widths must match them.
+    checked (as ``load_demos`` does): recorded in ``env_id`` when it says where it was recorded;
+    with ``dims`` = (obs dim, action dim) of the env, its arrays' widths must match them.
     """
     if cfg.path is None:
         if env_id not in flowrl_envs.DEMONSTRATORS:
@@ -81,19 +92,46 @@ def check_demos(cfg: DemosConfig, env_id: str, dims: tuple[int, int] | None = No
 
 def load_demos(cfg: DemosConfig, env_id: str, seed: int, dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Demonstrations from ``cfg.path`` (checked, see ``read_demos``), or from the env's scripted
-    demonstrator if null."""
+    demonstrator if null. A file that does not say which env it was recorded in (hand-made, or
+    not from ``flowrl collect``) is used with a logged warning."""
     if cfg.path is None:
         check_demos(cfg, env_id)
         return flowrl_envs.DEMONSTRATORS[env_id](cfg.episodes, seed)
-    return read_demos(cfg.path, env_id, dims)
+    demos, recorded = _read(Path(cfg.path).expanduser(), env_id, dims)
+    if recorded is None:
+        log.warning(
+            "%s does not say which env it was recorded in (no %s array); using it for %s as it is. Files from "
+            "`flowrl collect` carry it; for a hand-made file add %s=np.array(%r) to np.savez",
+            cfg.path,
+            ENV_KEY,
+            env_id,
+            ENV_KEY,
+            env_id,
+        )
+    return demos
 
 
 def read_demos(path: str | Path, env_id: str, dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """Read and check a demonstration .npz: observations ``[N, O]`` and actions ``[N, A]`` of real
-    numbers, all finite, N >= 1; integer episode_ends ``[E]``, strictly increasing, > 0, ending at
-    N; with ``dims``, O and A equal to the env's. Any problem is one DatasetError line naming the
-    file, the array and the fix. Returns the three arrays (episode_ends as int64)."""
+    """Read and check a demonstration .npz: recorded in ``env_id`` if its ``meta_env_id`` says
+    where it was recorded; observations ``[N, O]`` and actions ``[N, A]`` of real numbers, all
+    finite, N >= 1; integer episode_ends ``[E]``, strictly increasing, > 0, ending at N; with
+    ``dims``, O and A equal to the env's. Any problem is one DatasetError line naming the file,
+    the array and the fix. Returns the three arrays (episode_ends as int64)."""
+    return _read(Path(path).expanduser(), env_id, dims)[0]
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The provenance a dataset file carries (``save_demos``' keyword arguments), without the
+    ``meta_`` prefix; {} for a file without any. DatasetError when the file is unreadable."""
     path = Path(path).expanduser()
+    with _open_npz(path) as data:
+        return {
+            key.removeprefix("meta_"): _meta_string(data, path, key) for key in data.files if key.startswith("meta_")
+        }
+
+
+def _read(path: Path, env_id: str, dims: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], str | None]:
+    """``read_demos``, and the env the file says it was recorded in (None when it does not say)."""
     if not path.is_file():
         raise DatasetError(
             f"demonstration file not found: {path} (pretrain.demos.path); record one with `flowrl collect "
@@ -101,7 +139,12 @@ def read_demos(path: str | Path, env_id: str, dims: tuple[int, int] | None = Non
             f"{', '.join(DEMO_KEYS)}"
         )
     with _open_npz(path) as data:
-        members = data.zip.namelist()
+        recorded = _meta_string(data, path, ENV_KEY) if ENV_KEY in data.files else None
+        if recorded is not None and recorded != env_id:
+            raise DatasetError(
+                f"{path} was recorded in {recorded} but the experiment's env.id is {env_id}: pretrain on "
+                f"demonstrations recorded in {env_id} (flowrl collect of a {env_id} run), or set env.id: {recorded}"
+            )
         missing = [k for k in DEMO_KEYS if k not in data.files]
         if missing:
             has = ", ".join(repr(k) for k in data.files[:8]) + (", ..." if len(data.files) > 8 else "")
@@ -111,14 +154,24 @@ def read_demos(path: str | Path, env_id: str, dims: tuple[int, int] | None = Non
             )
         shapes = {}
         for key in DEMO_KEYS:
-            member = key + ".npy" if key + ".npy" in members else key
-            shapes[key] = _check_header(data, member, path, key)
+            shapes[key] = _check_header(data, path, key)
         _check_sizes(path, env_id, shapes, dims)
         demos = {key: _read_array(data, path, key) for key in DEMO_KEYS}
     for key in ("observations", "actions"):
         _check_finite(path, key, demos[key])
     demos["episode_ends"] = _checked_ends(path, demos["episode_ends"], len(demos["observations"]))
-    return demos
+    return demos, recorded
+
+
+def _meta_string(data: Any, path: Path, key: str) -> str:
+    """A provenance entry: a 0-d string array (what save_demos writes), checked before it is read."""
+    shape, dtype, _ = _header(data, path, key)
+    if shape != () or dtype.kind != "U":
+        raise DatasetError(
+            f"{path}: array {key} is not a string (dtype {dtype}, shape {shape}); provenance entries are 0-d "
+            f"strings, e.g. {key}=np.array('Hopper-v5')"
+        )
+    return str(_read_array(data, path, key))
 
 
 def _detail(exc: BaseException) -> str:
@@ -159,8 +212,9 @@ def _corrupt(path: Path, key: str, exc: BaseException) -> DatasetError:
     )
 
 
-def _check_header(data: Any, member: str, path: Path, key: str) -> tuple[int, ...]:
-    """Shape of array ``key`` from its .npy header, after checking its dtype and rank (no data read)."""
+def _header(data: Any, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and stored size of array ``key`` from its .npy header (no data read)."""
+    member = key + ".npy" if key + ".npy" in data.zip.namelist() else key
     try:
         info = data.zip.getinfo(member)
         with warnings.catch_warnings(), data.zip.open(member) as f:
@@ -172,6 +226,12 @@ def _check_header(data: Any, member: str, path: Path, key: str) -> tuple[int, ..
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     except _UNREADABLE as exc:
         raise _corrupt(path, key, exc) from None
+    return tuple(shape), dtype, info.file_size
+
+
+def _check_header(data: Any, path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array ``key`` from its .npy header, after checking its dtype and rank (no data read)."""
+    shape, dtype, file_size = _header(data, path, key)
     ends = key == "episode_ends"
     want, cast = ("integers", "np.int64") if ends else ("real numbers", "np.float32")
     fix = f"save np.asarray({key}, dtype={cast})" + (" (cumulative episode lengths)" if ends else "")
@@ -192,9 +252,9 @@ def _check_header(data: Any, member: str, path: Path, key: str) -> tuple[int, ..
             "episode); save episode_ends.ravel()"
         )
     nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if any(d < 0 for d in shape) or nbytes > info.file_size:
+    if any(d < 0 for d in shape) or nbytes > file_size:
         raise DatasetError(
-            f"{path}: array {key} claims shape {tuple(shape)} ({nbytes} bytes) but holds {info.file_size} bytes: "
+            f"{path}: array {key} claims shape {tuple(shape)} ({nbytes} bytes) but holds {file_size} bytes: "
             f"the file is truncated or corrupt; {_WRITE}"
         )
     return tuple(shape)
@@ -292,12 +352,16 @@ def collect_demos(
     action_noise: float = 0.0,
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    actions: Actions = "deterministic",
 ) -> dict[str, np.ndarray]:
     """Run ``episodes`` episodes (all envs side by side, one policy batch per step).
 
-    The policy plans a chunk of Ta actions with its deterministic ``act`` and executes it;
-    ``action_noise`` adds N(0, action_noise²) to every primitive action before the env's
-    bounds clip it. The recorded action is the executed (clipped) one.
+    The policy plans a chunk of Ta actions and executes it: ``actions="deterministic"``, its
+    evaluation actions (``act``: the mean, the ODE, DDIM eta = 0); ``"sample"``, a draw from
+    its own stochastic policy (``sample``: a Gaussian policy's N(mean, std²), a flow's or
+    diffusion's fine-tuning sampler), as D4RL's datasets were recorded. ``action_noise`` adds
+    N(0, action_noise²) to every primitive action; then the env's bounds clip it. The recorded
+    action is the executed (clipped) one.
 
     Returns observations ``[N, O]``, actions ``[N, Da]``, episode_ends ``[E]`` (cumulative
     lengths), episode_returns ``[E]``.
@@ -306,6 +370,8 @@ def collect_demos(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if action_noise < 0:
         raise ValueError(f"action noise must be >= 0, got {action_noise}")
+    if actions not in ("deterministic", "sample"):
+        raise ValueError(f"actions must be 'deterministic' or 'sample', got {actions!r}")
     env_list = [gym.make(env_id, **(env_kwargs or {})) for _ in range(episodes)]
     low, high = env_list[0].action_space.low, env_list[0].action_space.high
     base = derive_seed(seed, 7)
@@ -318,14 +384,16 @@ def collect_demos(
     active = np.ones(episodes, dtype=bool)
     bar = progress_bar(None, "collect", progress, total=episodes, unit="episode")
     while active.any():
-        chunks = policy.act(torch.as_tensor(obs), generator).numpy()  # every env, for common random numbers
+        cond = torch.as_tensor(obs)  # every env, ended ones too: common random numbers
+        chunk = policy.sample(cond, generator=generator).final if actions == "sample" else policy.act(cond, generator)
+        chunks = chunk.numpy()
         for j in range(horizon):
             noise = noise_rng.normal(0.0, action_noise, chunks[:, j].shape) if action_noise > 0 else 0.0
-            actions = np.clip(chunks[:, j] + noise, low, high).astype(np.float32)
+            executed = np.clip(chunks[:, j] + noise, low, high).astype(np.float32)
             for i in np.flatnonzero(active):
                 records[i][0].append(obs[i].copy())
-                records[i][1].append(actions[i])
-                o, r, term, trunc, _ = env_list[i].step(actions[i])
+                records[i][1].append(executed[i])
+                o, r, term, trunc, _ = env_list[i].step(executed[i])
                 obs[i] = o
                 returns[i] += r
                 if term or trunc:

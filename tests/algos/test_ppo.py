@@ -47,8 +47,8 @@ def _iteration(ppo: PPO, rollout, iteration: int = 0) -> tuple[float, dict[str, 
     """What the Trainer does with a fresh rollout; returns (ratio check deviation, update metrics)."""
     check_rewards(rollout)
     batch = ppo.prepare(rollout)
-    deviation = check_ratio(ppo.policy, batch.cond, batch.samples, ppo.cfg.ratio_check_tol, ppo.name)
-    return deviation, ppo.update(batch, iteration)
+    checked = check_ratio(ppo.policy, batch.cond, batch.samples, ppo.cfg.ratio_check_tol, ppo.name)
+    return checked["train/ratio_check_dev"], ppo.update(batch, iteration)
 
 
 CONVERTERS = [{"type": "reinflow"}, {"type": "flow_noise"}, {"type": "flow_sde"}, {"type": "cps"}]
@@ -65,6 +65,28 @@ def test_update_moves_the_policy_after_an_exact_ratio_check(converter):
     assert any(k.startswith("velocity.") for k in changed)
     if converter["type"] in ("reinflow", "flow_noise"):
         assert any(k.startswith("sampler.converter.noise_net.") for k in changed)
+
+
+def test_ratio_check_reports_the_flow_sde_stds_of_the_closed_form():
+    """noise/std_* of a Flow-SDE rollout on the uniform grid, window all: std_k = a sqrt((1 - t_k) /
+    max(t_k, 1/K)) sqrt(1/K), largest (= a) at k = 0, smallest at k = K - 1; every step weighs the same."""
+    a = 0.7
+    policy, ppo, rollout = _setup({"type": "flow_sde", "noise_level": a})
+    k = policy.num_steps
+    t = torch.arange(k, dtype=torch.float64) / k
+    stds = a * torch.sqrt((1 - t) / t.clamp(min=1 / k)) * (1 / k) ** 0.5
+    batch = ppo.prepare(rollout)
+    checked = check_ratio(policy, batch.cond, batch.samples, ppo.cfg.ratio_check_tol, ppo.name)
+    assert checked["noise/std_max"] == pytest.approx(a, rel=1e-5)
+    assert checked["noise/std_min"] == pytest.approx(stds.min().item(), rel=1e-5)
+    assert checked["noise/std_mean"] == pytest.approx(stds.mean().item(), rel=1e-5)
+
+
+def test_ratio_check_reports_reinflow_stds_inside_the_configured_range():
+    policy, ppo, rollout = _setup({"type": "reinflow", "std_min": 0.11, "std_max": 0.19})
+    batch = ppo.prepare(rollout)
+    checked = check_ratio(policy, batch.cond, batch.samples, ppo.cfg.ratio_check_tol, ppo.name)
+    assert 0.11 <= checked["noise/std_min"] < checked["noise/std_mean"] < checked["noise/std_max"] <= 0.19
 
 
 def test_mismatched_time_grid_fails_the_ratio_check():

@@ -2,11 +2,14 @@
 
 Oracles: a replay of every recorded episode in a fresh env reset with the documented seed
 (derive_seed(seed, 7) + i): it must see the recorded observations, end exactly at the
-recorded length and pay the recorded return; the action bounds; the file read back by
-flowrl.algos.bc.load_demos.
+recorded length and pay the recorded return; the action bounds; the first sampled actions
+redrawn from the policy with the documented generator seed; the file read back by
+flowrl.algos.bc.load_demos, which refuses a dataset recorded in another env.
 """
 
 from __future__ import annotations
+
+import logging
 
 import gymnasium as gym
 import numpy as np
@@ -20,7 +23,7 @@ from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
 from flowrl.models.networks import GaussianActor, VelocityMLP
 from flowrl.models.sampler import ChainSampler
-from flowrl.rollout.demos import collect_demos, save_demos
+from flowrl.rollout.demos import DatasetError, check_demos, collect_demos, read_demos, read_metadata, save_demos
 from flowrl.runtime import derive_seed
 
 ENV_ID = "flowrl/TwoGoal-v0"
@@ -50,8 +53,8 @@ def flow_policy(horizon: int = 2) -> FlowPolicy:
 POLICIES = {"gaussian": gaussian_policy, "flow": flow_policy}
 
 
-def _collect(make, seed: int, noise: float = 0.0) -> dict[str, np.ndarray]:
-    return collect_demos(make(), ENV_ID, EPISODES, seed, action_noise=noise, progress=False)
+def _collect(make, seed: int, noise: float = 0.0, actions: str = "deterministic") -> dict[str, np.ndarray]:
+    return collect_demos(make(), ENV_ID, EPISODES, seed, action_noise=noise, progress=False, actions=actions)
 
 
 def _episodes(demos):
@@ -73,10 +76,19 @@ def test_same_seed_same_dataset_other_seed_other_dataset(name):
     )
 
 
-@pytest.mark.parametrize(("name", "noise"), [("gaussian", 0.0), ("gaussian", 0.5), ("flow", 0.0), ("flow", 0.3)])
-def test_replay_reproduces_observations_lengths_and_returns(name, noise):
+@pytest.mark.parametrize(
+    ("name", "noise", "actions"),
+    [
+        ("gaussian", 0.0, "deterministic"),
+        ("gaussian", 0.5, "deterministic"),
+        ("gaussian", 0.0, "sample"),
+        ("flow", 0.0, "deterministic"),
+        ("flow", 0.3, "deterministic"),
+    ],
+)
+def test_replay_reproduces_observations_lengths_and_returns(name, noise, actions):
     seed = 11
-    demos = _collect(POLICIES[name], seed, noise)
+    demos = _collect(POLICIES[name], seed, noise, actions)
     obs, actions, ends, returns = (demos[k] for k in ("observations", "actions", "episode_ends", "episode_returns"))
     n = len(obs)
     assert obs.dtype == np.float32 and actions.dtype == np.float32
@@ -133,3 +145,78 @@ def test_save_then_load_demos_round_trips(tmp_path):
     with np.load(path) as data:
         np.testing.assert_array_equal(data["episode_returns"], demos["episode_returns"])
         assert str(data["meta_env_id"]) == ENV_ID and str(data["meta_action_noise"]) == "0.1"
+
+
+def test_sampled_actions_are_the_policys_own_draws():
+    """actions="sample": the first chunk of every episode is the policy's own sample for the
+    initial observations, drawn with the documented generator (derive_seed(seed, 7, 1)), then
+    clipped to the bounds; a different dataset from the deterministic (mean) actions."""
+    seed, policy = 4, gaussian_policy()
+    with torch.no_grad():
+        policy.actor.log_std.fill_(np.log(0.3))  # a std the test can see against the mean
+    demos = collect_demos(policy, ENV_ID, EPISODES, seed, progress=False, actions="sample")
+    base = derive_seed(seed, 7)
+    obs0 = np.stack([gym.make(ENV_ID).reset(seed=base + i)[0] for i in range(EPISODES)]).astype(np.float32)
+    generator = torch.Generator().manual_seed(derive_seed(seed, 7, 1))
+    first = policy.sample(torch.as_tensor(obs0), generator=generator).final[:, 0].numpy()
+    starts = np.concatenate([[0], demos["episode_ends"][:-1]])
+    np.testing.assert_allclose(demos["actions"][starts], np.clip(first, -1.0, 1.0), rtol=1e-6)
+    mean = policy.act(torch.as_tensor(obs0))[:, 0].numpy()
+    assert np.abs(first - mean).mean() > 0.1  # the draws are not the mean
+    deterministic = collect_demos(policy, ENV_ID, EPISODES, seed, progress=False)
+    np.testing.assert_allclose(deterministic["actions"][:1], np.clip(mean[:1], -1.0, 1.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="actions must be"):
+        collect_demos(policy, ENV_ID, 2, 0, progress=False, actions="noisy")
+
+
+def _dataset(tmp_path, **metadata):
+    return save_demos(_collect(gaussian_policy, 0), tmp_path / "d.npz", **metadata)
+
+
+def test_a_dataset_of_another_env_is_refused_with_one_line(tmp_path):
+    path = _dataset(tmp_path, env_id="HalfCheetah-v5")
+    for check in (
+        lambda: check_demos(DemosConfig(path=str(path)), ENV_ID, (2, 2)),
+        lambda: load_demos(DemosConfig(path=str(path)), ENV_ID, 0),
+        lambda: read_demos(path, ENV_ID),
+    ):
+        with pytest.raises(DatasetError) as err:
+            check()
+        message = str(err.value)
+        assert len(message.splitlines()) == 1
+        assert f"{path} was recorded in HalfCheetah-v5 but the experiment's env.id is {ENV_ID}" in message
+    assert read_metadata(path) == {"env_id": "HalfCheetah-v5"}
+
+
+def _warnings_of(load) -> list[str]:
+    """flowrl's logged warnings while ``load`` runs (the CLI stops the "flowrl" logger from
+    propagating, so a handler goes on it directly)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("flowrl")
+    logger.addHandler(handler)
+    try:
+        load()
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
+def test_a_dataset_that_does_not_name_its_env_is_used_with_a_warning(tmp_path):
+    path = _dataset(tmp_path)  # hand-made files have only the three arrays
+    assert read_metadata(path) == {}
+    check_demos(DemosConfig(path=str(path)), ENV_ID, (2, 2))
+    loaded = {}
+    (warning,) = _warnings_of(lambda: loaded.update(load_demos(DemosConfig(path=str(path)), ENV_ID, 0)))
+    assert len(loaded["observations"]) > 0
+    assert "does not say which env" in warning and ENV_ID in warning and "meta_env_id" in warning
+    named = _dataset(tmp_path / "named", env_id=ENV_ID)
+    assert _warnings_of(lambda: load_demos(DemosConfig(path=str(named)), ENV_ID, 0)) == []
+
+
+def test_a_provenance_entry_that_is_not_a_string_is_refused(tmp_path):
+    demos = _collect(gaussian_policy, 0)
+    np.savez(tmp_path / "d.npz", **demos, meta_env_id=np.arange(3))
+    with pytest.raises(DatasetError, match="array meta_env_id is not a string"):
+        read_demos(tmp_path / "d.npz", ENV_ID)
