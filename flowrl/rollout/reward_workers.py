@@ -1,6 +1,8 @@
 """RewardPool: reward models on Ray actors, scoring batch i while the caller makes batch i+1.
 
-``submit(batch)`` returns a future at once; ``result(future)`` waits for the scores. A worker
+``submit(batch)`` returns a future at once; ``result(future)`` waits for the scores: the
+model's RewardOutput (scores and details), or a float32 ``[B]`` tensor for a model that returns
+plain scores. Errors name the model by its ``name`` attribute when it has one. A worker
 that dies or raises is restarted and the batch re-scored, up to ``max_retries`` times; after
 that the failure is raised (RewardError), never turned into a reward of 0. A non-finite score
 is raised at once. With ``use_ray=False`` the same interface scores in this process.
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowrl.rewards import RewardError, RewardFactory, check_scores
+from flowrl.rewards import RewardError, RewardFactory, RewardOutput, check_scores
 
 log = logging.getLogger("flowrl")
 
@@ -26,10 +28,17 @@ class RewardWorker:
         torch.set_num_threads(1)
         self.model = factory()
 
-    def score(self, batch: Any):
+    def score(self, batch: Any) -> tuple[str | None, Any]:
+        """(the model's name or None, its scores with tensors moved to the CPU)."""
         with torch.no_grad():
             scores = self.model(batch)
-        return scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores
+        if isinstance(scores, RewardOutput):
+            scores = RewardOutput(_cpu(scores.scores), {k: _cpu(v) for k, v in scores.details.items()})
+        return getattr(self.model, "name", None), _cpu(scores)
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -38,7 +47,7 @@ class RewardFuture:
 
     batch: Any
     worker: int
-    ref: Any = None  # a Ray ObjectRef, or the scores / exception when scored in-process
+    ref: Any = None  # a Ray ObjectRef, or (model name, scores) when scored in-process
     error: BaseException | None = None
 
 
@@ -99,12 +108,13 @@ class RewardPool:
                 future.error = exc
         return future
 
-    def result(self, future: RewardFuture) -> torch.Tensor:
-        """Scores ``[B]`` (float32) of a submitted batch."""
+    def result(self, future: RewardFuture) -> RewardOutput | torch.Tensor:
+        """The checked scores of a submitted batch: the model's RewardOutput, or float32 ``[B]``
+        scores for a model that returns plain scores."""
         source = f"{self.name} (worker {future.worker})"
         for attempt in range(self.max_retries + 1):
             try:
-                scores = self._wait(future)
+                model_name, scores = self._wait(future)
                 break
             except RewardError:
                 raise
@@ -124,9 +134,11 @@ class RewardPool:
                 )
                 self._restart(future.worker)
                 future = self._send(future.batch, future.worker)
+        if model_name:
+            source = f"{self.name} {model_name!r} (worker {future.worker})"
         return check_scores(scores, _batch_size(future.batch), source)
 
-    def score(self, batch: Any) -> torch.Tensor:
+    def score(self, batch: Any) -> RewardOutput | torch.Tensor:
         return self.result(self.submit(batch))
 
     def _wait(self, future: RewardFuture) -> Any:

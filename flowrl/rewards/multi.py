@@ -1,0 +1,79 @@
+"""Several rewards at once.
+
+``MultiReward`` scores a batch with every component and returns their weighted sum; its
+details keep each component's scores under the component's name (and the component's own
+details as ``"<name>/<key>"``), so a trainer can instead normalise each reward within its
+prompt group and then weight them (``combined_group_advantages``), which keeps a reward with a
+large scale (JPEG kB) from drowning one in [0, 1] (the verifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flowrl.rewards import ImageBatch, RewardModel, RewardOutput, check_scores
+
+
+class MultiReward:
+    """``components``: (reward model, weight) pairs with distinct ``name``s."""
+
+    name = "multi"
+
+    def __init__(self, components: Sequence[tuple[RewardModel, float]]) -> None:
+        if not components:
+            raise ValueError("multi reward: needs at least one component")
+        names = [model.name for model, _ in components]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"multi reward: component names must differ, {repeated} appear more than once")
+        self.components = [(model, float(weight)) for model, weight in components]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {model.name: weight for model, weight in self.components}
+
+    def __call__(self, batch: ImageBatch) -> RewardOutput:
+        total = torch.zeros(len(batch))
+        details: dict[str, torch.Tensor] = {}
+        for model, weight in self.components:
+            out = check_scores(model(batch), len(batch), f"reward model {model.name!r}")
+            if not isinstance(out, RewardOutput):
+                out = RewardOutput(out)
+            total += weight * out.scores
+            details[model.name] = out.scores
+            details.update({f"{model.name}/{key}": value for key, value in out.details.items()})
+        return RewardOutput(total, details)
+
+
+def combined_group_advantages(
+    components: Mapping[str, torch.Tensor], weights: Mapping[str, float], group_ids: torch.Tensor, eps: float = 1e-4
+) -> torch.Tensor:
+    """``sum_k w_k (r_k - mean_group(r_k)) / (std_group(r_k) + eps)``: float32 ``[B]``.
+
+    ``components``: name -> scores ``[B]``; ``weights``: name -> weight (the same names);
+    ``group_ids``: ``[B]`` integers, samples with the same id share a prompt. std is the
+    population std within the group (as ``flowrl.core.advantages.group_advantages``); a
+    component that is constant within a group contributes 0 there.
+    """
+    if set(components) != set(weights):
+        raise ValueError(f"combined_group_advantages: components {sorted(components)} but weights {sorted(weights)}")
+    if group_ids.ndim != 1:
+        raise ValueError(f"combined_group_advantages: group_ids must be [B], got {tuple(group_ids.shape)}")
+    _, group = torch.unique(group_ids, return_inverse=True)
+    count = torch.bincount(group).double()
+    total = torch.zeros(len(group_ids), dtype=torch.float64)
+    for name, scores in components.items():
+        if scores.shape != group_ids.shape:
+            shapes = f"{tuple(scores.shape)} vs group_ids {tuple(group_ids.shape)}"
+            raise ValueError(f"combined_group_advantages: {name!r} scores {shapes}")
+        r = scores.double()
+        mean = torch.bincount(group, r) / count
+        centred = r - mean[group]
+        std = (torch.bincount(group, centred.square()) / count).sqrt()
+        total += weights[name] * centred / (std[group] + eps)
+    return total.float()
+
+
+__all__ = ["MultiReward", "combined_group_advantages"]
