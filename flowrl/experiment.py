@@ -25,9 +25,11 @@ from flowrl.models.build import (
     actor_record,
     build_actor,
     build_critic,
+    build_image_network,
     build_policy,
     check_checkpoint,
     load_actor,
+    load_image_network,
 )
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import evaluate_policy, make_collector
@@ -61,7 +63,7 @@ def reports_success(env_id: str) -> bool:
     rate is printed only then (MuJoCo locomotion has none: it would always read 0.00)."""
     import envs
 
-    return env_id in envs.REPORTS_SUCCESS
+    return env_id == "shapes" or env_id in envs.REPORTS_SUCCESS  # shapes: the verifier's accuracy
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -69,6 +71,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     recorded in env.id when the file says where, of the env's dims), so that bad input fails
     before one is created."""
     resolve_device(cfg.device)
+    if cfg.env.type == "shapes":  # the reward spec was checked with the config
+        if cfg.policy.pretrained is not None:
+            load_image_network(cfg.policy.pretrained, cfg)
+        return
     dims = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:  # readable, a flowrl checkpoint, fits the experiment, finite weights
         check_checkpoint(cfg.policy.pretrained, cfg.policy, *dims)
@@ -96,6 +102,8 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     """Behaviour cloning of ``policy.type`` from the experiment's demos; writes
     ``pretrained.pt`` in the run folder."""
     assert cfg.pretrain is not None
+    if cfg.env.type == "shapes":
+        return pretrain_text_image(cfg, run_dir, device, progress)
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     # a file: recorded in this env (when it says), with its observation and action dims
     demos = load_demos(cfg.pretrain.demos, cfg.env.id, cfg.seed, (obs_dim, action_dim))
@@ -125,6 +133,25 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
     return ema
 
 
+def pretrain_text_image(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool = True) -> Actor:
+    """Flow matching of the text-conditioned image flow on the shapes world; writes
+    ``pretrained.pt`` (the EMA network and its constructor arguments)."""
+    from flowrl.algos.image_bc import pretrain_images
+
+    network = build_image_network(cfg)
+    size = sum(p.numel() for p in network.parameters())
+    tqdm.write(
+        f"pretraining (text_image, {size / 1e6:.2f}M parameters) on fresh {cfg.env.image_size}px shapes-world pairs, "
+        f"{cfg.pretrain.steps} steps of {cfg.pretrain.batch_size}"
+    )
+    ema, metrics = pretrain_images(network, cfg, device, progress, run_dir)
+    ema = ema.cpu()
+    atomic_save(actor_record(ema, cfg.policy), run_dir / "pretrained.pt")
+    atomic_write_text(json.dumps(metrics), run_dir / "pretrain_metrics.json")
+    (run_dir / "checkpoints" / "pretrain.pt").unlink(missing_ok=True)
+    return ema
+
+
 def pretrain_only(
     cfg: ExperimentConfig, run_dir: Path, progress: bool = True, resume: bool = False
 ) -> dict[str, float]:
@@ -140,7 +167,7 @@ def pretrain_only(
     seed_everything(cfg.seed)
     with graceful_stop():
         pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
-    metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt")
+    metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt", run_dir)
     success = f"success {metrics['eval/success_rate']:.2f}, " if reports_success(cfg.env.id) else ""
     print(f"pretrained policy: {run_dir / 'pretrained.pt'} ({success}return {metrics['eval/return']:.3f})")
     return metrics
@@ -149,6 +176,12 @@ def pretrain_only(
 def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool) -> Actor:
     """The network to train: policy.pretrained, else this run's pretrained.pt, else pretrain
     now, or fresh weights when the experiment has pretrain: null."""
+    if cfg.env.type == "shapes":
+        if cfg.policy.pretrained is not None:
+            return load_image_network(cfg.policy.pretrained, cfg)
+        if (run_dir / "pretrained.pt").exists():
+            return load_image_network(run_dir / "pretrained.pt", cfg)
+        return build_image_network(cfg) if cfg.pretrain is None else pretrain(cfg, run_dir, device, progress)
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:
         return load_actor(cfg.policy.pretrained, cfg.policy, obs_dim, action_dim)
@@ -190,6 +223,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
             tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
     else:
         save_config(cfg, run_dir / "config.yaml")
+    evaluator = None
     events = logging.FileHandler(run_dir / "events.log")
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("flowrl").addHandler(events)
@@ -198,13 +232,19 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
             actor = initial_actor(cfg, run_dir, device, progress)
             policy = build_policy(cfg, actor).to(device)
             algo = build_algorithm(cfg, policy, actor, device)
-            trainer = Trainer(cfg, run_dir, policy, algo, device, progress)
+            evaluator = None
+            if cfg.env.type == "shapes":
+                from flowrl.rollout.image_eval import ImageEvaluator
+
+                evaluator = ImageEvaluator(cfg, run_dir)
+            trainer = Trainer(cfg, run_dir, policy, algo, device, progress, evaluator)
             if checkpoint is not None:
                 trainer.load_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
             if resume:  # the resume has checked out: its overrides become the run's config
                 save_config(cfg, run_dir / "config.yaml")
-            workers = cfg.env.num_workers
-            where = f"{workers} Ray env workers" if cfg.ray.enabled else f"{workers} in-process env workers"
+            kind = "reward" if cfg.env.type == "shapes" else "env"
+            workers = cfg.env.reward_workers if cfg.env.type == "shapes" else cfg.env.num_workers
+            where = f"{workers} Ray {kind} workers" if cfg.ray.enabled else f"{workers} in-process {kind} workers"
             tqdm.write(
                 f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
                 f"({_method(cfg)}): learner on {device}, {where}"
@@ -219,6 +259,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     finally:
         logging.getLogger("flowrl").removeHandler(events)
         events.close()
+        if evaluator is not None:
+            evaluator.close()
     before, after = result["before"], result["after"]
     success = (
         f" (success {before['eval/success_rate']:.2f} -> {after['eval/success_rate']:.2f})"
@@ -253,7 +295,7 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
     """PPO (with a critic on the actor's observations) or GRPO, from ``cfg.algo``."""
-    running = cfg.policy.obs_norm == "running"
+    running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
     if isinstance(cfg.algo, GRPOConfig):
         from flowrl.algos.grpo import GRPO
 
@@ -279,7 +321,17 @@ def _method(cfg: ExperimentConfig) -> str:
     )
 
 
-def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path) -> dict[str, float]:
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, run_dir: Path | None = None) -> dict[str, float]:
+    """Deterministic evaluation of a checkpoint; shapes: on the held-out prompts, and with
+    ``run_dir`` its sample grid goes to ``run_dir/samples``."""
+    if cfg.env.type == "shapes":
+        from flowrl.rollout.image_eval import ImageEvaluator
+
+        evaluator = ImageEvaluator(cfg, run_dir)
+        try:
+            return evaluator(build_policy(cfg, load_image_network(checkpoint, cfg)), 0)
+        finally:
+            evaluator.close()
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     policy = build_policy(cfg, load_actor(checkpoint, cfg.policy, obs_dim, action_dim))
     return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs)

@@ -149,3 +149,57 @@ def test_locomotion_experiment_runs_with_a_tiny_budget(task, path, dataset_for, 
     if load_config(path).pretrain is not None:
         overrides += [f"pretrain.demos.path={dataset_for(env)}", "pretrain.steps=3"]
     _smoke(path, overrides, tmp_path)
+
+
+IMAGES = sorted((EXPERIMENTS / "images").glob("*.yaml"))
+# The image track's files on a tiny network: 16 px, K = 4, 2 prompts x 2 images, a JPEG
+# reward (continuous, so every group has a spread and the GRPO update runs).
+IMAGE_TINY = [
+    "ray.enabled=false",
+    "env.image_size=16",
+    "env.prompts_per_iteration=2",
+    "env.group_size=2",
+    "env.prompts_per_chunk=1",
+    "env.reward={type: jpeg}",
+    "policy.channels=[8,8,8]",
+    "policy.text_dim=8",
+    "policy.time_dim=8",
+    "policy.denoising_steps=4",
+    "policy.eval_denoising_steps=4",
+    "pretrain.steps=2",
+    "pretrain.batch_size=8",
+    "algo.iterations=1",
+    "algo.minibatch_size=4",
+    "eval.episodes=2",
+]
+
+
+def test_the_image_track_ships_pretraining_and_every_window_mode():
+    names = {p.name for p in IMAGES}
+    assert {"shapes_pretrain.yaml", "shapes_flow_grpo.yaml", "shapes_mixgrpo.yaml", "shapes_flash.yaml"} <= names
+    windows = {p.name: load_config(p).mdp for p in IMAGES}
+    assert windows["shapes_flow_grpo.yaml"].window.type == "all"
+    assert windows["shapes_mixgrpo.yaml"].window.type == "sliding"
+    flash = windows["shapes_flash.yaml"]
+    assert flash.window.type == "sliding" and flash.solver == "dpm_solver_2m" and flash.steps_after_window
+
+
+@pytest.mark.parametrize("path", IMAGES, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())
+def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
+    from flowrl.models.build import load_image_network
+
+    command = "pretrain" if path.name == "shapes_pretrain.yaml" else "train"
+    assert main([command, str(path), *IMAGE_TINY, f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    (run,) = tmp_path.iterdir()
+    cfg = load_config(run / "config.yaml")
+    load_image_network(run / "pretrained.pt", cfg)  # the checked loader reads it back
+    assert (run / "samples" / "iter_0000.png").is_file()
+    if command == "pretrain":
+        return
+    records = read_metrics(run)
+    assert [r["iteration"] for r in records] == [0, 1]
+    update = records[1]
+    assert update["train/ratio_check_dev"] <= 1e-4 and update["grpo/kept_steps"] == 4
+    assert {"eval/accuracy", "eval/jpeg_kb", "eval/diversity", "charts/accuracy", "time/reward_wait_s"} <= set(update)
+    assert (run / "samples" / "iter_0001.png").is_file() and (run / "policy.pt").is_file()
+    load_image_network(run / "policy.pt", cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,30 @@ def behaviour_clone(
     """
     device = next(actor.parameters()).device
     obs, chunks = obs.to(device), chunks.to(device)
+
+    def draw(step: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
+        return obs[idx], chunks[idx]
+
+    return fit(actor, draw, loss_fn, cfg, seed, progress, run_dir)
+
+
+Draw = Callable[[int, torch.Generator], tuple[Any, Tensor]]
+
+
+def fit(
+    actor: nn.Module,
+    draw: Draw,
+    loss_fn: LossFn,
+    cfg: PretrainConfig,
+    seed: int,
+    progress: bool = True,
+    run_dir: Path | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """The behaviour-cloning loop over batches ``draw(step, generator) -> (condition, target)``
+    (demonstrations, or image-caption pairs drawn fresh): AdamW, EMA, logging, checkpoints and
+    resume as ``behaviour_clone`` describes; returns the EMA copy and the final loss."""
+    device = next(actor.parameters()).device
     ema = copy.deepcopy(actor).requires_grad_(False)
     opt = torch.optim.AdamW(actor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -120,8 +145,8 @@ def behaviour_clone(
     bar = progress_bar(range(start, cfg.steps), "pretrain", progress, initial=start, total=cfg.steps)
     try:
         for step in bar:
-            idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
-            loss = loss_fn(actor, obs[idx], chunks[idx], gen)
+            cond, target = draw(step, gen)
+            loss = loss_fn(actor, cond, target, gen)
             if not torch.isfinite(loss):
                 raise PretrainError(
                     f"the pretraining loss is {loss.item()} at step {step}: lower pretrain.lr (now {cfg.lr:g})"
@@ -174,5 +199,6 @@ __all__ = [
     "behaviour_clone",
     "check_demos",
     "dataset_obs_stats",
+    "fit",
     "load_demos",
 ]

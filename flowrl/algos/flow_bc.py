@@ -26,11 +26,12 @@ from flowrl.models.networks import VelocityMLP
 def flow_matching_loss(
     velocity: VelocityMLP, obs: Tensor, chunks: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Rectified-flow loss on a batch: obs ``[B, O]``, chunks ``[B, Ta, Da]``."""
+    """Rectified-flow loss on a batch: obs ``[B, O]`` (any condition the field takes, e.g.
+    caption ids), chunks ``[B, *E]`` (action chunks ``[B, Ta, Da]``, images ``[B, C, H, W]``)."""
     b = chunks.shape[0]
     t = torch.rand(b, generator=generator, device=chunks.device)
     eps = torch.randn(chunks.shape, generator=generator, device=chunks.device)
-    tb = t.view(-1, 1, 1)
+    tb = t.view(-1, *([1] * (chunks.ndim - 1)))
     x_t = (1.0 - tb) * eps + tb * chunks
     return ((velocity(obs, x_t, t, t) - (chunks - eps)) ** 2).mean()
 

@@ -136,7 +136,14 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     nfe = getattr(rollout.samples, "nfe", None)
     if nfe is not None:
         metrics["sampler/nfe_per_sample"] = float(nfe[rollout.valid].mean())
+    metrics.update(rollout.metrics)
     return metrics
+
+
+class Evaluator(Protocol):
+    def __call__(self, policy: Policy, iteration: int, env_steps: int) -> dict[str, float]:
+        """Deterministic evaluation metrics (``eval/return``, ``eval/success_rate``, ...)."""
+        ...
 
 
 class Trainer:
@@ -150,8 +157,12 @@ class Trainer:
         algo: Algorithm,
         device: torch.device,
         progress: bool = True,
+        evaluator: Evaluator | None = None,
     ) -> None:
+        """``evaluator``: how to evaluate (the image track's held-out prompts); None = the gym
+        env's deterministic episodes (``evaluate_policy``)."""
         self.cfg, self.run_dir, self.policy, self.algo = cfg, run_dir, policy, algo
+        self.evaluator = evaluator
         self.device, self.progress = device, progress
         self.loaded = False  # a checkpoint was loaded
         # Rollouts run on the CPU (like remote workers); the learner may sit on the GPU.
@@ -160,9 +171,11 @@ class Trainer:
         self.before: dict[str, float] | None = None
         self.last_eval: dict[str, float] | None = None
         # Envs without a success signal (MuJoCo locomotion) would always show 0.00.
-        self.reports_success = cfg.env.id in flowrl_envs.REPORTS_SUCCESS
+        self.reports_success = cfg.env.type == "shapes" or cfg.env.id in flowrl_envs.REPORTS_SUCCESS
 
     def evaluate(self) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator(self.rollout_policy, self.iteration, self.env_steps)
         env = self.cfg.env
         return evaluate_policy(
             self.rollout_policy, env.id, self.cfg.policy.horizon, self.cfg.eval.episodes, self.cfg.seed, env.kwargs

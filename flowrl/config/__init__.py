@@ -6,6 +6,7 @@ types are errors that name the key and the file (``loading.py``). Command-line o
 ``x=null``).
 """
 
+from flowrl.config.images import ShapesEnvConfig, TextImagePolicyConfig
 from flowrl.config.loading import (
     ConfigError,
     build_config,
@@ -16,7 +17,9 @@ from flowrl.config.loading import (
     save_config,
 )
 from flowrl.config.schema import (
+    ENV_TYPES,
     FLOW_TYPES,
+    IMAGE_POLICY_TYPES,
     MOVED,
     POLICY_TYPES,
     AlgoConfig,
@@ -46,7 +49,9 @@ from flowrl.config.schema import (
 )
 
 __all__ = [
+    "ENV_TYPES",
     "FLOW_TYPES",
+    "IMAGE_POLICY_TYPES",
     "MOVED",
     "POLICY_TYPES",
     "AlgoConfig",
@@ -72,7 +77,9 @@ __all__ = [
     "PolicyGradientConfig",
     "PretrainConfig",
     "RayConfig",
+    "ShapesEnvConfig",
     "SlidingWindowConfig",
+    "TextImagePolicyConfig",
     "WindowConfig",
     "build_config",
     "format_validation_error",

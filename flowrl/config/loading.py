@@ -10,7 +10,15 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from flowrl.config.schema import MOVED, POLICY_TYPES, ExperimentConfig, _policy_tag
+from flowrl.config.schema import (
+    ENV_TYPES,
+    IMAGE_POLICY_TYPES,
+    MOVED,
+    POLICY_TYPES,
+    ExperimentConfig,
+    _env_tag,
+    _policy_tag,
+)
 from flowrl.errors import FlowRLError
 
 
@@ -51,7 +59,7 @@ def _dotted_loc(loc: tuple[Any, ...], data: Any) -> str:
         if isinstance(node, dict) and item in node:
             parts.append(str(item))
             node = node[item]
-        elif isinstance(node, dict) and (node.get("type") == item or item == _policy_tag(node)):
+        elif isinstance(node, dict) and (node.get("type") == item or item in (_policy_tag(node), _env_tag(node))):
             continue
         else:
             parts.append(str(item))
@@ -122,7 +130,11 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], source: 
             lines.append(f"{source}: unknown key '{key}'{origin}{hint}")
         elif err["type"] == "policy_type":
             kind = err["input"].get("type") if isinstance(err["input"], dict) else err["input"]
-            lines.append(f"{source}: policy.type: {kind!r} is not one of {', '.join(POLICY_TYPES)}{origin}")
+            kinds = ", ".join((*POLICY_TYPES, *IMAGE_POLICY_TYPES))
+            lines.append(f"{source}: policy.type: {kind!r} is not one of {kinds}{origin}")
+        elif err["type"] == "env_type":
+            kind = err["input"].get("type") if isinstance(err["input"], dict) else err["input"]
+            lines.append(f"{source}: env.type: {kind!r} is not one of {', '.join(ENV_TYPES)}{origin}")
         elif err["type"] == "union_tag_not_found":
             lines.append(f"{source}: {key}: missing '{key}.type' (it chooses the kind, e.g. {key}.type=...)")
         elif err["type"] == "union_tag_invalid":

@@ -6,31 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_serializer, model_validator
 
-
-class _Strict(BaseModel):
-    """Unknown keys are errors; so are keys that have no effect in this configuration."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def _inactive(self) -> dict[str, str]:
-        """Fields that do nothing in this configuration -> when they would apply."""
-        return {}
-
-    @model_validator(mode="after")
-    def _no_dead_keys(self):
-        unused = {k: why for k, why in self._inactive().items() if k in self.model_fields_set}
-        if unused:
-            raise ValueError("; ".join(f"{k} only applies {why}; remove it" for k, why in unused.items()))
-        return self
-
-    @model_serializer(mode="wrap")
-    def _drop_inactive(self, handler):
-        data = handler(self)
-        for key in self._inactive():
-            data.pop(key, None)
-        return data
+from flowrl.config.base import _Strict
+from flowrl.config.images import ShapesEnvConfig, TextImagePolicyConfig
 
 
 # --------------------------------------------------------------------------- env
@@ -64,7 +43,15 @@ class GymEnvConfig(_Strict):
         return self
 
 
-EnvConfig = GymEnvConfig
+def _env_tag(value: Any) -> str:
+    return str(value.get("type", "gym") if isinstance(value, dict) else getattr(value, "type", None))
+
+
+EnvConfig = Annotated[
+    Annotated[GymEnvConfig, Tag("gym")] | Annotated[ShapesEnvConfig, Tag("shapes")],
+    Discriminator(_env_tag, custom_error_type="env_type", custom_error_message="unknown env type"),
+]
+ENV_TYPES = ("gym", "shapes")
 
 
 # --------------------------------------------------------------------------- Ray
@@ -88,7 +75,8 @@ class RayConfig(_Strict):
 
 # --------------------------------------------------------------------------- policy
 FLOW_TYPES = ("rectified_flow", "shortcut", "meanflow")
-POLICY_TYPES = (*FLOW_TYPES, "diffusion", "gaussian")
+POLICY_TYPES = (*FLOW_TYPES, "diffusion", "gaussian")  # the policies of gym envs
+IMAGE_POLICY_TYPES = ("text_image",)  # the policies of env.type: shapes
 
 
 class _PolicyBase(_Strict):
@@ -163,7 +151,8 @@ def _policy_tag(value: Any) -> str:
 PolicyConfig = Annotated[
     Annotated[FlowPolicyConfig, Tag("flow")]
     | Annotated[DiffusionPolicyConfig, Tag("diffusion")]
-    | Annotated[GaussianPolicyConfig, Tag("gaussian")],
+    | Annotated[GaussianPolicyConfig, Tag("gaussian")]
+    | Annotated[TextImagePolicyConfig, Tag("text_image")],
     Discriminator(_policy_tag, custom_error_type="policy_type", custom_error_message="unknown policy type"),
 ]
 
@@ -376,7 +365,12 @@ AlgoConfig = Annotated[PPOConfig | GRPOConfig, Field(discriminator="type")]
 
 
 class EvalConfig(_Strict):
-    episodes: int = Field(64, ge=1, description="episodes per evaluation (deterministic ODE policy)")
+    episodes: int = Field(
+        64,
+        ge=1,
+        description="episodes per evaluation (deterministic ODE policy); env.type shapes: held-out prompts, each "
+        "drawn env.group_size times",
+    )
     every: int = Field(5, ge=1, description="evaluate every this many iterations (and before and after)")
 
 
@@ -406,8 +400,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        problems = []
-        if self.policy.obs_norm == "dataset" and self.pretrain is None and self.policy.pretrained is None:
+        problems = self._image_problems()
+        image = self.policy.type in IMAGE_POLICY_TYPES
+        if not image and self.policy.obs_norm == "dataset" and self.pretrain is None and self.policy.pretrained is None:
             problems.append(
                 "policy.obs_norm: dataset needs demonstrations (pretrain) or policy.pretrained; a policy trained "
                 "from scratch (pretrain: null) uses policy.obs_norm: running or none"
@@ -415,22 +410,22 @@ class ExperimentConfig(_Strict):
         grpo = isinstance(self.algo, GRPOConfig)
         if grpo and self.env.group_size < 2:
             problems.append("algo.type: grpo needs env.group_size >= 2 (envs per group sharing a reset state)")
-        if not grpo and self.env.group_size > 1:
+        if not grpo and isinstance(self.env, GymEnvConfig) and self.env.group_size > 1:
             problems.append("env.group_size only applies to algo.type: grpo; remove it")
         window = self.mdp.window
-        if self.policy.type in FLOW_TYPES:
+        if self.policy.type in FLOW_TYPES or image:
             k = self.policy.denoising_steps
             if isinstance(window, SlidingWindowConfig) and window.size > k:
                 problems.append(
                     f"mdp.window.size={window.size} is larger than policy.denoising_steps={k}; "
                     "a window holds at most K steps"
                 )
-            if self.mdp.solver != "euler" and self.policy.type != "rectified_flow":
+            if self.mdp.solver != "euler" and self.policy.type not in ("rectified_flow", *IMAGE_POLICY_TYPES):
                 problems.append(
                     f"mdp.solver: {self.mdp.solver} needs a plain velocity field (policy.type: rectified_flow); "
                     f"{self.policy.type} policies predict average velocities over their own steps: use euler"
                 )
-        if isinstance(self.algo, PPOConfig):
+        if isinstance(self.algo, PPOConfig) and isinstance(self.env, GymEnvConfig):
             batch = self.env.num_envs * self.algo.steps_per_iteration
             if self.algo.minibatch_size > batch:
                 problems.append(
@@ -441,19 +436,48 @@ class ExperimentConfig(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    def _image_problems(self) -> list[str]:
+        """The image track's rules: shapes <-> text_image, GRPO, converters without a noise net."""
+        shapes, image = self.env.type == "shapes", self.policy.type in IMAGE_POLICY_TYPES
+        if shapes != image:
+            return [
+                "env.type: shapes needs policy.type: text_image"
+                if shapes
+                else f"policy.type: {self.policy.type} needs env.type: shapes"
+            ]
+        if not shapes:
+            return []
+        problems = []
+        if not isinstance(self.algo, GRPOConfig):
+            problems.append(f"env.type: shapes needs algo.type: grpo (got {self.algo.type}): images have no env steps")
+        if isinstance(self.mdp.converter, NoiseNetConverter):
+            problems.append(
+                f"mdp.converter.type: {self.mdp.converter.type} has a noise net on observations; text_image "
+                "policies use flow_sde or cps (set mdp.converter.type)"
+            )
+        patch = 4 * self.policy.patch
+        if self.env.image_size % patch:
+            problems.append(f"env.image_size={self.env.image_size} must be a multiple of 4 * policy.patch = {patch}")
+        return problems
+
     def _dead_paths(self) -> dict[str, str]:
         """Keys of one section that do nothing because of another section."""
         dead: dict[str, str] = {}
         family = self.policy.type
         learned_noise = family in FLOW_TYPES and isinstance(self.mdp.converter, NoiseNetConverter)
-        if family not in FLOW_TYPES:
-            dead["mdp"] = "to flow policies (policy.type rectified_flow, shortcut or meanflow)"
+        if family not in (*FLOW_TYPES, *IMAGE_POLICY_TYPES):
+            dead["mdp"] = "to flow policies (policy.type rectified_flow, shortcut, meanflow or text_image)"
         if not learned_noise:
             dead["algo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
         if not (learned_noise or family == "gaussian"):
             dead["algo.entropy_coef"] = "to a learned std (reinflow / flow_noise converters, gaussian policies)"
         if family not in ("shortcut", "meanflow"):
             dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
+        if family in IMAGE_POLICY_TYPES:
+            dead["pretrain.demos"] = "to gym envs (text_image pretraining draws pairs from the shapes world)"
+        if self.env.type == "shapes":
+            dead["algo.max_steps"] = "to gym envs (an image is one step)"
+            dead["ray.cpus_per_worker"] = "to gym env workers (reward workers reserve no CPU)"
         return dead
 
     def _was_set(self, dotted: str) -> bool:

@@ -23,22 +23,25 @@ from flowrl.config import (
     OneRandomStepWindow,
     PolicyConfig,
     SlidingWindowConfig,
+    TextImagePolicyConfig,
 )
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow, StepWindow
 from flowrl.errors import FlowRLError
 from flowrl.models.diffusion_policy import DiffusionPolicy
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
+from flowrl.models.image_policy import TextImagePolicy
 from flowrl.models.networks import GaussianActor, ReinFlowNoiseNet, ValueMLP, VelocityMLP, copy_obs_stats
 from flowrl.models.policy import Policy
 from flowrl.models.sampler import ChainSampler, Converter, CPSConverter, FlowSDEConverter, ReinFlowConverter
+from flowrl.models.text_image import TextImageVelocity
 
 
 class CheckpointError(FlowRLError, ValueError):
     """A checkpoint that is missing or does not fit the experiment."""
 
 
-Actor = VelocityMLP | GaussianActor
+Actor = VelocityMLP | GaussianActor | TextImageVelocity
 
 
 def arch_keys(cfg: PolicyConfig) -> tuple[str, ...]:
@@ -80,9 +83,10 @@ def build_window(cfg: ExperimentConfig) -> StepWindow:
     )
 
 
-def build_converter(cfg: ExperimentConfig, actor: VelocityMLP) -> Converter:
+def build_converter(cfg: ExperimentConfig, actor: Actor) -> Converter:
     c = cfg.mdp.converter
     if isinstance(c, NoiseNetConverter):
+        assert isinstance(actor, VelocityMLP)
         net = ReinFlowNoiseNet(
             actor.obs_dim,
             cfg.policy.horizon,
@@ -100,9 +104,9 @@ def build_converter(cfg: ExperimentConfig, actor: VelocityMLP) -> Converter:
     return CPSConverter(c.noise_level)
 
 
-def build_sampler(cfg: ExperimentConfig, actor: VelocityMLP) -> ChainSampler:
+def build_sampler(cfg: ExperimentConfig, actor: Actor) -> ChainSampler:
     """The flow sampler of the experiment: grid, converter, window and solver."""
-    assert isinstance(cfg.policy, FlowPolicyConfig)
+    assert isinstance(cfg.policy, FlowPolicyConfig | TextImagePolicyConfig)
     return ChainSampler(
         cfg.policy.denoising_steps,
         converter=build_converter(cfg, actor),
@@ -121,6 +125,13 @@ def build_policy(cfg: ExperimentConfig, actor: Actor) -> Policy:
     if isinstance(p, GaussianPolicyConfig):
         assert isinstance(actor, GaussianActor)
         return GaussianPolicy(actor)
+    if isinstance(p, TextImagePolicyConfig):
+        assert isinstance(actor, TextImageVelocity)
+        evaluation = ChainSampler(
+            p.eval_denoising_steps, solver=cfg.mdp.solver, grid_kind="shifted", grid_shift=p.time_shift
+        )
+        sampler = build_sampler(cfg, actor)
+        return TextImagePolicy(actor, sampler, evaluation, p.cfg_scale, cfg.mdp.sample_unit, cfg.mdp.log_prob_reduce)
     assert isinstance(actor, VelocityMLP)
     if isinstance(p, DiffusionPolicyConfig):
         return DiffusionPolicy(actor, p.train_steps, p.denoising_steps, p.min_std, p.denoised_clip)
@@ -135,7 +146,10 @@ def build_critic(actor: Actor, hidden_dims: tuple[int, ...] = (256, 256)) -> Val
 
 
 def actor_record(actor: Actor, cfg: PolicyConfig) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild the policy network (observation stats included)."""
+    """What a checkpoint stores to rebuild the policy network (observation stats included;
+    an image network's constructor arguments)."""
+    if isinstance(actor, TextImageVelocity):
+        return {"actor": actor.state_dict(), "arch": {"type": cfg.type, **_plain(actor.config)}}
     return {
         "actor": actor.state_dict(),
         "arch": {
@@ -179,6 +193,22 @@ def load_actor(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: in
     whose names or shapes do not fit the network, and non-finite weights.
     """
     path = Path(path).expanduser()
+    record = read_record(path)
+    _check_arch(path, record["arch"], cfg, obs_dim, action_dim)
+    actor = build_actor(cfg, obs_dim, action_dim)
+    state = record["actor"]
+    _check_state(path, state, actor.state_dict())
+    try:
+        actor.load_state_dict(state)
+    except RuntimeError as exc:  # what _check_state does not foresee (e.g. a dtype that cannot be copied)
+        first = (str(exc).strip().splitlines() or [""])[0][:150]
+        raise CheckpointError(f"{path}: its weights do not load into the network ({first}); {_USE}") from None
+    return actor
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The ``{"actor": weights, "arch": ...}`` dict of a flowrl policy checkpoint; CheckpointError
+    (one line) for a missing, unreadable, truncated, corrupt or foreign file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (policy.pretrained or --checkpoint)")
     try:
@@ -207,16 +237,50 @@ def load_actor(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: in
             f"{path} is not a flowrl policy checkpoint (it holds {what}; flowrl's hold 'actor' and 'arch' "
             f"dicts): {_USE}"
         )
-    _check_arch(path, record["arch"], cfg, obs_dim, action_dim)
-    actor = build_actor(cfg, obs_dim, action_dim)
-    state = record["actor"]
-    _check_state(path, state, actor.state_dict())
-    try:
-        actor.load_state_dict(state)
-    except RuntimeError as exc:  # what _check_state does not foresee (e.g. a dtype that cannot be copied)
-        first = (str(exc).strip().splitlines() or [""])[0][:150]
-        raise CheckpointError(f"{path}: its weights do not load into the network ({first}); {_USE}") from None
-    return actor
+    return record
+
+
+def build_image_network(cfg: ExperimentConfig) -> TextImageVelocity:
+    """The text-conditioned velocity field of ``policy.type: text_image`` for ``env.image_size``
+    and the shapes world's tokenizer, with fresh weights."""
+    from envs.shapes import MAX_TOKENS, Tokenizer
+
+    p = cfg.policy
+    assert isinstance(p, TextImagePolicyConfig)
+    return TextImageVelocity(
+        Tokenizer().vocab_size,
+        MAX_TOKENS,
+        image_size=cfg.env.image_size,
+        patch=p.patch,
+        channels=tuple(p.channels),
+        text_dim=p.text_dim,
+        time_dim=p.time_dim,
+    )
+
+
+def load_image_network(path: str | Path, cfg: ExperimentConfig) -> TextImageVelocity:
+    """The network of a text_image checkpoint (pretrained.pt, policy.pt), checked like
+    ``load_actor``: readable, a flowrl checkpoint, the experiment's sizes, fitting finite weights."""
+    path = Path(path).expanduser()
+    record = read_record(path)
+    network = build_image_network(cfg)
+    expected = {"type": cfg.policy.type, **_plain(network.config)}
+    arch = record["arch"]
+    wrong = {k: (arch.get(k), v) for k, v in expected.items() if arch.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: checkpoint {a} vs experiment {b}" for k, (a, b) in wrong.items())
+        keys = {"image_size": "env.image_size", "vocab_size": None, "max_len": None, "image_channels": None}
+        fixes = [f"{keys.get(k, 'policy.' + k)}={_yaml(a)}" for k, (a, _) in wrong.items() if keys.get(k, k)]
+        fix = f"set {' '.join(fixes)}" if fixes and "type" not in wrong else _USE
+        raise CheckpointError(f"{path} does not fit this experiment ({detail}); {fix}")
+    _check_state(path, record["actor"], network.state_dict())
+    network.load_state_dict(record["actor"])
+    return network
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """A network's config with lists for tuples (as a checkpoint and the YAML hold them)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 def check_checkpoint(path: str | Path, cfg: PolicyConfig, obs_dim: int, action_dim: int) -> None:

@@ -47,6 +47,9 @@ class Rollout:
         has episode_done False and its return so far.
     env_steps: primitive env steps of the valid steps. episode_returns / episode_successes:
     one entry per episode that ended during the collection.
+    metrics: what the collector measured besides (the prompt collector's accuracy per
+        category, JPEG size, diversity, reward timing), logged as they are; not joined by
+        ``concat_envs``.
     """
 
     obs: Tensor
@@ -63,6 +66,7 @@ class Rollout:
     episode_return: Tensor | None = None
     episode_success: Tensor | None = None
     episode_done: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def concat_envs(parts: list[Rollout]) -> Rollout:
@@ -282,6 +286,10 @@ class InProcessCollector:
 def make_collector(cfg: ExperimentConfig) -> Collector:
     """The experiment's env workers: Ray actors (ray.enabled, inside a Ray session) or the
     same shards in this process; the worker count is env.num_workers either way."""
+    if cfg.env.type == "shapes":  # prompts, not envs: reward workers instead of env workers
+        from flowrl.rollout.prompts import make_prompt_collector
+
+        return make_prompt_collector(cfg)
     env, horizon = cfg.env, cfg.policy.horizon
     if cfg.ray.enabled:
         from flowrl.rollout.ray_collector import RayCollector  # Ray is imported only when used

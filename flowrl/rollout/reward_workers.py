@@ -24,8 +24,9 @@ log = logging.getLogger("flowrl")
 class RewardWorker:
     """Body of the reward actor: builds its model once from the factory, then scores batches."""
 
-    def __init__(self, factory: RewardFactory) -> None:
-        torch.set_num_threads(1)
+    def __init__(self, factory: RewardFactory, own_process: bool = False) -> None:
+        if own_process:  # a Ray actor: one thread each; in-process, the learner's threads stay as set
+            torch.set_num_threads(1)
         self.model = factory()
 
     def score(self, batch: Any) -> tuple[str | None, Any]:
@@ -87,7 +88,7 @@ class RewardPool:
             if gpu_fraction is None:
                 gpu_fraction = 1.0 / num_workers if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
             self._actor = ray.remote(RewardWorker).options(num_cpus=0, num_gpus=gpu_fraction)
-            self.workers = [self._actor.remote(factory) for _ in range(num_workers)]
+            self.workers = [self._actor.remote(factory, own_process=True) for _ in range(num_workers)]
         else:
             self.workers = [RewardWorker(factory) for _ in range(num_workers)]
 
@@ -155,7 +156,7 @@ class RewardPool:
             import ray
 
             ray.kill(self.workers[index], no_restart=True)
-            self.workers[index] = self._actor.remote(self.factory)
+            self.workers[index] = self._actor.remote(self.factory, own_process=True)
         else:
             self.workers[index] = RewardWorker(self.factory)
 

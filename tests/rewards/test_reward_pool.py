@@ -84,3 +84,15 @@ def test_ray_pool_returns_the_models_reward_output(local_ray):
     batch = _batch()
     _assert_same(pool.score(batch), build_reward(SPEC)(batch))
     pool.close()
+
+
+def test_in_process_pool_keeps_the_learners_thread_count():
+    """Only a reward actor (its own process) runs on one thread; in-process scoring must not
+    drop the learner's process to one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        RewardPool(functools.partial(build_reward, SPEC), num_workers=1, use_ray=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

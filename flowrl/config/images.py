@@ -1,0 +1,96 @@
+"""Config sections of the image track: the shapes world (``env.type: shapes``) and the
+text-conditioned image flow (``policy.type: text_image``). The cross-section rules (shapes
+needs text_image and GRPO, Flow-SDE or CPS steps, ...) are in ``ExperimentConfig``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from flowrl.config.base import _Strict
+
+
+class ShapesEnvConfig(_Strict):
+    """The shapes world as a prompt environment: every iteration draws prompts, the policy
+    draws ``group_size`` images of each, a reward model scores them (RewardPool workers)."""
+
+    type: Literal["shapes"] = Field(description="env family: shapes (text-to-image, envs/shapes)")
+    image_size: int = Field(32, ge=8, description="image side in pixels (the network's and the reward's)")
+    prompt_split: Literal["train", "heldout"] = Field(
+        "train", description="captions the training prompts are drawn from (evaluation always uses heldout)"
+    )
+    prompts_per_iteration: int = Field(8, ge=1, description="prompts drawn per iteration (one group each)")
+    group_size: int = Field(4, ge=1, description="images per prompt (a GRPO group)")
+    same_noise: bool = Field(False, description="the images of a group start from the same initial noise")
+    prompts_per_chunk: int = Field(
+        4,
+        ge=1,
+        description="prompts sampled together and sent to the reward workers as one batch; a chunk is scored "
+        "while the next one is sampled",
+    )
+    reward: dict[str, Any] = Field(
+        {"type": "verifier"},
+        description="reward spec for flowrl.rewards.registry.build_reward: verifier, jpeg (mode, quality), "
+        "learned (path) or multi (components with weights)",
+    )
+    reward_workers: int = Field(1, ge=1, description="reward workers (Ray actors; in-process when ray.enabled: false)")
+
+    @property
+    def id(self) -> str:
+        """The env's name in messages (gym envs have a gymnasium id)."""
+        return "shapes"
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_builds(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        from flowrl.config.loading import ConfigError
+        from flowrl.rewards.registry import build_reward  # imports flowrl.config: only once it is loaded
+
+        try:
+            build_reward(spec, "reward")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("reward.").removeprefix("reward: ")) from None
+        return spec
+
+
+class TextImagePolicyConfig(_Strict):
+    """TextImageVelocity (flowrl/models/text_image.py) on pixels in [-1, 1], made into an MDP
+    by ``mdp`` (flow_sde or cps converter, window, solver)."""
+
+    type: Literal["text_image"] = Field(description="text-conditioned image flow (the shapes world)")
+    channels: list[int] = Field(
+        [32, 64, 64], min_length=3, max_length=3, description="U-Net widths at full, half and quarter resolution"
+    )
+    patch: int = Field(2, ge=1, description="patch size of the stem (env.image_size must divide by 4 * patch)")
+    text_dim: int = Field(64, ge=8, description="caption encoder width (a multiple of 4: 4 attention heads)")
+    time_dim: int = Field(64, ge=2, description="sinusoidal time-embedding size (even)")
+    denoising_steps: int = Field(10, ge=1, description="K, sampling steps in training (the MDP's steps)")
+    eval_denoising_steps: int = Field(20, ge=1, description="ODE steps of evaluation (and of the sample grids)")
+    time_shift: float = Field(
+        1.0, gt=0, description="SD3-style time-grid shift; 1 = uniform grid, > 1 = more steps near the noise end"
+    )
+    cfg_scale: float = Field(
+        1.0, ge=0, description="classifier-free guidance in sampling, training and evaluation; 1 = no guidance"
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="pretraining: share of captions replaced by the empty one (learns the CFG field)"
+    )
+    pretrained: str | None = Field(
+        None, description="checkpoint of a pretrained network; null = pretrain from `pretrain` first"
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _groups(cls, channels: list[int]) -> list[int]:
+        bad = [c for c in channels if c < 8 or c % 8]
+        if bad:
+            raise ValueError(f"every width must be a positive multiple of 8 (GroupNorm of 8 groups), got {channels}")
+        return channels
+
+    @field_validator("text_dim")
+    @classmethod
+    def _heads(cls, dim: int) -> int:
+        if dim % 4:
+            raise ValueError(f"text_dim must be a multiple of 4 (4 attention heads), got {dim}")
+        return dim

@@ -1,0 +1,147 @@
+"""Evaluation of a text-to-image policy on the shapes world's held-out prompts.
+
+A fixed list of ``eval.episodes`` held-out prompts (drawn once from the seed), each drawn
+``env.group_size`` times with the deterministic ODE on ``policy.eval_denoising_steps`` steps
+from fixed initial noise, so successive evaluations compare the same prompts and noise
+(common random numbers). Metrics:
+
+    eval/return              mean score of the experiment's reward model
+    eval/accuracy            share of images the verifier finds correct (= eval/success_rate)
+    eval/accuracy_<category> the same per caption category (counting, colors, position, color_attr)
+    eval/jpeg_kb             mean JPEG size (quality 95)
+    eval/diversity           mean pairwise distance between the images of a prompt (RMS pixels)
+
+and a grid of the first ``GRID_PROMPTS`` prompts (one row each, ``group_size`` images) as
+``RUN/samples/iter_XXXX.png`` (its prompts in ``RUN/samples/prompts.txt``) and in TensorBoard
+(``tensorboard/samples``, tag ``eval/samples``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from flowrl.models.image_policy import TextImagePolicy, to_pixels
+from flowrl.rewards import ImageBatch, RewardOutput, check_scores
+from flowrl.rollout.prompts import category_accuracy, correct_of, group_diversity
+from flowrl.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from flowrl.config import ExperimentConfig
+
+EVAL_STREAM = 10**6 + 7
+GRID_PROMPTS = 8
+GRID_SCALE = 4  # pixels per image pixel in the PNG (32 px images are tiny)
+BATCH = 64  # images per evaluation forward pass
+
+
+def image_grid(images: Tensor, columns: int, pad: int = 2) -> Tensor:
+    """``images [N, 3, H, W]`` in [0, 1] -> one grid image ``[3, rows (H + pad) + pad, ...]``
+    with ``columns`` images per row on a white background."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[
+            i
+        ]
+    return grid
+
+
+def save_png(grid: Tensor, path: Path, scale: int = GRID_SCALE) -> None:
+    """A ``[3, H, W]`` image in [0, 1] as a PNG, upscaled ``scale`` times (nearest)."""
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+class ImageEvaluator:
+    """Evaluates a TextImagePolicy (``evaluator(policy, iteration, env_steps)``); see the
+    module doc. ``run_dir`` None: metrics only, no PNG or TensorBoard image."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | None) -> None:
+        from envs.shapes import Tokenizer, sample_captions
+        from flowrl.rewards.registry import build_reward
+        from flowrl.rewards.verifier import ShapesVerifier
+
+        env = cfg.env
+        self.group_size, self.run_dir = env.group_size, run_dir
+        self.prompts = sample_captions(
+            cfg.eval.episodes, np.random.default_rng(derive_seed(cfg.seed, EVAL_STREAM)), "heldout"
+        )
+        self.per_image = [p for p in self.prompts for _ in range(self.group_size)]
+        self.ids = Tokenizer().encode(self.per_image)[0]
+        shape = (len(self.per_image), 3, env.image_size, env.image_size)
+        self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, EVAL_STREAM, 1)))
+        self.reward = build_reward(env.reward)
+        self.verifier = ShapesVerifier()
+        self._writer: Any = None
+
+    @torch.no_grad()
+    def images(self, policy: TextImagePolicy) -> Tensor:
+        """The evaluation images ``[N, 3, H, W]`` in [0, 1] (prompt-major)."""
+        device = next(policy.parameters()).device
+        out = [
+            policy.images_from(self.ids[i : i + BATCH].to(device), self.noise[i : i + BATCH].to(device)).cpu()
+            for i in range(0, len(self.ids), BATCH)
+        ]
+        return to_pixels(torch.cat(out))
+
+    def __call__(self, policy: TextImagePolicy, iteration: int, env_steps: int = 0) -> dict[str, float]:
+        from flowrl.rewards.jpeg import jpeg_kilobytes
+
+        images = self.images(policy)
+        batch = ImageBatch(images, self.per_image)
+        name = getattr(self.reward, "name", "reward model")
+        scored = check_scores(self.reward(batch), len(batch), f"evaluation: reward model {name!r}")
+        details = scored.details if isinstance(scored, RewardOutput) else {}
+        scores = scored.scores if isinstance(scored, RewardOutput) else scored
+        correct = correct_of(details)
+        if correct is None:
+            correct = self.verifier(batch).details["correct"]
+        accuracy = float(correct.mean())
+        metrics = {
+            "eval/return": float(scores.mean()),
+            "eval/success_rate": accuracy,
+            "eval/accuracy": accuracy,
+            **category_accuracy(self.per_image, correct, "eval/"),
+            "eval/jpeg_kb": float(jpeg_kilobytes(images, 95).mean()),
+            "eval/diversity": group_diversity(images, self.group_size),
+        }
+        if self.run_dir is not None:
+            self._save_grid(images, iteration, env_steps)
+        return metrics
+
+    def _save_grid(self, images: Tensor, iteration: int, env_steps: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        assert self.run_dir is not None
+        rows = min(GRID_PROMPTS, len(self.prompts))
+        grid = image_grid(images[: rows * self.group_size], self.group_size)
+        folder = self.run_dir / "samples"
+        save_png(grid, folder / f"iter_{iteration:04d}.png")
+        listing = folder / "prompts.txt"
+        if not listing.exists():
+            listing.write_text("".join(f"row {i + 1}: {p}\n" for i, p in enumerate(self.prompts[:rows])))
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard" / "samples"))
+        self._writer.add_image("eval/samples", grid, env_steps)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+__all__ = ["GRID_PROMPTS", "ImageEvaluator", "image_grid", "save_png"]
