@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         help="locomotion: train the experts and record every dataset of the tasks (cache/), then stop",
     )
     sp.add_argument("--variants", help="locomotion: comma list of variant labels or method names (default all)")
+    sp.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=[0, 1, 2],
+        help="locomotion: comma list of seeds, each variant run once per seed",
+    )
+    sp.add_argument("--eval-episodes", type=int, default=20, help="locomotion: evaluation episodes per evaluation")
     sp.add_argument("--size", choices=["cpu", "paper"], default="cpu", help="locomotion: experiment files")
     sp.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="locomotion: override for every run"
@@ -140,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             tasks_dir=args.tasks_dir,
             data_only=args.data_only,
+            seeds=args.seeds,
+            eval_episodes=args.eval_episodes,
         )
         if args.data_only:
             for task, datasets in results["datasets"].items():
@@ -222,6 +231,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are a comma list of integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0,1,2")
+    return seeds
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flowrl import experiment as ex
 from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
 from flowrl.config import load_config
@@ -125,10 +127,13 @@ def run_locomotion_bench(
     progress: bool = True,
     tasks_dir: str | Path | None = None,
     data_only: bool = False,
+    seeds: list[int] | tuple[int, ...] = (0, 1, 2),
+    eval_episodes: int = 20,
 ) -> dict[str, Any]:
     """Run the benchmark on ``tasks`` (names of task files in ``tasks_dir``, or ``["all"]``);
-    ``variants``: labels or method names (default: all). ``data_only``: make the experts and
-    every dataset of the tasks, and stop."""
+    ``variants``: labels or method names (default: all), each run once per seed (pretraining
+    included) and evaluated over ``eval_episodes`` episodes. ``data_only``: make the experts
+    and every dataset of the tasks, and stop."""
     chosen_tasks = select_tasks(tasks, tasks_dir)  # every file checked before any work
     out, cache = Path(out_dir), Path(cache)
     if data_only:
@@ -141,6 +146,8 @@ def run_locomotion_bench(
     chosen = [v for v in VARIANTS if variants is None or v.label in variants or v.method in variants]
     if not chosen:
         raise FlowRLError(f"no variant matches {variants}; labels: {[v.label for v in VARIANTS]}")
+    if not seeds:
+        raise FlowRLError("flowrl bench locomotion: give at least one seed (--seeds 0,1,2)")
     for task in chosen_tasks:
         if size not in task.spec.sizes:
             raise TaskError(f"task {task.name} has no {size}-sized experiments (sizes: {task.spec.sizes}; {task.file})")
@@ -149,6 +156,8 @@ def run_locomotion_bench(
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count()},
         "size": size,
+        "seeds": list(seeds),
+        "eval_episodes": eval_episodes,
         "overrides": list(overrides or []),
         "tasks": {},
     }
@@ -160,44 +169,85 @@ def run_locomotion_bench(
         if not runnable:
             continue
         dataset, timings = prepare_dataset(task, cache, progress)
-        rows: list[dict[str, Any]] = []
-        pretrained: dict[str, tuple[Path, float]] = {}
-        for variant in runnable:
-            file = task.method_file(variant.method, size)
-            extra = [f"pretrain.demos.path={dataset}", *(overrides or []), *variant.overrides]
-            run_root = out / "runs" / task.name
-            if variant.method not in pretrained:  # behaviour cloning once per method file
-                cfg = load_config(file, [*extra, f"runs_dir={run_root}"])
-                ex.preflight(cfg)  # e.g. a dataset of another env: before a run folder exists
-                run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-pretrain"}))
+        runs: dict[str, list[dict[str, Any]]] = {}
+        pretrained: dict[tuple[str, int], tuple[Path, float]] = {}
+        for seed in seeds:  # every variant once per seed, so a stopped bench has whole seeds
+            for variant in runnable:
+                file = task.method_file(variant.method, size)
+                extra = [
+                    f"pretrain.demos.path={dataset}",
+                    f"eval.episodes={eval_episodes}",
+                    *(overrides or []),
+                    *variant.overrides,
+                    f"seed={seed}",
+                ]
+                run_root = out / "runs" / task.name
+                if (variant.method, seed) not in pretrained:  # behaviour cloning once per method file and seed
+                    cfg = load_config(file, [*extra, f"runs_dir={run_root}"])
+                    ex.preflight(cfg)  # e.g. a dataset of another env: before a run folder exists
+                    run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}-pretrain"}))
+                    t0 = time.perf_counter()
+                    ex.pretrain_only(cfg, run_dir, progress)
+                    pretrained[variant.method, seed] = (run_dir / "pretrained.pt", time.perf_counter() - t0)
+                checkpoint, pretrain_s = pretrained[variant.method, seed]
+                cfg = load_config(file, [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={run_root}"])
+                run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}"}))
                 t0 = time.perf_counter()
-                ex.pretrain_only(cfg, run_dir, progress)
-                pretrained[variant.method] = (run_dir / "pretrained.pt", time.perf_counter() - t0)
-            checkpoint, pretrain_s = pretrained[variant.method]
-            cfg = load_config(file, [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={run_root}"])
-            run_dir = ex.new_run_dir(cfg)
-            t0 = time.perf_counter()
-            result = ex.train(cfg, run_dir, progress=progress)
-            wall = time.perf_counter() - t0
-            records = read_metrics(run_dir)
-            curve = [(r["env_steps"], r["eval/return"]) for r in records if "eval/return" in r]
-            before, after = result["before"]["eval/return"], result["after"]["eval/return"]
-            rows.append(
-                {
-                    "variant": variant.label,
-                    "run": str(run_dir),
-                    "return_before": before,
-                    "return_after": after,
-                    "return_best": max(r for _, r in curve),
-                    "env_steps": records[-1]["env_steps"],
-                    "finetune_s": wall,
-                    "pretrain_s": pretrain_s,
-                    "s_per_100_return": wall / (after - before) * 100 if after > before else None,
-                    "curve": curve,
-                }
-            )
-            _write(results, out, task.name, rows, timings)
+                result = ex.train(cfg, run_dir, progress=progress)
+                wall = time.perf_counter() - t0
+                records = read_metrics(run_dir)
+                curve = [(r["env_steps"], r["eval/return"]) for r in records if "eval/return" in r]
+                runs.setdefault(variant.label, []).append(
+                    {
+                        "seed": seed,
+                        "run": str(run_dir),
+                        "return_before": result["before"]["eval/return"],
+                        "return_after": result["after"]["eval/return"],
+                        "iqm_after": result["after"].get("eval/return_iqm", result["after"]["eval/return"]),
+                        "return_best": max(r for _, r in curve),
+                        "return_worst": min(r for _, r in curve),
+                        "env_steps": records[-1]["env_steps"],
+                        "finetune_s": wall,
+                        "pretrain_s": pretrain_s,
+                        "curve": curve,
+                    }
+                )
+                rows = [summarise(label, runs[label]) for label in (v.label for v in runnable) if label in runs]
+                _write(results, out, task.name, rows, timings)
     return results
+
+
+def iqm(values: list[float] | np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle half, trimming int(n / 4) values from each
+    end (scipy.stats.trim_mean(values, 0.25), as rliable computes it); the mean for n < 4."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    k = len(x) // 4
+    return float(x[k : len(x) - k].mean())
+
+
+def summarise(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's row: mean and std over seeds of the returns before and after, the mean of
+    each run's interquartile mean over its final evaluation episodes, and the wall time per
+    unit of improvement of the means."""
+    before = np.array([r["return_before"] for r in runs])
+    after = np.array([r["return_after"] for r in runs])
+    wall = float(np.mean([r["finetune_s"] for r in runs]))
+    gain = float(after.mean() - before.mean())
+    return {
+        "variant": label,
+        "seeds": [r["seed"] for r in runs],
+        "return_before": float(before.mean()),
+        "return_before_std": float(before.std()),
+        "return_after": float(after.mean()),
+        "return_after_std": float(after.std()),
+        "iqm_after": float(np.mean([r["iqm_after"] for r in runs])),
+        "ratio": float(np.mean(after / np.where(before > 0, before, np.nan))),
+        "return_worst": float(min(r["return_worst"] for r in runs)),
+        "env_steps": float(np.mean([r["env_steps"] for r in runs])),
+        "finetune_s": wall,
+        "s_per_100_return": wall / gain * 100 if gain > 0 else None,
+        "runs": runs,
+    }
 
 
 def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, Any]], timings) -> None:
@@ -255,11 +305,16 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for row in results["tasks"][task]["rows"]:
-            steps, returns = zip(*row["curve"], strict=True)
-            ax.plot(steps, returns, marker=".", label=row["variant"])
+            curves = [r["curve"] for r in row["runs"]]
+            n = min(len(c) for c in curves)  # a run still going: its evaluations so far
+            steps = np.mean([[s for s, _ in c[:n]] for c in curves], axis=0)
+            returns = np.array([[ret for _, ret in c[:n]] for c in curves])
+            (line,) = ax.plot(steps, returns.mean(0), marker=".", label=f"{row['variant']} ({len(curves)} seeds)")
+            if len(curves) > 1:  # the spread over seeds
+                ax.fill_between(steps, returns.min(0), returns.max(0), color=line.get_color(), alpha=0.15)
         ax.set_title(task)
         ax.set_xlabel("env steps")
-        ax.set_ylabel("eval return (deterministic policy)")
+        ax.set_ylabel("eval return (deterministic policy): mean, min-max over seeds")
         ax.legend(fontsize=7)
     fig.suptitle(f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
     fig.tight_layout()
@@ -273,32 +328,35 @@ def _tensorboard(rows: list[dict[str, Any]], folder: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     for row in rows:
-        run_folder = folder / row["variant"].replace(" ", "_").replace("=", "")
-        shutil.rmtree(run_folder, ignore_errors=True)  # rewritten after every run: one event file each
-        writer = SummaryWriter(str(run_folder))
-        for step, ret in row["curve"]:
-            writer.add_scalar("eval/return", ret, step)
-        writer.close()
+        for run in row["runs"]:
+            name = f"{row['variant']}_seed{run['seed']}".replace(" ", "_").replace("=", "")
+            run_folder = folder / name
+            shutil.rmtree(run_folder, ignore_errors=True)  # rewritten after every run: one event file each
+            writer = SummaryWriter(str(run_folder))
+            for step, ret in run["curve"]:
+                writer.add_scalar("eval/return", ret, step)
+            writer.close()
 
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table (what the README quotes)."""
     lines = []
     for task, res in results["tasks"].items():
-        lines.append(f"**{task}** ({results['size']}-sized, {results['machine']['cpus']} CPUs)\n")
         lines.append(
-            "| variant | return before | after | after / before | best / worst eval | env steps | fine-tune wall "
+            f"**{task}** ({results['size']}-sized, {results['machine']['cpus']} CPUs; mean ± std over seeds "
+            f"{results.get('seeds', [0])}, {results.get('eval_episodes', '?')} evaluation episodes)\n"
+        )
+        lines.append(
+            "| variant | return before | after | after IQM | after / before | worst eval | env steps | fine-tune wall "
             "| s per +100 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             per = f"{r['s_per_100_return']:.0f}" if r["s_per_100_return"] else "no gain"
-            gain = r["return_after"] / r["return_before"] if r["return_before"] > 0 else float("nan")
-            worst = min(ret for _, ret in r["curve"])  # below "before": fine-tuning lost ground on the way
             lines.append(
-                f"| {r['variant']} | {r['return_before']:.0f} | {r['return_after']:.0f} | {gain:.2f} | "
-                f"{r['return_best']:.0f} / {worst:.0f} | {r['env_steps'] / 1000:.0f}k | {r['finetune_s'] / 60:.1f} min "
-                f"| {per} |"
+                f"| {r['variant']} | {r['return_before']:.0f} ± {r['return_before_std']:.0f} | "
+                f"{r['return_after']:.0f} ± {r['return_after_std']:.0f} | {r['iqm_after']:.0f} | {r['ratio']:.2f} | "
+                f"{r['return_worst']:.0f} | {r['env_steps'] / 1000:.0f}k | {r['finetune_s'] / 60:.1f} min | {per} |"
             )
         if "reinflow_vs_dppo_wall_per_improvement" in res:
             ratios = ", ".join(f"{v} {x:.2f}x" for v, x in res["reinflow_vs_dppo_wall_per_improvement"].items())

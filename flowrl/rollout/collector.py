@@ -343,8 +343,11 @@ def evaluate_policy(
                 success[i] = bool(info.get("success", False))
     for env in env_list:
         env.close()
+    middle = np.sort(returns)[episodes // 4 : episodes - episodes // 4]  # the interquartile mean's half
     return {
         "eval/return": float(returns.mean()),
+        "eval/return_std": float(returns.std()),
+        "eval/return_iqm": float(middle.mean()),
         "eval/success_rate": float(success.mean()),
         "eval/episode_length": float(lengths.mean()),
     }

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import yaml
+from scipy.stats import trim_mean
 
+from flowrl.bench.locomotion import iqm, summarise
 from flowrl.cli import main
 from flowrl.config import build_config
 from flowrl.models.build import build_actor, build_policy
@@ -42,38 +46,72 @@ def test_locomotion_bench_runs_variants_side_by_side(tmp_path, monkeypatch):
         "reinflow,Gaussian PPO",
         "--out",
         str(tmp_path / "out"),
+        "--seeds",
+        "0,1",
+        "--eval-episodes",
+        "3",
         "--no-progress",
     ]
     assert main([*args, *[a for o in TINY for a in ("--set", o)]]) == 0
     results = json.loads((tmp_path / "out" / "locomotion.json").read_text())
+    assert results["seeds"] == [0, 1]
     rows = results["tasks"]["hopper"]["rows"]
     expected = ["ReinFlow rectified flow K=4", "ReinFlow rectified flow K=1", "Gaussian PPO"]
     assert [r["variant"] for r in rows] == expected
     for row in rows:
-        assert row["env_steps"] > 0 and row["finetune_s"] > 0
-        assert [round(r, 6) for _, r in row["curve"]][0] == round(row["return_before"], 6)
-        assert len(row["curve"]) == 3  # before + every iteration
-    # K = 4 and K = 1 fine-tune the same pretrained network; every variant has its own run
-    pretrained = [yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["policy"]["pretrained"] for r in rows]
-    assert pretrained[0] == pretrained[1] != pretrained[2]
-    assert len({r["run"] for r in rows}) == 3
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        after = np.array([r["return_after"] for r in row["runs"]])
+        assert row["return_after"] == pytest.approx(after.mean()) and row["return_after_std"] == pytest.approx(
+            after.std()
+        )
+        for run in row["runs"]:
+            config = yaml.safe_load((Path(run["run"]) / "config.yaml").read_text())
+            assert config["seed"] == run["seed"]
+            assert config["eval"]["episodes"] == 1  # --set wins over --eval-episodes
+            assert run["env_steps"] > 0 and run["finetune_s"] > 0
+            assert [round(r, 6) for _, r in run["curve"]][0] == round(run["return_before"], 6)
+            assert len(run["curve"]) == 3  # before + every iteration
+    # per seed, K = 4 and K = 1 fine-tune the same pretrained network; every variant and seed has its own run
+    for seed in (0, 1):
+        pretrained = [
+            yaml.safe_load((Path(r["runs"][seed]["run"]) / "config.yaml").read_text())["policy"]["pretrained"]
+            for r in rows
+        ]
+        assert pretrained[0] == pretrained[1] != pretrained[2]
+    assert len({run["run"] for r in rows for run in r["runs"]}) == 6
     assert (tmp_path / "out" / "locomotion.png").stat().st_size > 0
     assert any((tmp_path / "out" / "tensorboard" / "hopper").rglob("events.out.tfevents.*"))
 
 
+def test_iqm_is_scipys_trimmed_mean():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 4, 7, 20, 21):
+        x = rng.normal(size=n)
+        assert iqm(x) == pytest.approx(float(trim_mean(x, 0.25)))
+
+
+def test_bad_seed_list_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "locomotion", "--tasks", "hopper", "--seeds", "a,b"])
+    assert "comma list of integers" in capsys.readouterr().err
+
+
 def _row(label: str, before: float, after: float) -> dict:
-    return {
-        "variant": label,
+    """A variant's row of one seed's run: 1 s of fine-tuning, so s per +100 return = 100 / gain."""
+    run = {
+        "seed": 0,
         "run": "r",
         "return_before": before,
         "return_after": after,
+        "iqm_after": after,
         "return_best": after,
+        "return_worst": before,
         "env_steps": 10,
         "finetune_s": 1.0,
         "pretrain_s": 1.0,
-        "s_per_100_return": 100.0 / (after - before),
         "curve": [(0, before), (10, after)],
     }
+    return summarise(label, [run])
 
 
 def test_tasks_run_as_separate_commands_share_one_results_file(tmp_path):

@@ -281,7 +281,7 @@ def test_evaluate_policy_range_and_determinism() -> None:
     a = evaluate_policy(policy, ENV_ID, horizon, episodes=6, seed=0)
     b = evaluate_policy(policy, ENV_ID, horizon, episodes=6, seed=0)
     assert a == b
-    assert set(a) == {"eval/return", "eval/success_rate", "eval/episode_length"}
+    assert set(a) == {"eval/return", "eval/return_std", "eval/return_iqm", "eval/success_rate", "eval/episode_length"}
     assert 0.0 <= a["eval/success_rate"] <= 1.0
     assert 1.0 <= a["eval/episode_length"] <= MAX_STEPS
     # known outcomes: a policy driving to the rewarded goal always succeeds, one driving to the other never
