@@ -5,6 +5,10 @@
 | flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
 | flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that fails at a chosen step (worker-recovery tests) |
 | Hopper-v5, Walker2d-v5, HalfCheetah-v5, Ant-v5, Humanoid-v5 | gymnasium | locomotion (LOCOMOTION) |
+| flowrl/{PickCube,PushCube,StackCube,PegInsertionSide}-v1 | envs/maniskill.py | ManiSkill3, CPU (MANISKILL) |
+
+The ManiSkill tasks are registered here by name only: ManiSkill and SAPIEN are imported when
+one of them is made (``envs/maniskill.py``), so ``import envs`` stays fast.
 
 The locomotion tasks (one file each in experiments/locomotion/tasks/, flowrl.bench.tasks) get
 their demonstrations from `flowrl collect` of a policy trained by flowrl.
@@ -40,6 +44,20 @@ if "flowrl/TwoGoal-v0" not in gym.registry:
 if "flowrl/FaultInjection-v0" not in gym.registry:
     gym.register("flowrl/FaultInjection-v0", entry_point="envs.faults:FaultInjectionEnv", max_episode_steps=30)
 
+# ManiSkill3 tasks (envs/maniskill.py, imported only when one is made): flowrl id -> (ManiSkill id,
+# episode limit). The limits fit the motion-planning demonstrations (PickCube 49-88 steps,
+# PushCube 62-78, StackCube 94-121), longer than ManiSkill's default of 50.
+_MANISKILL_TASKS = {
+    "flowrl/PickCube-v1": ("PickCube-v1", 100),
+    "flowrl/PushCube-v1": ("PushCube-v1", 100),
+    "flowrl/StackCube-v1": ("StackCube-v1", 150),
+    "flowrl/PegInsertionSide-v1": ("PegInsertionSide-v1", 200),
+}
+for _id, (_task, _limit) in _MANISKILL_TASKS.items():
+    if _id not in gym.registry:
+        gym.register(_id, entry_point="envs.maniskill:ManiSkillEnv", kwargs={"task": _task}, max_episode_steps=_limit)
+MANISKILL = tuple(_MANISKILL_TASKS)
+
 LOCOMOTION = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Humanoid-v5")
 
 # Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
@@ -50,7 +68,7 @@ DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
 
 
 # Envs whose step info carries "success" (bool): the console prints their success rate.
-REPORTS_SUCCESS: set[str] = {"flowrl/TwoGoal-v0", "flowrl/FaultInjection-v0"}
+REPORTS_SUCCESS: set[str] = {"flowrl/TwoGoal-v0", "flowrl/FaultInjection-v0", *MANISKILL}
 
 
 class MujocoWarning(UserWarning):
@@ -94,4 +112,4 @@ def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) ->
     return ActionChunk(env, horizon)
 
 
-__all__ = ["DEMONSTRATORS", "LOCOMOTION", "REPORTS_SUCCESS", "ActionChunk", "MujocoWarning", "make_env"]
+__all__ = ["DEMONSTRATORS", "LOCOMOTION", "MANISKILL", "REPORTS_SUCCESS", "ActionChunk", "MujocoWarning", "make_env"]
