@@ -14,7 +14,10 @@ The locomotion tasks (one file each in experiments/locomotion/tasks/, flowrl.ben
 their demonstrations from `flowrl collect` of a policy trained by flowrl.
 
 ``make_env`` wraps any of them in action chunking; observation normalisation lives in the
-policy's networks (their ObsNormalizer buffers travel with every checkpoint).
+policy's networks (their ObsNormalizer buffers travel with every checkpoint). With ``on_frame``
+it also renders every primitive step (evaluation videos, flowrl.rollout.video): ManiSkill's envs
+and gymnasium's MuJoCo envs render; MuJoCo draws through OpenGL, and on a machine without a
+display flowrl sets ``MUJOCO_GL=egl`` when it is unset (MuJoCo's default, glfw, needs a window).
 
 ``REPORTS_SUCCESS``: the envs whose step info carries ``"success"`` (flowrl prints a success
 rate only for those; add the id of your own env when it reports one).
@@ -27,6 +30,7 @@ gymnasium's HalfCheetah model uses, and said so once per env created (~150 lines
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -37,7 +41,8 @@ import gymnasium as gym
 import numpy as np
 
 from envs import toy
-from envs.wrappers import ActionChunk
+from envs.wrappers import ActionChunk, FrameSink, RenderFrames
+from flowrl.errors import FlowRLError
 
 if "flowrl/TwoGoal-v0" not in gym.registry:
     gym.register("flowrl/TwoGoal-v0", entry_point="envs.toy:TwoGoalEnv", max_episode_steps=30)
@@ -103,12 +108,60 @@ def _route_mujoco_warnings() -> None:
 _route_mujoco_warnings()
 
 
-def make_env(env_id: str, horizon: int, kwargs: dict[str, Any] | None = None) -> gym.Env:
-    """An env that takes action chunks of ``horizon`` steps (``kwargs`` go to gym.make)."""
+def _prepare_render(env_id: str) -> str:
+    """Check, before it is made, that ``env_id`` renders rgb_array frames; returns what to do if
+    its first frame fails. Sets MuJoCo's OpenGL back end to EGL on a machine without a display
+    (see the module doc)."""
     try:
-        env = gym.make(env_id, **(kwargs or {}))
+        spec = gym.spec(env_id)
     except gym.error.Error as exc:
         raise ValueError(f"cannot make env {env_id!r} (env.id / env.kwargs): {exc}") from None
+    creator = spec.entry_point
+    if isinstance(creator, str):
+        creator = gym.envs.registration.load_env_creator(creator)
+    modes = list(getattr(creator, "metadata", {}).get("render_modes", []))
+    if "rgb_array" not in modes:
+        raise FlowRLError(
+            f"{env_id} cannot render episodes (its render modes: {modes}); record an env that renders "
+            "(flowrl's ManiSkill tasks, gymnasium's MuJoCo tasks) or give this one render_mode='rgb_array'"
+        )
+    if str(spec.entry_point).startswith("gymnasium.envs.mujoco"):
+        if "MUJOCO_GL" not in os.environ and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            os.environ["MUJOCO_GL"] = "egl"
+        backend = os.environ.get("MUJOCO_GL")
+        return (
+            f"MuJoCo renders through OpenGL ({f'MUJOCO_GL={backend}' if backend else 'MUJOCO_GL unset'}): set "
+            "MUJOCO_GL=egl (a GPU driver or Mesa's EGL), MUJOCO_GL=osmesa (needs libOSMesa) or, with a display, "
+            "MUJOCO_GL=glfw"
+        )
+    if spec.entry_point == "envs.maniskill:ManiSkillEnv":
+        from envs.maniskill import FIX
+
+        return FIX
+    return "check the env's render() with render_mode='rgb_array'"
+
+
+def make_env(
+    env_id: str,
+    horizon: int,
+    kwargs: dict[str, Any] | None = None,
+    on_frame: FrameSink | None = None,
+) -> gym.Env:
+    """An env that takes action chunks of ``horizon`` steps (``kwargs`` go to gym.make).
+
+    ``on_frame``: made with ``render_mode="rgb_array"``, the env hands it a frame ``[H, W, 3]``
+    uint8 (and its fps) after every reset and primitive step (envs.wrappers.RenderFrames); an env
+    that cannot render is a one-line FlowRLError naming it and the fix."""
+    kwargs = dict(kwargs or {})
+    if on_frame is not None:
+        fix = _prepare_render(env_id)
+        kwargs["render_mode"] = "rgb_array"
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as exc:
+        raise ValueError(f"cannot make env {env_id!r} (env.id / env.kwargs): {exc}") from None
+    if on_frame is not None:
+        env = RenderFrames(env, on_frame, fix)
     return ActionChunk(env, horizon)
 
 

@@ -6,9 +6,15 @@ observations) and speaks the ordinary gymnasium API with numpy: observations are
 float32 state vector ``[O]``, actions float32 in [-1, 1] (``pd_ee_delta_pos`` by default: the
 end effector's position delta and the gripper), ``info["success"]`` is the task's success at
 that step and ``info["success_once"]`` whether the episode has succeeded at any step so far.
-ManiSkill ends an episode (``terminated``) on success; the time limit is gymnasium's, set per
+ManiSkill ends an episode (``terminated``) on success; ``terminate_on_success=False`` runs it on
+to the time limit instead (ManiSkill's ``ignore_terminations``: with a dense reward, staying at
+the goal then earns the most, where ending there forfeits the reward of the remaining steps);
+``info["success_once"]`` says whether it succeeded. The time limit is gymnasium's, set per
 task at registration (``envs/__init__.py``) and changed with ``env.kwargs: {max_episode_steps: N}``.
 So flowrl's ``ActionChunk``, ``GymVectorEnv`` and Ray env workers take these envs unchanged.
+``render_mode="rgb_array"``: ``render()`` is a frame ``[H, W, 3]`` uint8 of ManiSkill's human render
+camera (512 x 512, or ``render_size``), for evaluation videos (flowrl.rollout.video). On the CPU
+(lavapipe) a process's first frame compiles the shaders (~10 s), later ones take ~0.06-0.13 s.
 
 Why not ManiSkill's own ``gym.make(..., num_envs=N)``: its CPU backend simulates one env per
 ManiSkill env (``num_envs=2`` raises). Several instances can share a process (a vector of them,
@@ -89,9 +95,15 @@ class ManiSkillEnv(gym.Env):
     reconfiguration_freq: how often reset rebuilds the scene (ManiSkill's default: None;
     0 = never, which makes PegInsertionSide's reset ~3 ms but keeps the first episode's peg
     and hole sizes, so the same seed no longer gives the same start in every instance).
+    terminate_on_success: end the episode when it succeeds (ManiSkill's rule; a task's failure
+    always ends it); False: only at the time limit.
+    render_mode: None or ``"rgb_array"`` (``render()`` returns a frame ``[H, W, 3]`` uint8);
+    render_size: the frame's side in pixels (None: ManiSkill's 512). Rendering changes nothing
+    in the simulation: ManiSkill builds its render camera whatever the render mode.
     """
 
-    metadata = {"render_modes": []}
+    # render_fps: ManiSkill's default control frequency; each instance sets its task's own.
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(
         self,
@@ -101,10 +113,16 @@ class ManiSkillEnv(gym.Env):
         reconfiguration_freq: int | None = None,
         sim_backend: str = "physx_cpu",
         render_backend: str = "cpu",
+        render_mode: str | None = None,
+        render_size: int | None = None,
+        terminate_on_success: bool = True,
     ) -> None:
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise FlowRLError(f"{task}: render_mode {render_mode!r} is not supported; use None or 'rgb_array'")
         registered = _import_maniskill()
         if task not in registered:
             raise FlowRLError(f"ManiSkill has no task {task!r} (the task of a ManiSkillEnv, e.g. PickCube-v1)")
+        camera = {} if render_size is None else {"width": render_size, "height": render_size}
         try:
             # The ManiSkill class itself, without ManiSkill's TimeLimit: gymnasium's (registration) rules.
             self._env = registered[task].make(
@@ -115,6 +133,8 @@ class ManiSkillEnv(gym.Env):
                 sim_backend=sim_backend,
                 render_backend=render_backend,
                 reconfiguration_freq=reconfiguration_freq,
+                render_mode=render_mode,
+                human_render_camera_configs=camera,
             )
         except AssertionError as exc:  # how ManiSkill rejects an unknown control_mode, reward_mode, ...
             raise FlowRLError(f"{task}: ManiSkill refused the env's kwargs (env.kwargs): {exc}") from None
@@ -126,6 +146,9 @@ class ManiSkillEnv(gym.Env):
             raise
         self.task = task
         self.control_mode = control_mode
+        self.render_mode = render_mode
+        self.terminate_on_success = bool(terminate_on_success)
+        self.metadata = {**self.metadata, "render_fps": self._env.control_freq}  # one frame per step
         obs_shape = self._env.single_observation_space.shape
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(int(np.prod(obs_shape)),), dtype=np.float32)
         inner = self._env.single_action_space
@@ -185,7 +208,16 @@ class ManiSkillEnv(gym.Env):
         success = bool(info.get("success", False))
         self._success_once = self._success_once or success
         info["success"], info["success_once"] = success, self._success_once
-        return self._obs(obs), float(reward.reshape(-1)[0]), bool(terminated.reshape(-1)[0]), False, info
+        ended = bool(terminated.reshape(-1)[0])
+        if not self.terminate_on_success:
+            ended = bool(info.get("fail", False))  # ManiSkill's terminated = success | fail
+        return self._obs(obs), float(reward.reshape(-1)[0]), ended, False, info
+
+    def render(self) -> np.ndarray:
+        """The scene seen by ManiSkill's human render camera now: ``[H, W, 3]`` uint8."""
+        if self.render_mode != "rgb_array":
+            raise FlowRLError(f"{self.task}: render() needs the env made with render_mode='rgb_array'")
+        return self._env.render().cpu().numpy()[0]
 
     def close(self) -> None:
         env = getattr(self, "_env", None)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gymnasium as gym
 import numpy as np
+
+from flowrl.errors import FlowRLError
+
+# Receives a rendered frame [H, W, 3] uint8 and the env's frames per second of real time
+# (metadata["render_fps"], None if the env does not say).
+FrameSink = Callable[[np.ndarray, "float | None"], None]
 
 
 class ActionChunk(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -42,3 +50,45 @@ class ActionChunk(gym.Wrapper, gym.utils.RecordConstructorArgs):
             if terminated or truncated:
                 break
         return obs, total, terminated, truncated, {**info, "chunk_steps": steps}
+
+
+class RenderFrames(gym.Wrapper):
+    """Hands ``on_frame`` (a FrameSink) a rendered frame after every reset and every step.
+
+    Placed below ``ActionChunk``, it sees every primitive step of a chunk: an episode of n steps
+    gives n + 1 frames (the reset's first). The env must be made with ``render_mode="rgb_array"``.
+    A first frame that fails is a one-line FlowRLError naming the env and ``fix``: OpenGL and
+    Vulkan back ends fail in many ways (MuJoCo's FatalError, PyOpenGL's AttributeError, ...), and
+    a traceback into them says nothing about what to install or set.
+    """
+
+    def __init__(self, env: gym.Env, on_frame: FrameSink, fix: str) -> None:
+        super().__init__(env)
+        self.on_frame, self.fix = on_frame, fix
+        self._rendered = False
+
+    def _frame(self) -> None:
+        fps = self.env.metadata.get("render_fps")
+        if self._rendered:
+            self.on_frame(np.asarray(self.env.render()), fps)
+            return
+        name = self.env.spec.id if self.env.spec else type(self.env.unwrapped).__name__
+        try:
+            frame = np.asarray(self.env.render())
+        except Exception as exc:  # noqa: BLE001 - see the class doc
+            cause = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise FlowRLError(f"{name} cannot render a frame ({type(exc).__name__}: {cause}); {self.fix}") from None
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise FlowRLError(f"{name} renders {frame.dtype} frames of shape {frame.shape}, not [H, W, 3] uint8")
+        self._rendered = True
+        self.on_frame(frame, fps)
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        self._frame()
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        self._frame()
+        return out

@@ -1,5 +1,5 @@
 """Command line: ``flowrl pretrain|train|eval EXPERIMENT.yaml [key.sub=value ...]``, ``flowrl collect RUN``,
-``flowrl bench NAME``."""
+``flowrl demos ENV``, ``flowrl bench NAME``."""
 
 from __future__ import annotations
 
@@ -56,15 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="benchmarks; results to a JSON file and a PNG chart", formatter_class=formatter)
     sp.add_argument(
         "bench",
-        choices=["rollout", "locomotion"],
+        choices=["rollout", "locomotion", "images", "maniskill"],
         help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / GRPO / DPPO / Gaussian PPO "
-        "fine-tuning side by side on the locomotion tasks (one file each in the tasks folder)",
+        "fine-tuning side by side on the locomotion tasks (one file each in the tasks folder); images: Flow-GRPO, "
+        "MixGRPO and MixGRPO-Flash fine-tuning one pretrained shapes-world model side by side (held-out accuracy "
+        "before / after per category, JPEG size, diversity, time per iteration, NFE, memory); maniskill: Flow-Noise "
+        "PPO, Flow-SDE PPO and Flow-SDE GRPO fine-tuning one pretrained policy per ManiSkill task side by side "
+        "(held-out success before / after, env steps, wall time, training-step time, collection vs raw stepping)",
+    )
+    sp.add_argument(
+        "overrides",
+        nargs="*",
+        help="locomotion, images, maniskill: config overrides key.sub=value for every run (like --set), e.g. "
+        "algo.actor_lr=3e-4",
     )
     names = ", ".join(task_names()) or "none found"
     sp.add_argument(
         "--tasks",
         help="comma list; rollout: toy, mujoco (HalfCheetah-v5) or env ids (default toy,mujoco); "
-        f"locomotion (required): task names or all; tasks in {tasks_dir()}: {names}",
+        f"locomotion (required): task names or all; tasks in {tasks_dir()}: {names}; maniskill: pickcube, pushcube "
+        "(default: every task with files in experiments/maniskill)",
     )
     sp.add_argument(
         "--tasks-dir",
@@ -80,19 +91,44 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--seeds",
         type=_seed_list,
-        default=[0, 1, 2],
-        help="locomotion: comma list of seeds, each variant run once per seed",
+        help="locomotion, images, maniskill: comma list of seeds, each variant or method run once per seed "
+        "(default: locomotion 0,1,2; images, maniskill 0)",
     )
     sp.add_argument("--eval-episodes", type=int, default=20, help="locomotion: evaluation episodes per evaluation")
-    sp.add_argument("--size", choices=["cpu", "paper"], default="cpu", help="locomotion: experiment files")
     sp.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="locomotion: override for every run"
+        "--size",
+        choices=["cpu", "paper"],
+        default="cpu",
+        help="locomotion, images, maniskill: experiment files (paper: the paper/ folders, sized for a GPU machine)",
+    )
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="locomotion, images, maniskill: override for every run",
+    )
+    sp.add_argument(
+        "--methods",
+        help="images: comma list of flow_grpo, mixgrpo, flash (default all; times relative to flow_grpo); maniskill: "
+        "flow_noise_ppo, flow_sde_ppo, flow_sde_grpo (default all; training-step times relative to flow_noise_ppo)",
+    )
+    sp.add_argument("--iterations", type=int, help="images, maniskill: iterations of every run (default: each file's)")
+    sp.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="images: the pretrained model to fine-tune (default: cache/shapes/pretrain/pretrained.pt, paper size "
+        "cache/shapes/paper-pretrain/pretrained.pt); when missing, shapes_pretrain.yaml pretrains it into its folder",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.add_argument("--num-envs", type=int, default=16, help="rollout: envs in total (equal for every variant)")
     sp.add_argument("--steps", type=int, default=50, help="rollout: policy steps per timed collection")
     sp.add_argument("--max-workers", type=int, help="rollout: largest Ray worker count (default: the CPU count)")
-    sp.add_argument("--out", default="benchmarks/results", help="folder for the results (JSON, PNG)")
+    sp.add_argument(
+        "--out",
+        help="folder for the results (JSON, PNG; default benchmarks/results, images: benchmarks/results/images, "
+        "maniskill: benchmarks/results/maniskill)",
+    )
 
     sp = sub.add_parser(
         "collect", help="record a demonstration dataset with a trained run's policy", formatter_class=formatter
@@ -113,6 +149,18 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sp = sub.add_parser(
+        "demos",
+        help="record demonstrations of a ManiSkill task with ManiSkill's motion planner (no downloads)",
+        formatter_class=formatter,
+    )
+    sp.add_argument("env", help="flowrl's ManiSkill env id, e.g. flowrl/PickCube-v1")
+    sp.add_argument("--out", required=True, help="dataset file to write (.npz), e.g. cache/datasets/pickcube-20.npz")
+    sp.add_argument("--episodes", type=int, default=20, help="successful planned episodes to record")
+    sp.add_argument("--control-mode", default="pd_ee_delta_pos", help="controller the actions are converted to")
+    sp.add_argument("--seed", type=int, default=0, help="first reset seed (the planner goes on from there)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser(
         "eval",
         help="evaluate a run (RUN_DIR: its config.yaml and policy.pt) or an experiment's checkpoint with the "
         "deterministic policy",
@@ -124,6 +172,18 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="policy checkpoint (default: RUN_DIR/policy.pt, else RUN_DIR/pretrained.pt; for a YAML file, "
         "policy.pretrained)",
+    )
+    sp.add_argument(
+        "--video",
+        metavar="EPISODES",
+        help="also film evaluation episodes: N = the first N, or indices 0,3,5 (one: 5,); per episode i an MP4 "
+        "(every env step), episode_i_last.png and episode_i_strip.png (first | last frame), their paths in the "
+        "output; with a run folder the strips also go to TensorBoard (RUN_DIR/tensorboard/videos)",
+    )
+    sp.add_argument(
+        "--video-dir",
+        help="folder of the videos (default: RUN_DIR/videos/CHECKPOINT_NAME, e.g. RUN_DIR/videos/policy; for a "
+        "YAML file, videos/CHECKPOINT_NAME next to the checkpoint)",
     )
     return p
 
@@ -138,16 +198,17 @@ def _run(args: argparse.Namespace) -> int:
 
         if not args.tasks:
             raise FlowRLError("flowrl bench locomotion: give --tasks, a comma list of task names or all (see --help)")
+        out = args.out or "benchmarks/results"
         results = locomotion.run_locomotion_bench(
-            args.out,
+            out,
             _split(args.tasks),
             _split(args.variants) if args.variants else None,
             args.size,
-            args.set,
+            [*args.set, *args.overrides],
             progress=not args.no_progress,
             tasks_dir=args.tasks_dir,
             data_only=args.data_only,
-            seeds=args.seeds,
+            seeds=args.seeds or [0, 1, 2],
             eval_episodes=args.eval_episodes,
         )
         if args.data_only:
@@ -155,20 +216,57 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{task}: " + ", ".join(f"{name} {d['path']}" for name, d in datasets.items()))
             return 0
         print(locomotion.format_table(results))
-        print(f"written: {Path(args.out) / 'locomotion.json'}, {Path(args.out) / 'locomotion.png'}")
+        print(f"written: {Path(out) / 'locomotion.json'}, {Path(out) / 'locomotion.png'}")
+        return 0
+    if args.command == "bench" and args.bench == "images":
+        from flowrl.bench import images
+
+        out = Path(args.out or "benchmarks/results/images")
+        results = images.run_images_bench(
+            out,
+            _split(args.methods) if args.methods else None,
+            args.iterations,
+            args.seeds or [0],
+            [*args.set, *args.overrides],
+            args.pretrained,
+            args.size,
+            progress=not args.no_progress,
+        )
+        print(images.format_table(results))
+        print(f"written: {out / 'images.json'}, {out / 'images.png'}, {out / results['grid']['file']}")
+        return 0
+    if args.command == "bench" and args.bench == "maniskill":
+        from flowrl.bench import maniskill
+
+        out = Path(args.out or "benchmarks/results/maniskill")
+        results = maniskill.run_maniskill_bench(
+            out,
+            _split(args.tasks) if args.tasks else None,
+            _split(args.methods) if args.methods else None,
+            args.seeds or [0],
+            args.iterations,
+            [*args.set, *args.overrides],
+            args.size,
+            progress=not args.no_progress,
+        )
+        print(maniskill.format_table(results))
+        print(f"written: {out / 'maniskill.json'}, {out / 'maniskill.png'}, {out / 'tensorboard'}")
         return 0
     if args.command == "bench":
         from flowrl.bench.rollout import format_table, run_rollout_bench
 
+        if args.overrides or args.set:
+            raise FlowRLError("flowrl bench rollout takes no config overrides (it builds its own policy)")
+        out = args.out or "benchmarks/results"
         results = run_rollout_bench(
-            args.out,
+            out,
             _split(args.tasks or "toy,mujoco"),
             num_envs=args.num_envs,
             steps=args.steps,
             max_workers=args.max_workers,
         )
         print(format_table(results))
-        print(f"written: {Path(args.out) / 'rollout.json'}, {Path(args.out) / 'rollout.png'}")
+        print(f"written: {Path(out) / 'rollout.json'}, {Path(out) / 'rollout.png'}")
         return 0
     if args.command == "collect":
         ex.collect(
@@ -180,6 +278,17 @@ def _run(args: argparse.Namespace) -> int:
             args.checkpoint,
             not args.no_progress,
             args.actions,
+        )
+        return 0
+    if args.command == "demos":
+        from envs.maniskill_demos import motion_planning_demos
+
+        done = motion_planning_demos(
+            args.env, args.episodes, args.out, args.control_mode, args.seed, not args.no_progress
+        )
+        print(
+            f"wrote {done['path']}: {done['episodes']} episodes of {args.env} ({args.control_mode}), {done['steps']} "
+            f"steps, {done['length_mean']:.1f} per episode, seeds {done['seeds'][0]}-{done['seeds'][-1]}"
         )
         return 0
     overrides = list(args.overrides)
@@ -203,6 +312,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.experiment is None:
         raise FlowRLError(f"flowrl {args.command}: give an experiment file, e.g. experiments/quickstart.yaml")
     if args.command == "eval":
+        from flowrl.rollout.video import parse_episodes
+
+        episodes = None if args.video is None else parse_episodes(args.video)
+        if args.video_dir and episodes is None:
+            raise FlowRLError("flowrl eval: --video-dir is where --video puts its videos; give --video too")
         run = Path(args.experiment)
         if run.is_dir():
             cfg = ex.load_run_config(run, overrides)
@@ -215,8 +329,18 @@ def _run(args: argparse.Namespace) -> int:
             checkpoint = args.checkpoint or cfg.policy.pretrained
             if checkpoint is None:
                 raise FlowRLError("flowrl eval: give a run folder, or --checkpoint PATH (or set policy.pretrained)")
-        metrics = ex.evaluate_checkpoint(cfg, checkpoint)
-        print(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
+        if episodes is None:
+            metrics = ex.evaluate_checkpoint(cfg, checkpoint)
+            print(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
+            return 0
+        if args.video_dir:
+            out = Path(args.video_dir)
+        else:
+            out = (run if run.is_dir() else Path(checkpoint).parent) / "videos" / Path(checkpoint).stem
+        board = run / "tensorboard" / "videos" if run.is_dir() else None
+        recording = ex.record_checkpoint(cfg, checkpoint, episodes, out, board)
+        videos = [str(path) for path in recording.videos]
+        print(json.dumps({"checkpoint": str(checkpoint), **recording.metrics, "videos": videos}, indent=2))
         return 0
     cfg = load_config(args.experiment, overrides)
     ex.preflight(cfg)

@@ -34,6 +34,7 @@ from flowrl.models.build import (
 from flowrl.models.policy import Policy
 from flowrl.rollout.collector import evaluate_policy, make_collector
 from flowrl.rollout.demos import Actions
+from flowrl.rollout.video import Recording, record_episodes
 from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
 from flowrl.runtime import graceful_stop, resolve_device, seed_everything
 
@@ -335,6 +336,37 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, run_dir: 
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     policy = build_policy(cfg, load_actor(checkpoint, cfg.policy, obs_dim, action_dim))
     return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs)
+
+
+def record_checkpoint(
+    cfg: ExperimentConfig,
+    checkpoint: str | Path,
+    episodes: int | list[int],
+    out_dir: Path,
+    tensorboard_dir: Path | None = None,
+) -> Recording:
+    """``flowrl eval --video``: ``evaluate_checkpoint``'s evaluation, with ``episodes`` of it (a
+    count: the first ones; or indices) filmed into ``out_dir`` (flowrl.rollout.video); in
+    TensorBoard under the tag ``eval/video/CHECKPOINT_NAME``."""
+    if cfg.env.type == "shapes":
+        raise FlowRLError(
+            "flowrl eval --video: the shapes track has no episodes to film; its evaluation writes sample grids "
+            "(RUN/samples) instead"
+        )
+    obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
+    policy = build_policy(cfg, load_actor(checkpoint, cfg.policy, obs_dim, action_dim))
+    return record_episodes(
+        policy,
+        cfg.env.id,
+        cfg.policy.horizon,
+        episodes,
+        cfg.seed,
+        cfg.env.kwargs,
+        out_dir,
+        eval_episodes=cfg.eval.episodes,
+        tensorboard_dir=tensorboard_dir,
+        tag=f"eval/video/{Path(checkpoint).stem}",
+    )
 
 
 def collect(

@@ -4,7 +4,9 @@ algorithm, evaluates and checkpoints). The full locomotion runs are `flowrl benc
 
 The locomotion files are found through the task files (flowrl.bench.tasks: the folder
 experiments/locomotion/tasks, or $FLOWRL_LOCOMOTION_TASKS), so a task added as data is
-smoke-tested too, each file on its own env (its env.id and env.kwargs)."""
+smoke-tested too, each file on its own env (its env.id and env.kwargs). The ManiSkill files
+(experiments/maniskill, and paper/) are checked for what `flowrl bench maniskill` needs; their
+tiny runs are marked slow (ManiSkill's envs take seconds to build)."""
 
 from __future__ import annotations
 
@@ -152,6 +154,7 @@ def test_locomotion_experiment_runs_with_a_tiny_budget(task, path, dataset_for, 
 
 
 IMAGES = sorted((EXPERIMENTS / "images").glob("*.yaml"))
+PAPER_IMAGES = sorted((EXPERIMENTS / "images" / "paper").glob("*.yaml"))  # `flowrl bench images --size paper`
 # The image track's files on a tiny network: 16 px, K = 4, 2 prompts x 2 images, a JPEG
 # reward (continuous, so every group has a spread and the GRPO update runs).
 IMAGE_TINY = [
@@ -184,7 +187,23 @@ def test_the_image_track_ships_pretraining_and_every_window_mode():
     assert flash.window.type == "sliding" and flash.solver == "dpm_solver_2m" and flash.steps_after_window
 
 
-@pytest.mark.parametrize("path", IMAGES, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())
+def test_every_image_file_has_a_paper_sized_twin_of_the_same_method():
+    cpu = {p.name: load_config(p) for p in IMAGES}
+    paper = {p.name: load_config(p) for p in PAPER_IMAGES}
+    assert sorted(paper) == sorted(cpu)
+
+    def method(cfg) -> tuple:
+        m = cfg.mdp
+        return m.window.type, m.solver, m.converter.type, m.sample_unit, m.steps_after_window is None, cfg.algo.type
+
+    for name, big in paper.items():
+        small = cpu[name]
+        assert method(big) == method(small), name
+        assert big.env.image_size == 64 and sum(big.policy.channels) > sum(small.policy.channels), name
+        assert big.pretrain.steps > small.pretrain.steps, name
+
+
+@pytest.mark.parametrize("path", IMAGES + PAPER_IMAGES, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())
 def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
     from flowrl.models.build import load_image_network
 
@@ -203,3 +222,48 @@ def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
     assert {"eval/accuracy", "eval/jpeg_kb", "eval/diversity", "charts/accuracy", "time/reward_wait_s"} <= set(update)
     assert (run / "samples" / "iter_0001.png").is_file() and (run / "policy.pt").is_file()
     load_image_network(run / "policy.pt", cfg)
+
+
+MANISKILL = sorted((EXPERIMENTS / "maniskill").glob("*.yaml"))
+PAPER_MANISKILL = sorted((EXPERIMENTS / "maniskill" / "paper").glob("*.yaml"))  # `flowrl bench maniskill --size paper`
+
+
+def _method_of(cfg) -> tuple:
+    return cfg.policy.type, cfg.policy.denoising_steps, cfg.mdp.converter.type, cfg.mdp.window.type, cfg.algo.type
+
+
+def test_every_maniskill_task_ships_every_method_in_both_sizes():
+    """`flowrl bench maniskill` runs TASK_METHOD.yaml for each of its methods and pretrains once
+    per task, so a task's files agree on what the pretraining depends on; the paper/ twin of a
+    file is the same method with more envs and iterations."""
+    from flowrl.bench.maniskill import METHODS as MANISKILL_METHODS
+    from flowrl.bench.maniskill import task_names
+
+    tasks = task_names(EXPERIMENTS / "maniskill")
+    assert {"pickcube", "pushcube"} <= set(tasks)
+    assert [p.name for p in MANISKILL] == sorted(f"{t}_{m.key}.yaml" for t in tasks for m in MANISKILL_METHODS)
+    assert [p.name for p in PAPER_MANISKILL] == [p.name for p in MANISKILL]
+    for files in (MANISKILL, PAPER_MANISKILL):
+        for task in tasks:
+            configs = [load_config(p) for p in files if p.name.startswith(f"{task}_")]
+            shared = [(c.policy, c.pretrain, c.env.id, c.env.kwargs) for c in configs]
+            assert all(s == shared[0] for s in shared), f"{task}: the method files differ in policy, pretrain or env"
+    for small_path, big_path in zip(MANISKILL, PAPER_MANISKILL, strict=True):
+        small, big = load_config(small_path), load_config(big_path)
+        assert _method_of(big) == _method_of(small), big_path.name
+        assert big.env.id == small.env.id and big.env.kwargs == small.env.kwargs, big_path.name
+        assert big.env.num_envs >= 256 > small.env.num_envs and big.algo.iterations > small.algo.iterations
+
+
+@pytest.mark.slow  # ~10-20 s per file: a ManiSkill env takes ~1-10 s to build on a loaded machine
+@pytest.mark.parametrize("path", MANISKILL + PAPER_MANISKILL, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())
+def test_maniskill_experiment_runs_with_a_tiny_budget(path, dataset_for, tmp_path):
+    """Pretrained on a few random episodes of the task (the motion-planner demonstrations are
+    `flowrl bench maniskill`'s, tests/bench/test_maniskill_bench.py)."""
+    from envs.maniskill import ManiSkillUnavailable
+
+    try:
+        demos = dataset_for(load_config(path).env)
+    except ManiSkillUnavailable as exc:
+        pytest.skip(f"ManiSkill cannot make an env on this machine: {exc}")
+    _smoke(path, [f"pretrain.demos.path={demos}", "pretrain.steps=3", "policy.hidden_dims=[32,32]"], tmp_path)

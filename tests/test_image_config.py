@@ -33,6 +33,11 @@ def test_the_tiny_experiment_loads_and_round_trips():
         (("env.group_size=1",), None, "algo.type: grpo needs env.group_size >= 2"),
         (("policy.channels=[8,12,8]",), None, "positive multiple of 8"),
         (("mdp.steps_after_window=2",), None, "steps_after_window needs window.type: sliding"),
+        (
+            ("env.reward={type: multi, components: [{type: jpeg}], advantages: per_reward}", "algo.outcome=success"),
+            None,
+            "env.reward.advantages: per_reward normalises each reward's scores within a group; it needs algo.outcome",
+        ),
     ],
 )
 def test_bad_image_experiments_fail_with_one_line_naming_the_key(overrides, data, message):

@@ -27,6 +27,7 @@ from flowrl.core.losses import clipped_surrogate
 from flowrl.core.steps import gaussian_kl
 from flowrl.core.transitions import unit_values
 from flowrl.models.policy import Evaluation, Policy, frozen_copy
+from flowrl.rewards.multi import combined_group_advantages
 from flowrl.rollout.collector import Collector, Rollout
 from flowrl.runtime import derive_seed
 
@@ -40,13 +41,34 @@ def episode_advantages(
     Returns ``(advantages [N], keep [N] bool, stats)``: ``keep`` is False for the episodes of
     groups whose outcomes all tie (no signal).
     """
-    n = outcome.shape[0]
+    _check_groups(group, group_size)
+    adv, has_signal = group_advantages(outcome.view(-1, group_size).double(), eps)
+    return adv.reshape(-1).to(outcome.dtype), *_kept(has_signal, group_size)
+
+
+def per_reward_advantages(
+    components: dict[str, Tensor], weights: dict[str, float], group: Tensor, group_size: int, eps: float
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """``episode_advantages`` of several rewards (a multi reward with ``advantages:
+    per_reward``): each reward's scores ``[N]`` normalised within its group, times its weight,
+    summed (``combined_group_advantages``), so a reward of large scale does not drown the
+    others. A group is dropped when every reward ties within it."""
+    _check_groups(group, group_size)
+    adv = combined_group_advantages(components, weights, group, eps)
+    grouped = torch.stack(list(components.values())).view(len(components), -1, group_size)  # [R, G, n]
+    has_signal = (grouped != grouped[..., :1]).any(dim=2).any(dim=0)
+    return adv, *_kept(has_signal, group_size)
+
+
+def _check_groups(group: Tensor, group_size: int) -> None:
+    n = group.shape[0]
     if n % group_size or not bool((group == torch.arange(n, device=group.device) // group_size + group[0]).all()):
         raise ValueError("GRPO needs groups of group_size consecutive envs; the rollout's group ids disagree")
-    adv, has_signal = group_advantages(outcome.view(-1, group_size).double(), eps)
+
+
+def _kept(has_signal: Tensor, group_size: int) -> tuple[Tensor, dict[str, float]]:
     keep = has_signal.repeat_interleave(group_size)
-    stats = {"grpo/groups": float(has_signal.numel()), "grpo/groups_dropped": float((~has_signal).sum())}
-    return adv.reshape(-1).to(outcome.dtype), keep, stats
+    return keep, {"grpo/groups": float(has_signal.numel()), "grpo/groups_dropped": float((~has_signal).sum())}
 
 
 def step_kl(policy: Policy, evaluation: Evaluation, reference: Evaluation) -> Tensor:
@@ -120,7 +142,13 @@ class GRPO:
         """Episode outcomes -> group advantages -> the kept steps, flattened."""
         assert rollout.episode_return is not None and rollout.episode_success is not None
         outcome = rollout.episode_return if self.cfg.outcome == "return" else rollout.episode_success.float()
-        adv, keep, stats = episode_advantages(outcome, rollout.group, self.group_size, self.cfg.adv_eps)
+        if rollout.reward_components is not None:  # the config allows them only with outcome: return
+            assert rollout.reward_weights is not None
+            adv, keep, stats = per_reward_advantages(
+                rollout.reward_components, rollout.reward_weights, rollout.group, self.group_size, self.cfg.adv_eps
+            )
+        else:
+            adv, keep, stats = episode_advantages(outcome, rollout.group, self.group_size, self.cfg.adv_eps)
         steps = rollout.valid & keep.unsqueeze(0)  # [T, N]
         assert rollout.episode_done is not None
         stats["grpo/outcome_mean"] = float(outcome.mean())

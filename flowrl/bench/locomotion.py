@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from flowrl import experiment as ex
+from flowrl.bench.common import plot_seeds, save_figure, tensorboard_curves, write_json
 from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
 from flowrl.config import load_config
 from flowrl.errors import FlowRLError
@@ -268,9 +268,7 @@ def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, A
     if ratios:
         results["tasks"][task]["reinflow_vs_dppo_wall_per_improvement"] = ratios
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"locomotion.json.{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "locomotion.json")  # atomic: a bench of another task may read it meanwhile
+    write_json(results, out / "locomotion.json")  # atomic: a bench of another task may read it meanwhile
     _chart(results, out / "locomotion.png")
     _tensorboard(rows, out / "tensorboard" / task)  # this task only: another command owns the others
 
@@ -305,37 +303,21 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for row in results["tasks"][task]["rows"]:
-            curves = [r["curve"] for r in row["runs"]]
-            n = min(len(c) for c in curves)  # a run still going: its evaluations so far
-            steps = np.mean([[s for s, _ in c[:n]] for c in curves], axis=0)
-            returns = np.array([[ret for _, ret in c[:n]] for c in curves])
-            (line,) = ax.plot(steps, returns.mean(0), marker=".", label=f"{row['variant']} ({len(curves)} seeds)")
-            if len(curves) > 1:  # the spread over seeds
-                ax.fill_between(steps, returns.min(0), returns.max(0), color=line.get_color(), alpha=0.15)
+            plot_seeds(ax, [r["curve"] for r in row["runs"]], row["variant"])
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("eval return (deterministic policy): mean, min-max over seeds")
         ax.legend(fontsize=7)
     fig.suptitle(f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _tensorboard(rows: list[dict[str, Any]], folder: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     for row in rows:
         for run in row["runs"]:
             name = f"{row['variant']}_seed{run['seed']}".replace(" ", "_").replace("=", "")
-            run_folder = folder / name
-            shutil.rmtree(run_folder, ignore_errors=True)  # rewritten after every run: one event file each
-            writer = SummaryWriter(str(run_folder))
-            for step, ret in run["curve"]:
-                writer.add_scalar("eval/return", ret, step)
-            writer.close()
+            tensorboard_curves(folder / name, {"eval/return": run["curve"]})
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -54,9 +54,15 @@ def _collector_rate(collector, policy, steps: int, repeats: int) -> float:
         collector.close()
 
 
-def _raw_rate(env_id: str, horizon: int, num_envs: int, steps: int, repeats: int) -> float:
+def raw_env_rate(
+    env_id: str, horizon: int, num_envs: int, steps: int, repeats: int, env_kwargs: dict[str, Any] | None = None
+) -> float:
+    """Env steps per second of ``num_envs`` chunked envs stepped with uniform random actions in
+    this process (gymnasium's SyncVectorEnv, no policy): the speed the collectors are measured
+    against. ``steps`` chunk steps per timed run, the best of ``repeats`` after one warm-up."""
     vec = SyncVectorEnv(
-        [lambda: flowrl_envs.make_env(env_id, horizon) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP
+        [lambda: flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(num_envs)],
+        autoreset_mode=AutoresetMode.SAME_STEP,
     )
     vec.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -104,7 +110,7 @@ def run_rollout_bench(
         for task in tasks:
             env_id = TASKS.get(task, task)
             policy = _policy(env_id, horizon, denoising_steps)
-            row: dict[str, float] = {"raw_env": _raw_rate(env_id, horizon, num_envs, steps, repeats)}
+            row: dict[str, float] = {"raw_env": raw_env_rate(env_id, horizon, num_envs, steps, repeats)}
             local = InProcessCollector(env_id, horizon, num_envs, seed=0)
             row["in_process"] = _collector_rate(local, policy, steps, repeats)
             for w in worker_counts:

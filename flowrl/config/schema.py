@@ -455,6 +455,11 @@ class ExperimentConfig(_Strict):
                 f"mdp.converter.type: {self.mdp.converter.type} has a noise net on observations; text_image "
                 "policies use flow_sde or cps (set mdp.converter.type)"
             )
+        if self.env.reward.get("advantages") == "per_reward" and getattr(self.algo, "outcome", "return") != "return":
+            problems.append(
+                "env.reward.advantages: per_reward normalises each reward's scores within a group; it needs "
+                "algo.outcome: return"
+            )
         patch = 4 * self.policy.patch
         if self.env.image_size % patch:
             problems.append(f"env.image_size={self.env.image_size} must be a multiple of 4 * policy.patch = {patch}")

@@ -4,24 +4,30 @@
 details keep each component's scores under the component's name (and the component's own
 details as ``"<name>/<key>"``), so a trainer can instead normalise each reward within its
 prompt group and then weight them (``combined_group_advantages``), which keeps a reward with a
-large scale (JPEG kB) from drowning one in [0, 1] (the verifier).
+large scale (JPEG kB) from drowning one in [0, 1] (the verifier). ``advantages`` says which
+of the two GRPO uses (``env.reward.advantages``: ``sum`` or ``per_reward``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from flowrl.rewards import ImageBatch, RewardModel, RewardOutput, check_scores
 
+Advantages = Literal["sum", "per_reward"]
+
 
 class MultiReward:
-    """``components``: (reward model, weight) pairs with distinct ``name``s."""
+    """``components``: (reward model, weight) pairs with distinct ``name``s; ``advantages``:
+    GRPO's advantages of the weighted sum (``sum``) or of each reward normalised within its
+    group, then weighted (``per_reward``)."""
 
     name = "multi"
 
-    def __init__(self, components: Sequence[tuple[RewardModel, float]]) -> None:
+    def __init__(self, components: Sequence[tuple[RewardModel, float]], advantages: Advantages = "sum") -> None:
         if not components:
             raise ValueError("multi reward: needs at least one component")
         names = [model.name for model, _ in components]
@@ -29,6 +35,7 @@ class MultiReward:
         if repeated:
             raise ValueError(f"multi reward: component names must differ, {repeated} appear more than once")
         self.components = [(model, float(weight)) for model, weight in components]
+        self.advantages = advantages
 
     @property
     def weights(self) -> dict[str, float]:

@@ -5,7 +5,7 @@
 | ``{"type": "verifier"}`` | ShapesVerifier |
 | ``{"type": "jpeg", "mode": "compressibility", "quality": 95}`` | JpegReward |
 | ``{"type": "learned", "path": "layout.pt"}`` | LearnedLayoutReward |
-| ``{"type": "multi", "components": [{"type": ..., "weight": 1.0}, ...]}`` | MultiReward |
+| ``{"type": "multi", "components": [{"type": ..., "weight": 1.0}, ...], "advantages": "sum"}`` | MultiReward |
 
 A RewardPool factory is ``functools.partial(build_reward, spec)``: picklable, so each Ray
 worker builds (and loads) its own model.
@@ -48,6 +48,11 @@ class LearnedSpec(_Spec):
 class MultiSpec(_Spec):
     type: Literal["multi"] = "multi"
     components: list[dict[str, Any]] = Field(min_length=1, description="reward specs, each with an optional weight")
+    advantages: Literal["sum", "per_reward"] = Field(
+        "sum",
+        description="GRPO's advantages: of the weighted sum of the scores (sum), or the sum of each reward's "
+        "group-normalised scores times its weight (per_reward: a reward's scale no longer matters)",
+    )
 
 
 class _Weight(_Spec):
@@ -79,7 +84,7 @@ def build_reward(spec: Mapping[str, Any], where: str = "reward") -> RewardModel:
         weight = _validate(_Weight, {"weight": raw.get("weight", 1.0)}, here)
         components.append((build_reward({k: v for k, v in raw.items() if k != "weight"}, here), float(weight.weight)))
     try:
-        return MultiReward(components)
+        return MultiReward(components, cfg.advantages)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -99,4 +104,11 @@ def _validate(model: type[_Spec], spec: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}.{key}: {err['msg']}{got}") from None
 
 
-__all__ = ["SPECS", "build_reward"]
+def per_reward_weights(spec: Mapping[str, Any]) -> dict[str, float] | None:
+    """The component weights by name when ``spec`` asks GRPO for per-reward group advantages
+    (a multi reward with ``advantages: per_reward``); None for advantages of the scores."""
+    model = build_reward(spec) if spec.get("type") == "multi" else None
+    return model.weights if isinstance(model, MultiReward) and model.advantages == "per_reward" else None
+
+
+__all__ = ["SPECS", "build_reward", "per_reward_weights"]

@@ -13,6 +13,7 @@ Two ways to collect:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,7 @@ from flowrl.rollout.vector_env import EnvStep, GymVectorEnv
 from flowrl.runtime import derive_seed
 
 if TYPE_CHECKING:
+    from envs.wrappers import FrameSink
     from flowrl.config import ExperimentConfig
 
 
@@ -50,6 +52,10 @@ class Rollout:
     metrics: what the collector measured besides (the prompt collector's accuracy per
         category, JPEG size, diversity, reward timing), logged as they are; not joined by
         ``concat_envs``.
+    reward_components, reward_weights: per-reward advantages (a multi reward with
+        ``advantages: per_reward``): each component's scores ``[N]`` and its weight, by name;
+        GRPO then normalises each within its group instead of the summed return. Not joined
+        by ``concat_envs``.
     """
 
     obs: Tensor
@@ -67,6 +73,8 @@ class Rollout:
     episode_success: Tensor | None = None
     episode_done: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    reward_components: dict[str, Tensor] | None = None
+    reward_weights: dict[str, float] | None = None
 
     @staticmethod
     def concat_envs(parts: list[Rollout]) -> Rollout:
@@ -309,21 +317,39 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
 
 
 def evaluate_policy(
-    policy: Policy, env_id: str, horizon: int, episodes: int, seed: int, env_kwargs: dict | None = None
+    policy: Policy,
+    env_id: str,
+    horizon: int,
+    episodes: int,
+    seed: int,
+    env_kwargs: dict | None = None,
+    on_frame: Mapping[int, FrameSink] | None = None,
 ) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
 
+    ``eval/success_rate`` is the success at the episode's end; envs that report whether any step
+    succeeded (ManiSkill's ``success_once``) also give ``eval/success_once``, ManiSkill's fair
+    measure (every env runs exactly one episode: no partial resets).
+
     The seeds and the initial noise are the same at every call, so successive evaluations
     of a changing policy are compared on common random numbers.
+
+    ``on_frame``: episode index -> a function handed that episode's rendered frames ``[H, W, 3]``
+    uint8 and fps, the reset's and one per primitive step (flowrl.rollout.video). Recording here, in the
+    evaluation itself, is what makes a video show episode i of this evaluation: a policy step
+    draws the initial noise of all ``episodes`` envs at once, so an episode depends on how many
+    run beside it.
     """
     import envs as flowrl_envs
 
-    env_list = [flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(episodes)]
+    frames = on_frame or {}
+    env_list = [flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)) for i in range(episodes)]
     base = derive_seed(seed, 10**6)
     obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
     generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))
     returns, lengths = np.zeros(episodes), np.zeros(episodes)
     success = np.zeros(episodes, dtype=bool)
+    success_once: np.ndarray | None = None  # envs whose info says whether any step succeeded (ManiSkill)
     active = np.ones(episodes, dtype=bool)
     while active.any():
         actions = policy.act(torch.as_tensor(obs), generator).numpy()
@@ -341,10 +367,15 @@ def evaluate_policy(
             if term or trunc:
                 active[i] = False
                 success[i] = bool(info.get("success", False))
+                if "success_once" in info:
+                    success_once = np.zeros(episodes, dtype=bool) if success_once is None else success_once
+                    success_once[i] = bool(info["success_once"])
     for env in env_list:
         env.close()
     middle = np.sort(returns)[episodes // 4 : episodes - episodes // 4]  # the interquartile mean's half
+    once = {} if success_once is None else {"eval/success_once": float(success_once.mean())}
     return {
+        **once,
         "eval/return": float(returns.mean()),
         "eval/return_std": float(returns.std()),
         "eval/return_iqm": float(middle.mean()),

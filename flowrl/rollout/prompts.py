@@ -99,6 +99,8 @@ class PromptCollector:
 
     rewards: the RewardPool that scores ``ImageBatch``es. split: the captions prompts are
     drawn from ("train" or "heldout"). same_noise: a group's images start from one noise.
+    reward_weights: a multi reward's component weights when GRPO takes per-reward advantages
+    (``per_reward_weights``): the rollout then carries each component's scores.
     """
 
     def __init__(
@@ -110,12 +112,14 @@ class PromptCollector:
         prompts_per_chunk: int,
         same_noise: bool = False,
         split: str = "train",
+        reward_weights: dict[str, float] | None = None,
     ) -> None:
         from envs.shapes import Tokenizer
 
         self.rewards, self.seed, self.split = rewards, seed, split
         self.prompts_per_iteration, self.group_size = prompts_per_iteration, group_size
         self.prompts_per_chunk, self.same_noise = prompts_per_chunk, same_noise
+        self.reward_weights = reward_weights
         self.tokenizer = Tokenizer()
         self._verifier: Any = None
 
@@ -221,6 +225,8 @@ class PromptCollector:
             episode_success=correct.bool(),
             episode_done=torch.ones(n, dtype=torch.bool),
             metrics=metrics,
+            reward_components={k: details[k] for k in self.reward_weights} if self.reward_weights else None,
+            reward_weights=self.reward_weights,
         )
 
     def _verify(self, images: Tensor, prompts: list[str]) -> Tensor:
@@ -236,6 +242,7 @@ class PromptCollector:
 
 def make_prompt_collector(cfg: ExperimentConfig) -> PromptCollector:
     """The collector of ``env.type: shapes``: reward workers on Ray (ray.enabled) or in process."""
+    from flowrl.rewards.registry import per_reward_weights
     from flowrl.rollout.reward_workers import RewardPool
 
     env = cfg.env
@@ -255,6 +262,7 @@ def make_prompt_collector(cfg: ExperimentConfig) -> PromptCollector:
         env.prompts_per_chunk,
         env.same_noise,
         env.prompt_split,
+        per_reward_weights(env.reward),
     )
 
 

@@ -175,33 +175,51 @@ def test_episode_limit_from_kwargs_and_success_when_it_ends() -> None:
         env.close()
 
 
+def _scripted_push(env: gym.Env) -> tuple[int, bool, bool, dict, int | None]:
+    """A scripted PushCube push (behind the cube, then towards the goal) until the episode ends:
+    (steps, terminated, truncated, last info, the first step that succeeded)."""
+    env.reset(seed=0)
+    task = env.unwrapped._env
+    info, terminated, truncated = {}, False, False
+    steps, first = 0, None
+    while not (terminated or truncated):
+        tcp = task.agent.tcp.pose.p[0].numpy()
+        cube = task.obj.pose.p[0].numpy()
+        goal = task.goal_region.pose.p[0].numpy()
+        behind = cube - np.array([0.05, 0.0, 0.0])  # PushCube pushes along +x
+        behind[2] = 0.02
+        if np.linalg.norm((tcp - behind)[[1, 2]]) > 0.01 and tcp[0] > behind[0] - 0.01 and steps < 60:
+            target = behind.copy()
+            if tcp[0] > cube[0] - 0.04:  # go back first, above the cube
+                target = np.array([behind[0], tcp[1], 0.08])
+        else:
+            target = np.array([goal[0] + 0.03, cube[1], 0.02])
+        action = np.zeros(4, np.float32)
+        action[:3] = np.clip((target - tcp) / 0.1, -1, 1)
+        action[3] = -1.0  # gripper closed
+        _, _, terminated, truncated, info = env.step(action)
+        steps += 1
+        if first is None and info["success"]:
+            first = steps
+    return steps, terminated, truncated, info, first
+
+
 def test_success_ends_the_episode_with_success_flags() -> None:
-    """A scripted push (behind the cube, then towards the goal) succeeds: terminated, success."""
     env = _make("flowrl/PushCube-v1")
     try:
-        env.reset(seed=0)
-        task = env.unwrapped._env
-        info, terminated, truncated = {}, False, False
-        steps = 0
-        while not (terminated or truncated):
-            tcp = task.agent.tcp.pose.p[0].numpy()
-            cube = task.obj.pose.p[0].numpy()
-            goal = task.goal_region.pose.p[0].numpy()
-            behind = cube - np.array([0.05, 0.0, 0.0])  # PushCube pushes along +x
-            behind[2] = 0.02
-            if np.linalg.norm((tcp - behind)[[1, 2]]) > 0.01 and tcp[0] > behind[0] - 0.01 and steps < 60:
-                target = behind.copy()
-                if tcp[0] > cube[0] - 0.04:  # go back first, above the cube
-                    target = np.array([behind[0], tcp[1], 0.08])
-            else:
-                target = np.array([goal[0] + 0.03, cube[1], 0.02])
-            action = np.zeros(4, np.float32)
-            action[:3] = np.clip((target - tcp) / 0.1, -1, 1)
-            action[3] = -1.0  # gripper closed
-            _, _, terminated, truncated, info = env.step(action)
-            steps += 1
-        assert terminated and not truncated, steps
+        steps, terminated, truncated, info, first = _scripted_push(env)
+        assert terminated and not truncated and first == steps, steps
         assert info["success"] is True and info["success_once"] is True
+    finally:
+        env.close()
+
+
+def test_without_terminate_on_success_the_episode_runs_to_its_limit() -> None:
+    env = _make("flowrl/PushCube-v1", terminate_on_success=False)
+    try:
+        steps, terminated, truncated, info, first = _scripted_push(env)
+        assert truncated and not terminated and steps == 100  # PushCube's limit
+        assert first is not None and first < steps and info["success_once"] is True
     finally:
         env.close()
 
@@ -284,3 +302,35 @@ def test_reset_after_a_grasp_observes_no_grasp() -> None:
         np.testing.assert_array_equal(after, fresh.reset(seed=3)[0])
     finally:
         fresh.close()
+
+
+def test_render_rgb_array_frames_follow_the_robot() -> None:
+    """render_mode="rgb_array": gymnasium's render checks pass, a frame is [H, W, 3] uint8 of
+    render_size, at the task's control frequency; it changes when the arm moves and not when
+    nothing renders anew. Without a render mode, render() is a one-line error."""
+    env = _make("flowrl/PickCube-v1", render_mode="rgb_array", render_size=64)
+    try:
+        assert env.metadata["render_fps"] == env.unwrapped._env.control_freq == 20
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the checker's unbounded-space and ManiSkill warnings (see above)
+            check_env(env.unwrapped)
+        env.reset(seed=0)
+        before = env.render()
+        assert before.shape == (64, 64, 3) and before.dtype == np.uint8
+        np.testing.assert_array_equal(env.render(), before)
+        for _ in range(5):
+            env.step(np.array([0.0, 0.0, 1.0, 1.0], np.float32))  # the gripper up
+        after = env.render()
+        assert after.shape == (64, 64, 3) and np.abs(after.astype(int) - before).mean() > 1.0
+    finally:
+        env.close()
+    plain = _make("flowrl/PickCube-v1")
+    try:
+        plain.reset(seed=0)
+        with pytest.raises(FlowRLError, match="render_mode='rgb_array'"):
+            plain.unwrapped.render()
+    finally:
+        plain.close()
+    with warnings.catch_warnings(), pytest.raises(FlowRLError, match="render_mode 'depth_array' is not supported"):
+        warnings.simplefilter("ignore")  # gymnasium's: not among the env's render modes
+        gym.make("flowrl/PickCube-v1", render_mode="depth_array")

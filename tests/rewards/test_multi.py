@@ -19,7 +19,7 @@ from flowrl.core.advantages import group_advantages
 from flowrl.rewards import ImageBatch, RewardError, RewardOutput
 from flowrl.rewards.jpeg import JpegReward
 from flowrl.rewards.multi import MultiReward, combined_group_advantages
-from flowrl.rewards.registry import build_reward
+from flowrl.rewards.registry import build_reward, per_reward_weights
 from flowrl.rewards.verifier import ShapesVerifier
 
 
@@ -104,6 +104,11 @@ def test_registry_builds_every_type_and_its_factories_pickle():
     factory = pickle.loads(pickle.dumps(functools.partial(build_reward, spec)))
     model = factory()
     assert isinstance(model, MultiReward) and model.weights == {"verifier": 2.0, "jpeg_incompressibility": 1.0}
+    assert model.advantages == "sum" and per_reward_weights(spec) is None  # GRPO: advantages of the weighted sum
+    per_reward = {**spec, "advantages": "per_reward"}
+    assert build_reward(per_reward).advantages == "per_reward"
+    assert per_reward_weights(per_reward) == {"verifier": 2.0, "jpeg_incompressibility": 1.0}
+    assert per_reward_weights({"type": "verifier"}) is None
     jpeg = build_reward({"type": "jpeg", "quality": 40})
     assert (jpeg.mode, jpeg.quality) == ("compressibility", 40)
     assert isinstance(build_reward({"type": "verifier"}), ShapesVerifier)
@@ -133,6 +138,10 @@ def test_registry_builds_every_type_and_its_factories_pickle():
         (
             {"type": "multi", "components": [{"type": "jpeg"}, {"type": "jpeg"}]},
             "reward: multi reward: component names",
+        ),
+        (
+            {"type": "multi", "components": [{"type": "jpeg"}], "advantages": "each"},
+            "reward.advantages: Input should be 'sum' or 'per_reward'",
         ),
     ],
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -290,6 +291,32 @@ def test_evaluate_policy_range_and_determinism() -> None:
     assert good["eval/episode_length"] < 10  # ~0.87 / 0.141 diagonal steps
     bad = evaluate_policy(constant_policy(horizon, (-1.0, 1.0)), ENV_ID, horizon, episodes=6, seed=0)
     assert bad["eval/success_rate"] == 0.0 and bad["eval/return"] == 0.0 and bad["eval/episode_length"] < 10
+
+
+class SucceedsOnceEnv(gym.Env):
+    """Succeeds at step 2 only and runs on to the time limit (5 steps), reporting ``success_once``
+    as ManiSkill's envs do: success at the end 0, success at some step 1."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (O,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (DA,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(O, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        info = {"success": self.t == 2, "success_once": self.t >= 2}
+        return np.zeros(O, np.float32), 0.0, False, False, info
+
+
+def test_evaluate_policy_reports_success_once_when_the_env_does() -> None:
+    if "test/SucceedsOnce-v0" not in gym.registry:
+        gym.register("test/SucceedsOnce-v0", entry_point=SucceedsOnceEnv, max_episode_steps=5)
+    out = evaluate_policy(tiny_policy(1), "test/SucceedsOnce-v0", 1, episodes=3, seed=0)
+    assert out["eval/success_once"] == 1.0 and out["eval/success_rate"] == 0.0
+    assert out["eval/episode_length"] == 5.0
 
 
 # --------------------------------------------------------------------------- reset groups

@@ -1,0 +1,118 @@
+"""What the fine-tuning benches (``locomotion``, ``images``, ``maniskill``) share: a cached
+pretrained model, results written atomically (a bench of another task or size may read them
+meanwhile, and a stopped bench must not leave half a file), learning curves over seeds as a
+chart band and as TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowrl import experiment as ex
+from flowrl.config import load_config
+from flowrl.errors import FlowRLError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shown(path: Path) -> str:
+    """A path as the commands give it: relative to the checkout when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def select_methods(names: list[str] | None, methods: Sequence[Any], bench: str) -> list[Any]:
+    """The ``methods`` (each with a ``key`` and a ``label``) named by key or label, all for
+    None, in the table's order; an unknown name is an error naming the choices."""
+    if names is None:
+        return list(methods)
+    known = {m.key for m in methods} | {m.label for m in methods}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        keys = ", ".join(m.key for m in methods)
+        raise FlowRLError(f"flowrl bench {bench}: unknown method(s) {unknown or names}; choose from {keys}")
+    return [m for m in methods if m.key in names or m.label in names]
+
+
+def prepare_pretrained(
+    path: str | Path, pretrain_file: Path, overrides: list[str], progress: bool
+) -> tuple[Path, float | None]:
+    """The pretrained checkpoint at ``path``; when missing, pretrained now with
+    ``pretrain_file`` (and ``overrides``) into its folder, resuming a stopped pretraining
+    there. Returns the path and the pretraining seconds (None when it existed)."""
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if path.name != "pretrained.pt":
+        raise FlowRLError(
+            f"{path} does not exist: give an existing checkpoint, or a FOLDER/pretrained.pt to pretrain into FOLDER"
+        )
+    run_dir = path.parent
+    resume = (run_dir / "checkpoints" / "pretrain.pt").exists()
+    cfg = ex.load_run_config(run_dir, overrides) if resume else load_config(pretrain_file, overrides)
+    ex.preflight(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"no {path}: pretraining it with {shown(pretrain_file)}{' (resuming)' if resume else ''}", flush=True)
+    t0 = time.perf_counter()
+    ex.pretrain_only(cfg, run_dir, progress, resume=resume)
+    return path, time.perf_counter() - t0
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """``results`` to ``path`` through a temporary file and an atomic rename."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure to ``path`` (PNG) through a temporary file; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def plot_seeds(ax: Any, curves: list[list[tuple[float, float]]], label: str) -> None:
+    """One method's learning curve: the mean over seeds of ``curves`` (per seed, (x, value)
+    pairs, x env steps or iterations) against the mean x, and the seeds' min-max band when
+    there are several. A run still going contributes its evaluations so far."""
+    n = min(len(c) for c in curves)
+    steps = np.mean([[s for s, _ in c[:n]] for c in curves], axis=0)
+    values = np.array([[v for _, v in c[:n]] for c in curves])
+    (line,) = ax.plot(steps, values.mean(0), marker=".", label=f"{label} ({len(curves)} seeds)")
+    if len(curves) > 1:
+        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+
+
+def tensorboard_curves(folder: Path, curves: dict[str, list[tuple[float, float]]]) -> None:
+    """One run's curves (tag -> (env steps, value) pairs) as TensorBoard scalars in ``folder``,
+    rewritten whole (a bench rewrites them after every run: one event file each)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)
+    writer = SummaryWriter(str(folder))
+    for tag, curve in curves.items():
+        for step, value in curve:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+__all__ = [
+    "ROOT",
+    "plot_seeds",
+    "prepare_pretrained",
+    "save_figure",
+    "select_methods",
+    "shown",
+    "tensorboard_curves",
+    "write_json",
+]

@@ -1,0 +1,359 @@
+"""``flowrl bench images``: Flow-GRPO, MixGRPO and MixGRPO-Flash fine-tuned side by side from
+one pretrained shapes-world model.
+
+One command runs the whole comparison:
+  1. the pretrained model: ``--pretrained`` (default ``cache/shapes/pretrain/pretrained.pt``);
+     when missing, ``experiments/images/shapes_pretrain.yaml`` pretrains it into that folder
+     (a stopped pretraining there resumes), so later benches reuse it,
+  2. per seed, every method's experiment file (``experiments/images/shapes_*.yaml``) fine-tunes
+     that model, with the same overrides for all, one after the other in this process, so the
+     times compare.
+``--size paper`` takes the files of ``experiments/images/paper/`` instead (64 px, a bigger
+network, more prompts and iterations: a GPU machine's) and keeps their pretrained model in
+``cache/shapes/paper-pretrain/``.
+
+Per method it reports the held-out compositional accuracy (the ODE at
+``policy.eval_denoising_steps``, on the same held-out prompts and noise for every method of a
+seed) before and after, per caption category; the JPEG size and the diversity within a
+prompt before and after (a reward-hacked model draws blank or identical images); the time per
+iteration (sampling, scoring, update; evaluation excluded) and its ratio to Flow-GRPO's; the
+NFE per training image; the peak memory of the learner process during the run (Linux's peak
+RSS, reset at the run's start, and its growth over the RSS then: what the run itself added
+to a process that already holds the earlier runs' imports; on CUDA also
+``torch.cuda.max_memory_allocated``); and the share of the reward scoring hidden behind
+sampling (``time/reward_hidden_fraction``; 0 with in-process scoring, ``ray.enabled: false``).
+
+Results: ``images.json`` (table, learning curves, the commands), ``images_grid.png`` (the
+first evaluation prompts, one row each: the pretrained model's images, then each method's
+after fine-tuning, from the same noise), ``images.png`` (held-out accuracy against iteration,
+and that grid).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowrl import experiment as ex
+from flowrl.bench import common
+from flowrl.bench.common import ROOT, plot_seeds, prepare_pretrained, save_figure, shown, write_json
+from flowrl.config import ExperimentConfig, load_config
+from flowrl.errors import FlowRLError
+from flowrl.runlog import read_metrics
+from flowrl.runtime import resolve_device
+
+IMAGES_DIR = ROOT / "experiments" / "images"
+# experiment files of each size (each folder has shapes_pretrain.yaml and the methods' files),
+# and where the bench keeps the pretrained model of that size by default
+SIZES = {"cpu": IMAGES_DIR, "paper": IMAGES_DIR / "paper"}
+DEFAULT_PRETRAINED = {
+    "cpu": Path("cache") / "shapes" / "pretrain" / "pretrained.pt",
+    "paper": Path("cache") / "shapes" / "paper-pretrain" / "pretrained.pt",
+}
+REPORTED = ("eval/accuracy", "eval/return", "eval/jpeg_kb", "eval/diversity")  # plus eval/accuracy_<category>
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    key: str  # --methods accepts it or the label
+    file: str  # experiment file in the size's folder
+
+
+METHODS = (
+    Method("Flow-GRPO", "flow_grpo", "shapes_flow_grpo.yaml"),
+    Method("MixGRPO", "mixgrpo", "shapes_mixgrpo.yaml"),
+    Method("Flash", "flash", "shapes_flash.yaml"),
+)
+BASELINE = "Flow-GRPO"  # the times are reported as ratios to it
+
+
+def select_methods(names: list[str] | None) -> list[Method]:
+    """The methods named by key or label (all for None), in the table's order."""
+    return common.select_methods(names, METHODS, "images")
+
+
+def run_images_bench(
+    out_dir: str | Path,
+    methods: list[str] | None = None,
+    iterations: int | None = None,
+    seeds: list[int] | tuple[int, ...] = (0,),
+    overrides: list[str] | None = None,
+    pretrained: str | Path | None = None,
+    size: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune every chosen method once per seed from ``pretrained``; ``overrides``
+    (``key.sub=value``) go to every run (and to the pretraining), ``iterations`` replaces
+    ``algo.iterations``; ``pretrained`` None: the size's DEFAULT_PRETRAINED. Writes the
+    results to ``out_dir`` after every run (a stopped bench keeps what it measured) and
+    returns them."""
+    chosen = select_methods(methods)
+    if not seeds:
+        raise FlowRLError("flowrl bench images: give at least one seed (--seeds 0)")
+    if size not in SIZES:
+        raise FlowRLError(f"flowrl bench images: --size is one of {', '.join(SIZES)}, got {size!r}")
+    folder, pretrained = SIZES[size], Path(pretrained or DEFAULT_PRETRAINED[size])
+    pretrain_file = folder / "shapes_pretrain.yaml"
+    overrides = list(overrides or [])
+    extra = [*overrides, *([f"algo.iterations={iterations}"] if iterations is not None else [])]
+    for method in chosen:  # every file and override checked before any work
+        load_config(folder / method.file, extra)
+    out = Path(out_dir)
+    checkpoint, pretrain_s = prepare_pretrained(pretrained, pretrain_file, overrides, progress)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "size": size,
+        "seeds": list(seeds),
+        "iterations": iterations,
+        "overrides": overrides,
+        "pretrained": str(checkpoint),
+        "pretrain_s": pretrain_s,
+        "commands": {"bench": _bench_command(out, chosen, iterations, seeds, overrides, pretrained, size)},
+        "rows": [],
+    }
+    if pretrain_s is not None:
+        pretrain = ["flowrl", "pretrain", shown(pretrain_file), *overrides, "--run-dir", str(checkpoint.parent)]
+        results["commands"]["pretrain"] = shlex.join(pretrain)
+    run_overrides = [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={out / 'runs'}"]
+    for method in chosen:
+        ex.preflight(load_config(folder / method.file, run_overrides))  # the checkpoint fits every method's network
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:  # every method once per seed, so a stopped bench has whole seeds
+        for method in chosen:
+            file = folder / method.file
+            cfg = load_config(file, [*run_overrides, f"seed={seed}"])
+            command = shlex.join(
+                ["flowrl", "train", shown(file), *extra, f"seed={seed}", f"policy.pretrained={checkpoint}"]
+            )
+            runs.setdefault(method.label, []).append(_fine_tune(cfg, seed, command, progress))
+            results["rows"] = [summarise(m.label, runs[m.label]) for m in chosen if m.label in runs]
+            _ratios(results["rows"])
+            _write(results, out)
+    results["grid"] = _grid(results["rows"], checkpoint, out)
+    _write(results, out)
+    return results
+
+
+def _fine_tune(cfg: ExperimentConfig, seed: int, command: str, progress: bool) -> dict[str, Any]:
+    """One timed fine-tuning run and what its metrics.jsonl says (``command``: the same run
+    as a ``flowrl train`` command, for the record)."""
+    run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}"}))
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_start = _peak_rss_mb() if _reset_peak_rss() else None  # the peak is now the current RSS
+    t0 = time.perf_counter()
+    result = ex.train(cfg, run_dir, progress=progress)
+    wall = time.perf_counter() - t0
+    peak_rss = _peak_rss_mb() if rss_start is not None else None
+    records = read_metrics(run_dir)
+    trained = [r for r in records if "time/update_s" in r]
+    iteration_s = [r["time/collect_s"] + r["time/update_s"] for r in trained]
+    return {
+        "seed": seed,
+        "run": str(run_dir),
+        "command": command,
+        "before": _reported(result["before"]),
+        "after": _reported(result["after"]),
+        "curve": [(r["iteration"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r],
+        "iteration_s": iteration_s,
+        "s_per_iteration": float(np.mean(iteration_s)),
+        "nfe_per_image": float(np.mean([r["sampler/nfe_per_sample"] for r in trained])),
+        "reward_hidden_fraction": float(np.mean([r["time/reward_hidden_fraction"] for r in trained])),
+        "peak_rss_mb": peak_rss,
+        "rss_growth_mb": peak_rss - rss_start if peak_rss is not None and rss_start is not None else None,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        "finetune_s": wall,
+    }
+
+
+def _reported(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in REPORTED or k.startswith("eval/accuracy_")}
+
+
+def summarise(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A method's row: each before / after metric and time averaged over its seeds, the peak
+    memory the largest of them."""
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in runs]))
+
+    def peak(key: str) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return max(values) if values else None
+
+    def averaged(when: str) -> dict[str, float]:
+        keys = sorted({k for r in runs for k in r[when]})  # a category no seed's prompts hold is absent
+        return {k: float(np.mean([r[when][k] for r in runs if k in r[when]])) for k in keys}
+
+    return {
+        "method": label,
+        "seeds": [r["seed"] for r in runs],
+        "before": averaged("before"),
+        "after": averaged("after"),
+        "s_per_iteration": mean("s_per_iteration"),
+        "nfe_per_image": mean("nfe_per_image"),
+        "reward_hidden_fraction": mean("reward_hidden_fraction"),
+        "peak_rss_mb": peak("peak_rss_mb"),
+        "rss_growth_mb": peak("rss_growth_mb"),
+        "cuda_peak_mb": peak("cuda_peak_mb"),
+        "finetune_s": mean("finetune_s"),
+        "runs": runs,
+    }
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's time per iteration over Flow-GRPO's (None when Flow-GRPO did not run)."""
+    base = next((r["s_per_iteration"] for r in rows if r["method"] == BASELINE), None)
+    for row in rows:
+        row["time_vs_flow_grpo"] = row["s_per_iteration"] / base if base else None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak resident memory (Linux: VmHWM, by writing 5 to
+    /proc/self/clear_refs), so that a run's peak is its own; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise FlowRLError("/proc/self/status has no VmHWM line: cannot read the peak memory")
+
+
+def _grid(rows: list[dict[str, Any]], checkpoint: Path, out: Path) -> dict[str, Any]:
+    """``images_grid.png``: the first evaluation prompts of the first seed, one row each: the
+    pretrained model's images, a blank, then each method's after fine-tuning, all from the
+    evaluation's fixed noise (ODE at policy.eval_denoising_steps)."""
+    from flowrl.models.build import build_policy, load_image_network
+    from flowrl.rollout.image_eval import GRID_PROMPTS, ImageEvaluator, image_grid, save_png
+
+    seed = rows[0]["runs"][0]["seed"]
+    cfg = load_config(Path(rows[0]["runs"][0]["run"]) / "config.yaml")
+    evaluator = ImageEvaluator(cfg, None)
+    g, prompts = evaluator.group_size, evaluator.prompts[:GRID_PROMPTS]
+    checkpoints = {"pretrained": checkpoint} | {r["method"]: Path(r["runs"][0]["run"]) / "policy.pt" for r in rows}
+    blocks = []
+    for path in checkpoints.values():
+        images = evaluator.images(build_policy(cfg, load_image_network(path, cfg)))
+        blocks.append(images[: len(prompts) * g].view(len(prompts), g, *images.shape[1:]))
+    blank = torch.ones_like(blocks[0][:, :1])  # a white tile between the blocks
+    tiles = torch.cat([torch.cat([b, blank], dim=1) for b in blocks], dim=1)[:, :-1]  # [P, columns, 3, H, W]
+    save_png(image_grid(tiles.flatten(0, 1), tiles.shape[1]), out / "images_grid.png")
+    return {"file": "images_grid.png", "seed": seed, "prompts": prompts, "columns": list(checkpoints), "per_column": g}
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "images.json")
+    _chart(results, out / "images.png")
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = results.get("grid")
+    fig, axes = plt.subplots(1, 2 if grid else 1, figsize=(13 if grid else 6.5, 4.8), squeeze=False)
+    ax = axes[0][0]
+    for row in results["rows"]:
+        plot_seeds(ax, [r["curve"] for r in row["runs"]], row["method"])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("GRPO iteration")
+    ax.set_ylabel("held-out accuracy (ODE): mean, min-max over seeds")
+    ax.legend(fontsize=8)
+    if grid:
+        from PIL import Image
+
+        ax = axes[0][1]
+        ax.imshow(np.asarray(Image.open(path.parent / grid["file"])))
+        ax.set_xticks(_column_centres(grid, ax), [c.replace("pretrained", "before") for c in grid["columns"]])
+        ax.set_yticks(_row_centres(grid, ax), grid["prompts"], fontsize=7)
+        ax.set_title(f"before / after, held-out prompts (seed {grid['seed']})")
+    fig.suptitle(f"flowrl bench images ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _column_centres(grid: dict[str, Any], ax) -> list[float]:
+    width = ax.get_images()[0].get_array().shape[1]
+    columns = len(grid["columns"]) * (grid["per_column"] + 1) - 1  # tiles, blanks included
+    tile = width / columns
+    return [(k * (grid["per_column"] + 1) + grid["per_column"] / 2) * tile for k in range(len(grid["columns"]))]
+
+
+def _row_centres(grid: dict[str, Any], ax) -> list[float]:
+    height = ax.get_images()[0].get_array().shape[0]
+    return [(i + 0.5) * height / len(grid["prompts"]) for i in range(len(grid["prompts"]))]
+
+
+def _bench_command(out, methods, iterations, seeds, overrides, pretrained, size) -> str:
+    args = ["flowrl", "bench", "images", "--methods", ",".join(m.key for m in methods), "--out", str(out)]
+    args += ["--seeds", ",".join(map(str, seeds)), "--pretrained", str(pretrained)]
+    args += ["--iterations", str(iterations)] if iterations is not None else []
+    args += ["--size", size] if size != "cpu" else []
+    return shlex.join([*args, *overrides])
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table (what the README quotes): before -> after per metric and category."""
+    rows = results["rows"]
+    from envs.shapes import CATEGORIES
+
+    found = {k.removeprefix("eval/accuracy_") for r in rows for k in r["after"] if "accuracy_" in k}
+    categories = [c for c in CATEGORIES if c in found]
+
+    def change(row: dict[str, Any], key: str, fmt: str = ".2f") -> str:
+        before, after = row["before"].get(key), row["after"].get(key)
+        return "" if before is None or after is None else f"{before:{fmt}} → {after:{fmt}}"
+
+    def memory(row: dict[str, Any]) -> str:
+        parts = (
+            [f"{row['peak_rss_mb']:.0f} MB RSS (+{row['rss_growth_mb']:.0f})"] if row["peak_rss_mb"] is not None else []
+        )
+        parts += [f"{row['cuda_peak_mb']:.0f} MB CUDA"] if row["cuda_peak_mb"] is not None else []
+        return ", ".join(parts) or "?"
+
+    lines = [
+        f"**flowrl bench images** ({results['size']}-sized, {results['machine']['cpus']} CPUs; mean over seeds "
+        f"{results['seeds']}; held-out accuracy with the ODE)\n",
+        "| method | held-out accuracy | "
+        + " | ".join(categories)
+        + " | JPEG kB | diversity | s / iteration | vs Flow-GRPO | NFE / image | peak memory | reward hidden |",
+        "|---" * (9 + len(categories)) + "|",
+    ]
+    for r in rows:
+        ratio = f"{r['time_vs_flow_grpo']:.2f}x" if r["time_vs_flow_grpo"] is not None else ""
+        cells = [
+            r["method"],
+            change(r, "eval/accuracy"),
+            *(change(r, f"eval/accuracy_{c}") for c in categories),
+            change(r, "eval/jpeg_kb"),
+            change(r, "eval/diversity", ".3f"),
+            f"{r['s_per_iteration']:.2f}",
+            ratio,
+            f"{r['nfe_per_image']:.1f}",
+            memory(r),
+            f"{r['reward_hidden_fraction']:.0%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["METHODS", "format_table", "prepare_pretrained", "run_images_bench", "select_methods", "summarise"]
