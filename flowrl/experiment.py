@@ -32,7 +32,7 @@ from flowrl.models.build import (
     load_image_network,
 )
 from flowrl.models.policy import Policy
-from flowrl.rollout.collector import evaluate_policy, make_collector
+from flowrl.rollout.collector import evaluate_policy, headline_success, make_collector
 from flowrl.rollout.demos import Actions
 from flowrl.rollout.video import Recording, record_episodes
 from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
@@ -76,6 +76,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         if cfg.policy.pretrained is not None:
             load_image_network(cfg.policy.pretrained, cfg)
         return
+    if cfg.env.batched:
+        from envs.maniskill_batch import check_batched
+
+        check_batched(cfg.env.id, cfg.env.num_envs, cfg.env.kwargs, resolve_device(cfg.device))
     dims = env_dims(cfg.env.id, cfg.env.kwargs)
     if cfg.policy.pretrained is not None:  # readable, a flowrl checkpoint, fits the experiment, finite weights
         check_checkpoint(cfg.policy.pretrained, cfg.policy, *dims)
@@ -169,7 +173,7 @@ def pretrain_only(
     with graceful_stop():
         pretrain(cfg, run_dir, resolve_device(cfg.device), progress)
     metrics = evaluate_checkpoint(cfg, run_dir / "pretrained.pt", run_dir)
-    success = f"success {metrics['eval/success_rate']:.2f}, " if reports_success(cfg.env.id) else ""
+    success = f"success {headline_success(metrics):.2f}, " if reports_success(cfg.env.id) else ""
     print(f"pretrained policy: {run_dir / 'pretrained.pt'} ({success}return {metrics['eval/return']:.3f})")
     return metrics
 
@@ -264,7 +268,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
             evaluator.close()
     before, after = result["before"], result["after"]
     success = (
-        f" (success {before['eval/success_rate']:.2f} -> {after['eval/success_rate']:.2f})"
+        f" (success {headline_success(before):.2f} -> {headline_success(after):.2f})"
         if reports_success(cfg.env.id)
         else ""
     )

@@ -26,7 +26,7 @@ from flowrl.core.batch import TensorBatch
 from flowrl.errors import FlowRLError, Interrupted
 from flowrl.models.build import CheckpointError, actor_record
 from flowrl.models.policy import Policy
-from flowrl.rollout.collector import Collector, Rollout, evaluate_policy
+from flowrl.rollout.collector import Collector, Rollout, evaluate_policy, headline_success
 from flowrl.runlog import RunLog, atomic_save
 from flowrl.runtime import progress as progress_bar
 from flowrl.runtime import stop_requested
@@ -165,8 +165,10 @@ class Trainer:
         self.evaluator = evaluator
         self.device, self.progress = device, progress
         self.loaded = False  # a checkpoint was loaded
-        # Rollouts run on the CPU (like remote workers); the learner may sit on the GPU.
-        self.rollout_policy = policy if device.type == "cpu" else copy.deepcopy(policy).cpu()
+        # Rollouts run on the CPU (like remote workers), the learner may sit on the GPU; a batched
+        # simulator (env.batched) runs on the learner's device, and so does its policy.
+        on_device = device.type == "cpu" or getattr(cfg.env, "batched", False)
+        self.rollout_policy = policy if on_device else copy.deepcopy(policy).cpu()
         self.iteration, self.env_steps = 0, 0
         self.before: dict[str, float] | None = None
         self.last_eval: dict[str, float] | None = None
@@ -236,7 +238,7 @@ class Trainer:
             if self.before is None:
                 self.before = self.evaluate()
                 log.log(0, self.before, iteration=0)
-                success = f", success {self.before['eval/success_rate']:.2f}" if self.reports_success else ""
+                success = f", success {headline_success(self.before):.2f}" if self.reports_success else ""
                 tqdm.write(f"before training: return {self.before['eval/return']:.3f}{success}")
             self.last_eval = self.last_eval or self.before
             bar = progress_bar(
@@ -276,7 +278,7 @@ class Trainer:
                     }
                 )
                 log.log(self.env_steps, metrics, iteration=self.iteration)
-                shown = {"success": f"{self.last_eval['eval/success_rate']:.2f}"} if self.reports_success else {}
+                shown = {"success": f"{headline_success(self.last_eval):.2f}"} if self.reports_success else {}
                 bar.set_postfix(**shown, ret=f"{self.last_eval['eval/return']:.2f}", refresh=False)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations or stop_requested():
                     self.save_checkpoint()

@@ -29,9 +29,20 @@ class GymEnvConfig(_Strict):
         1, ge=1, description="GRPO: every group_size consecutive envs reset from the same seed (same start state)"
     )
     kwargs: dict[str, Any] = Field({}, description="keyword arguments of the env's constructor (gym.make)")
+    batched: bool = Field(
+        False,
+        description="ManiSkill tasks: simulate all num_envs envs as one batch in the learner's process, tensors on "
+        "the learner's device (physx_cuda on a GPU; the CPU allows num_envs 1); false = one env per instance, "
+        "stepped by env workers",
+    )
 
     @model_validator(mode="after")
     def _split(self) -> GymEnvConfig:
+        if self.batched and self.num_workers != 1:
+            raise ValueError(
+                "env.batched simulates every env in the learner's process: set env.num_workers: 1 "
+                f"(got {self.num_workers})"
+            )
         if self.num_envs % self.num_workers:
             raise ValueError(f"num_envs={self.num_envs} must be a multiple of num_workers={self.num_workers}")
         per_worker = self.num_envs // self.num_workers

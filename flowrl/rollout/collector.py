@@ -24,7 +24,7 @@ from torch import Tensor
 from flowrl.core.batch import TensorBatch
 from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy
-from flowrl.rollout.vector_env import EnvStep, GymVectorEnv
+from flowrl.rollout.vector_env import EnvStep, GymVectorEnv, VectorEnv
 from flowrl.runtime import derive_seed
 
 if TYPE_CHECKING:
@@ -165,12 +165,19 @@ class EnvShard:
         index: int,
         env_kwargs: dict | None = None,
         group_size: int = 1,
+        batched_device: torch.device | None = None,
     ) -> None:
         if num_envs % group_size:
             raise ValueError(f"an env shard of {num_envs} envs cannot hold whole groups of {group_size}")
         self.num_envs, self.seed, self.index, self.group_size = num_envs, seed, index, group_size
-        self.envs = GymVectorEnv(env_id, horizon, num_envs, env_kwargs)
-        self.generator = torch.Generator()
+        self.envs: VectorEnv
+        if batched_device is not None:  # env.batched: one ManiSkill batch on that device
+            from envs.maniskill_batch import ManiSkillBatchEnv
+
+            self.envs = ManiSkillBatchEnv(env_id, horizon, num_envs, env_kwargs, batched_device)
+        else:
+            self.envs = GymVectorEnv(env_id, horizon, num_envs, env_kwargs)
+        self.generator = torch.Generator(device=self.envs.device)  # the policy samples where the envs are
         self.group = (index * num_envs + torch.arange(num_envs)) // group_size
         self._obs: Tensor | None = None
         self._returns = np.zeros(num_envs)
@@ -194,14 +201,15 @@ class EnvShard:
             self.reset(0)
         rows: dict[str, list[Tensor]] = {k: [] for k in _TIME_MAJOR}
         samples = []
-        every = torch.ones(self.num_envs, dtype=torch.bool)  # all steps count (stacking copies it)
+        # all steps count (stacking copies it)
+        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
         for _ in range(num_steps):
             obs, sample, step = self._step(policy, iteration)
-            done = (step.terminated | step.truncated).numpy()
-            self._returns += step.reward.numpy()
+            done = (step.terminated | step.truncated).cpu().numpy()
+            self._returns += step.reward.cpu().numpy()
             for i in np.flatnonzero(done):
                 ep_returns.append(float(self._returns[i]))
                 ep_successes.append(float(bool(step.success[i])))
@@ -222,9 +230,10 @@ class EnvShard:
         self.reset(iteration)
         rows: dict[str, list[Tensor]] = {k: [] for k in _TIME_MAJOR}
         samples = []
-        active = torch.ones(self.num_envs, dtype=torch.bool)
-        returns = torch.zeros(self.num_envs, dtype=torch.float64)
-        success = torch.zeros(self.num_envs, dtype=torch.bool)
+        device = self.envs.device
+        active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
+        returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
+        success = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
         env_steps = 0
         for _ in range(max_steps):
             if not bool(active.any()):
@@ -268,12 +277,14 @@ class InProcessCollector:
         num_workers: int = 1,
         env_kwargs: dict | None = None,
         group_size: int = 1,
+        batched_device: torch.device | None = None,
     ) -> None:
         if num_envs % num_workers:
             raise ValueError(f"num_envs={num_envs} must be divisible by the number of env workers ({num_workers})")
         per_shard = num_envs // num_workers
         self.shards = [
-            EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs, group_size) for i in range(num_workers)
+            EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs, group_size, batched_device)
+            for i in range(num_workers)
         ]
 
     def reset(self, epoch: int) -> None:
@@ -299,6 +310,11 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
 
         return make_prompt_collector(cfg)
     env, horizon = cfg.env, cfg.policy.horizon
+    if env.batched:  # one batch in this process, on the learner's device (no env workers)
+        from flowrl.runtime import resolve_device
+
+        device = resolve_device(cfg.device)
+        return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, 1, env.kwargs, env.group_size, device)
     if cfg.ray.enabled:
         from flowrl.rollout.ray_collector import RayCollector  # Ray is imported only when used
 
@@ -314,6 +330,13 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
             env.group_size,
         )
     return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, env.num_workers, env.kwargs, env.group_size)
+
+
+def headline_success(metrics: dict[str, float]) -> float:
+    """The success rate the console shows: ``eval/success_once`` where the env reports whether
+    any step succeeded (ManiSkill's measure; with ``terminate_on_success: false`` the success at
+    the end can be 0 after a success), else ``eval/success_rate``."""
+    return metrics.get("eval/success_once", metrics["eval/success_rate"])
 
 
 def evaluate_policy(
@@ -384,4 +407,12 @@ def evaluate_policy(
     }
 
 
-__all__ = ["Collector", "EnvShard", "InProcessCollector", "Rollout", "evaluate_policy", "make_collector"]
+__all__ = [
+    "Collector",
+    "EnvShard",
+    "InProcessCollector",
+    "Rollout",
+    "evaluate_policy",
+    "headline_success",
+    "make_collector",
+]

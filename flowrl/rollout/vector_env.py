@@ -2,8 +2,8 @@
 env's device.
 
 ``GymVectorEnv`` adapts gymnasium tasks (stepped on the CPU, same-step autoreset). A batched
-GPU simulator (ManiSkill's ``physx_cuda``) implements the same interface with its tensors on
-the GPU, so the collector never converts to numpy.
+GPU simulator (ManiSkill's ``physx_cuda``, envs/maniskill_batch.py) implements the same
+interface with its tensors on the GPU, so the collector never converts to numpy.
 """
 
 from __future__ import annotations

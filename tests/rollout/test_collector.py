@@ -22,7 +22,7 @@ from flowrl.core.windows import OneRandomStep
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
 from flowrl.models.sampler import ChainSampler, ReinFlowConverter
-from flowrl.rollout.collector import EnvShard, InProcessCollector, Rollout, evaluate_policy
+from flowrl.rollout.collector import EnvShard, InProcessCollector, Rollout, evaluate_policy, headline_success
 
 ENV_ID = "flowrl/TwoGoal-v0"
 O, DA, K = 2, 2, 2
@@ -317,6 +317,8 @@ def test_evaluate_policy_reports_success_once_when_the_env_does() -> None:
     out = evaluate_policy(tiny_policy(1), "test/SucceedsOnce-v0", 1, episodes=3, seed=0)
     assert out["eval/success_once"] == 1.0 and out["eval/success_rate"] == 0.0
     assert out["eval/episode_length"] == 5.0
+    assert headline_success(out) == 1.0  # what the console shows for such envs
+    assert headline_success({"eval/success_rate": 0.25}) == 0.25
 
 
 # --------------------------------------------------------------------------- reset groups
