@@ -277,6 +277,7 @@ def valid_configs(draw) -> tuple[dict[str, Any], dict[str, Any]]:
     exclude = {"type", "minibatch_size", "steps_per_iteration"}
     exclude |= set() if learned_noise else {"noise_lr"}
     exclude |= set() if learned_noise or family == "gaussian" else {"entropy_coef"}
+    exclude |= {"ratio_norm"} if learned_noise or not flow else set()  # fixed-std converters only
     algo = {"type": "grpo" if grpo else "ppo"} | draw(_scalars(model, exclude=exclude))
     if grpo:
         algo["minibatch_size"] = draw(st.integers(1, 1024))

@@ -71,6 +71,20 @@ def _kept(has_signal: Tensor, group_size: int) -> tuple[Tensor, dict[str, float]
     return keep, {"grpo/groups": float(has_signal.numel()), "grpo/groups_dropped": float((~has_signal).sum())}
 
 
+def normalised_log_prob(evaluation: Evaluation, old_mean: Tensor) -> Tensor:
+    """GRPO-Guard's ratio normalisation: each stochastic step's log-prob ``[B, S]`` plus
+    ``||mu_theta - mu_old||^2 / (2 sigma^2)``.
+
+    For a Gaussian step with a fixed std (Flow-SDE, CPS) and x drawn from the old step, the
+    log-ratio is ``eps . dmu / sigma - ||dmu||^2 / (2 sigma^2)``: its mean is negative and
+    scales with 1 / sigma^2, so it differs from step to step and the clip stops binding where
+    sigma is large. Adding the second term back leaves ``(x - mu_old) . dmu / sigma^2``, centred
+    at 0 at every step, with the same gradient at the old parameters."""
+    var = evaluation.std.pow(2)
+    bias = ((evaluation.mean - old_mean).pow(2) / (2 * var)).flatten(2).sum(-1)
+    return evaluation.log_prob + bias
+
+
 def step_kl(policy: Policy, evaluation: Evaluation, reference: Evaluation) -> Tensor:
     """KL of every stochastic step's Gaussian to the reference's, reduced like the log-probs
     (per policy-gradient sample): ``[M]``."""
@@ -113,6 +127,16 @@ class GRPO:
         self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
         self.reference = frozen_copy(policy) if cfg.beta > 0 else None
         self._stats: dict[str, float] = {}
+        # how a [B, S] per-step log-prob becomes the policy-gradient samples' (unit_values)
+        self._unit = (policy.sample_unit, policy.log_prob_reduce, event_numel(policy))
+
+    @torch.no_grad()
+    def _old_means(self, batch: GRPOBatch) -> Tensor:
+        """The mean of every stored stochastic step under the rollout's parameters (before the
+        first update), for the ratio normalisation; evaluated a minibatch at a time."""
+        size, step = batch.cond.shape[0], self.cfg.minibatch_size
+        chunks = [(batch.cond[i : i + step], batch.samples[i : i + step]) for i in range(0, size, step)]
+        return torch.cat([self.policy.evaluate(cond, samples).mean for cond, samples in chunks])
 
     def set_progress(self, fraction_done: float) -> None:
         self.optimizer.set_progress(fraction_done)
@@ -170,6 +194,7 @@ class GRPO:
             return {**metrics, "train/epochs": 0.0}
         history = MetricHistory()
         epochs_done = 0
+        old_mean = self._old_means(batch) if cfg.ratio_norm else None
         for _ in range(cfg.epochs):
             perm = torch.randperm(size, generator=self.generator).to(self.device)
             kl_stop = False
@@ -177,7 +202,11 @@ class GRPO:
                 mb = perm[start : start + cfg.minibatch_size]
                 cond, samples = batch.cond[mb], batch.samples[mb]
                 terms = pg_samples(self.policy, cond, samples, batch.advantages[mb])
-                pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
+                log_prob = terms.log_prob
+                if old_mean is not None:
+                    normalised = normalised_log_prob(terms.evaluation, old_mean[mb])
+                    log_prob = unit_values(normalised, *self._unit)
+                pg_loss, pg_metrics = clipped_surrogate(log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
                 entropy_mean = terms.evaluation.entropy.mean()
                 loss = pg_loss - cfg.entropy_coef * entropy_mean
                 logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}

@@ -370,6 +370,12 @@ class GRPOConfig(PolicyGradientConfig):
     outcome: Literal["return", "success"] = Field("return", description="what an episode scores")
     beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (initial) policy; 0 = off")
     adv_eps: float = Field(1e-4, gt=0, description="advantage = (r - mean) / (std + adv_eps) within each group")
+    ratio_norm: bool = Field(
+        False,
+        description="GRPO-Guard's ratio normalisation: add ||mu_theta - mu_old||^2 / (2 sigma^2) to each step's "
+        "log-ratio, removing its negative bias so the clipped ratio is centred at 1 at every denoising step "
+        "(fixed-std converters: flow_sde, cps)",
+    )
 
 
 AlgoConfig = Annotated[PPOConfig | GRPOConfig, Field(discriminator="type")]
@@ -487,6 +493,9 @@ class ExperimentConfig(_Strict):
             dead["algo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
         if not (learned_noise or family == "gaussian"):
             dead["algo.entropy_coef"] = "to a learned std (reinflow / flow_noise converters, gaussian policies)"
+        flow = family in (*FLOW_TYPES, *IMAGE_POLICY_TYPES)
+        if not (flow and not isinstance(self.mdp.converter, NoiseNetConverter)):
+            dead["algo.ratio_norm"] = "to flow policies with a fixed-std converter (mdp.converter.type flow_sde or cps)"
         if family not in ("shortcut", "meanflow"):
             dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
         if family in IMAGE_POLICY_TYPES:

@@ -257,3 +257,76 @@ def test_a_stopped_image_run_resumes_where_it_stopped(tmp_path):
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
     assert resumed == expected
     assert (stopped / "policy.pt").is_file()
+
+
+def test_ratio_norm_centres_each_steps_log_ratio_at_zero():
+    """GRPO-Guard's ratio normalisation against closed forms and Monte Carlo: with x drawn from
+    the old step N(mu_old, sigma^2), the plain log-ratio has mean -||dmu||^2 / (2 sigma^2) (a
+    different bias at every step, here sigma 0.1 / 0.5 / 1.0), the normalised one equals
+    (x - mu_old) . dmu / sigma^2 and has mean 0."""
+    from flowrl.algos.grpo import normalised_log_prob
+    from flowrl.models.policy import Evaluation
+
+    gen = torch.Generator().manual_seed(0)
+    n, steps, dims = 200_000, 3, 4
+    sigma = torch.tensor([0.1, 0.5, 1.0]).view(1, steps, 1)
+    mu_old = torch.randn((1, steps, dims), generator=gen).expand(n, -1, -1)
+    mu_new = mu_old + 0.05 * torch.randn((1, steps, dims), generator=gen)
+    x = mu_old + sigma * torch.randn((n, steps, dims), generator=gen)
+    log_new = torch.distributions.Normal(mu_new, sigma).log_prob(x).sum(-1)
+    log_old = torch.distributions.Normal(mu_old, sigma).log_prob(x).sum(-1)
+    evaluation = Evaluation(log_prob=log_new, entropy=torch.zeros(n), mean=mu_new, std=sigma.expand(n, -1, dims))
+    plain = log_new - log_old
+    normalised = normalised_log_prob(evaluation, mu_old) - log_old
+    dmu = mu_new - mu_old
+    bias = -(dmu[0] ** 2).sum(-1) / (2 * sigma.view(steps) ** 2)
+    torch.testing.assert_close(
+        normalised, ((x - mu_old) * dmu).sum(-1) / sigma.view(1, steps) ** 2, rtol=1e-4, atol=1e-4
+    )
+    stderr = plain.std(0) / n**0.5
+    assert ((plain.mean(0) - bias).abs() < 5 * stderr).all(), (plain.mean(0), bias)
+    assert (normalised.mean(0).abs() < 5 * stderr).all() and (bias.abs() > 20 * stderr).any()
+
+
+def test_ratio_norm_keeps_the_first_gradient_and_runs_an_update():
+    """At the rollout's parameters the normalisation adds nothing to the gradient (its term is
+    quadratic in dmu); an update with it runs and logs finite metrics."""
+    from flowrl.algos.grpo import normalised_log_prob
+    from flowrl.core.transitions import unit_values
+
+    cfg = tiny_config("algo.ratio_norm=true", "mdp.converter={type: cps, noise_level: 0.7}")
+    torch.manual_seed(0)
+    policy = build_policy(cfg, build_image_network(cfg))
+    algo = GRPO(policy, cfg.algo, torch.device("cpu"), cfg.seed, cfg.env.group_size)
+    collector = make_prompt_collector(cfg)
+    try:
+        batch = algo.prepare(algo.collect(collector, policy, 0))
+    finally:
+        collector.close()
+    old_mean = algo._old_means(batch)
+
+    def grads(normalise: bool) -> list[torch.Tensor]:
+        policy.zero_grad()
+        evaluation = policy.evaluate(batch.cond, batch.samples)
+        per_step = normalised_log_prob(evaluation, old_mean) if normalise else evaluation.log_prob
+        unit_values(per_step, *algo._unit).sum().backward()
+        return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    metrics = algo.update(batch, 0)
+    assert all(np.isfinite(v) for v in metrics.values()) and metrics["train/epochs"] >= 1
+
+
+def test_ratio_norm_needs_a_fixed_std_converter():
+    from flowrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ratio_norm"):
+        tiny_config(
+            "algo.ratio_norm=true",
+            data={
+                "policy": {"type": "rectified_flow", "horizon": 4},
+                "env": {"id": "flowrl/TwoGoal-v0", "num_envs": 4, "group_size": 2, "num_workers": 1},
+                "mdp": {"converter": {"type": "reinflow"}},
+            },
+        )
