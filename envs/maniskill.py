@@ -72,6 +72,25 @@ def _scalar(value: Any) -> Any:
     return None
 
 
+def make_maniskill(task: str, **kwargs: Any) -> Any:
+    """ManiSkill's env class for ``task`` (state observations), made with ``kwargs``, without
+    ManiSkill's TimeLimit (flowrl's registration rules the limit). Bad kwargs and a missing
+    Vulkan driver are one-line errors naming the fix."""
+    registered = _import_maniskill()
+    if task not in registered:
+        raise FlowRLError(f"ManiSkill has no task {task!r} (the task of a ManiSkillEnv, e.g. PickCube-v1)")
+    try:
+        return registered[task].make(obs_mode="state", **kwargs)
+    except AssertionError as exc:  # how ManiSkill rejects an unknown control_mode, reward_mode, ...
+        raise FlowRLError(f"{task}: ManiSkill refused the env's kwargs (env.kwargs): {exc}") from None
+    except RuntimeError as exc:
+        if _NO_VULKAN.search(str(exc)):
+            raise ManiSkillUnavailable(
+                f"ManiSkill cannot open a Vulkan device for {task} ({str(exc).strip().splitlines()[0]}); {FIX}"
+            ) from None
+        raise
+
+
 class _NoContacts:
     """The PhysX system as ManiSkill's scene sees it, with an empty contact list."""
 
@@ -119,31 +138,18 @@ class ManiSkillEnv(gym.Env):
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise FlowRLError(f"{task}: render_mode {render_mode!r} is not supported; use None or 'rgb_array'")
-        registered = _import_maniskill()
-        if task not in registered:
-            raise FlowRLError(f"ManiSkill has no task {task!r} (the task of a ManiSkillEnv, e.g. PickCube-v1)")
         camera = {} if render_size is None else {"width": render_size, "height": render_size}
-        try:
-            # The ManiSkill class itself, without ManiSkill's TimeLimit: gymnasium's (registration) rules.
-            self._env = registered[task].make(
-                num_envs=1,
-                obs_mode="state",
-                control_mode=control_mode,
-                reward_mode=reward_mode,
-                sim_backend=sim_backend,
-                render_backend=render_backend,
-                reconfiguration_freq=reconfiguration_freq,
-                render_mode=render_mode,
-                human_render_camera_configs=camera,
-            )
-        except AssertionError as exc:  # how ManiSkill rejects an unknown control_mode, reward_mode, ...
-            raise FlowRLError(f"{task}: ManiSkill refused the env's kwargs (env.kwargs): {exc}") from None
-        except RuntimeError as exc:
-            if _NO_VULKAN.search(str(exc)):
-                raise ManiSkillUnavailable(
-                    f"ManiSkill cannot open a Vulkan device for {task} ({str(exc).strip().splitlines()[0]}); {FIX}"
-                ) from None
-            raise
+        self._env = make_maniskill(
+            task,
+            num_envs=1,
+            control_mode=control_mode,
+            reward_mode=reward_mode,
+            sim_backend=sim_backend,
+            render_backend=render_backend,
+            reconfiguration_freq=reconfiguration_freq,
+            render_mode=render_mode,
+            human_render_camera_configs=camera,
+        )
         self.task = task
         self.control_mode = control_mode
         self.render_mode = render_mode
@@ -226,4 +232,4 @@ class ManiSkillEnv(gym.Env):
             self._env = None
 
 
-__all__ = ["FIX", "ManiSkillEnv", "ManiSkillUnavailable"]
+__all__ = ["FIX", "ManiSkillEnv", "ManiSkillUnavailable", "make_maniskill"]

@@ -28,7 +28,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor
 
-from envs.maniskill import _NO_VULKAN, FIX, ManiSkillUnavailable, _import_maniskill
+from envs.maniskill import make_maniskill
 from flowrl.errors import FlowRLError
 from flowrl.rollout.vector_env import EnvStep
 
@@ -82,23 +82,15 @@ class ManiSkillBatchEnv:
         spec = gym.spec(env_id)
         self.limit = int(kwargs.pop("max_episode_steps", spec.max_episode_steps))
         self.terminate_on_success = bool(kwargs.pop("terminate_on_success", True))
-        task = spec.kwargs["task"]
-        registered = _import_maniskill()
-        try:
-            self._env = registered[task].make(
-                num_envs=num_envs,
-                obs_mode="state",
-                control_mode=kwargs.get("control_mode", "pd_ee_delta_pos"),
-                reward_mode=kwargs.get("reward_mode", "normalized_dense"),
-                sim_backend="physx_cuda" if device.type == "cuda" else "physx_cpu",
-                render_backend="gpu" if device.type == "cuda" else "cpu",
-            )
-        except AssertionError as exc:
-            raise FlowRLError(f"{task}: ManiSkill refused the env's kwargs (env.kwargs): {exc}") from None
-        except RuntimeError as exc:
-            if _NO_VULKAN.search(str(exc)):
-                raise ManiSkillUnavailable(f"ManiSkill cannot open a Vulkan device for {task}; {FIX}") from None
-            raise
+        cuda = device.type == "cuda"
+        self._env = make_maniskill(
+            spec.kwargs["task"],
+            num_envs=num_envs,
+            control_mode=kwargs.get("control_mode", "pd_ee_delta_pos"),
+            reward_mode=kwargs.get("reward_mode", "normalized_dense"),
+            sim_backend="physx_cuda" if cuda else "physx_cpu",
+            render_backend="gpu" if cuda else "cpu",
+        )
         self.num_envs, self.horizon = num_envs, horizon
         self.device = torch.device(self._env.device)
         self._t = torch.zeros(num_envs, dtype=torch.long, device=self.device)
