@@ -95,11 +95,25 @@ def _mujoco_warning(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr)
 
 
+_MUJOCO_BROKEN = ""  # why MuJoCo could not be imported (made a one-line error when a MuJoCo env is made)
+
+
 def _route_mujoco_warnings() -> None:
     """Install the hook unless someone else installed one (theirs is left alone)."""
+    global _MUJOCO_BROKEN
     try:
         import mujoco
     except ImportError:  # gymnasium without its mujoco extra: nothing to route
+        return
+    except Exception as exc:  # noqa: BLE001 - e.g. MUJOCO_GL=osmesa without libOSMesa: PyOpenGL fails inside
+        backend = os.environ.get("MUJOCO_GL")
+        _MUJOCO_BROKEN = (
+            f"MuJoCo cannot be imported with MUJOCO_GL={backend} ({type(exc).__name__}: {exc}): install that back "
+            "end's library (osmesa: libosmesa6; egl: libegl1) or unset MUJOCO_GL"
+            if backend
+            else f"MuJoCo cannot be imported ({type(exc).__name__}: {exc}): reinstall it "
+            "(pip install 'gymnasium[mujoco]')"
+        )
         return
     if mujoco.get_mju_user_warning() is None:
         mujoco.set_mju_user_warning(_mujoco_warning)
@@ -141,6 +155,13 @@ def _prepare_render(env_id: str) -> str:
     return "check the env's render() with render_mode='rgb_array'"
 
 
+def _is_mujoco(env_id: str) -> bool:
+    try:
+        return str(gym.spec(env_id).entry_point).startswith("gymnasium.envs.mujoco")
+    except gym.error.Error:
+        return False
+
+
 def make_env(
     env_id: str,
     horizon: int,
@@ -153,6 +174,8 @@ def make_env(
     uint8 (and its fps) after every reset and primitive step (envs.wrappers.RenderFrames); an env
     that cannot render is a one-line FlowRLError naming it and the fix."""
     kwargs = dict(kwargs or {})
+    if _MUJOCO_BROKEN and _is_mujoco(env_id):
+        raise FlowRLError(f"cannot make {env_id}: {_MUJOCO_BROKEN}")
     if on_frame is not None:
         fix = _prepare_render(env_id)
         kwargs["render_mode"] = "rgb_array"

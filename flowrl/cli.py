@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "fine-tuning side by side on the locomotion tasks (one file each in the tasks folder); images: Flow-GRPO, "
         "MixGRPO and MixGRPO-Flash fine-tuning one pretrained shapes-world model side by side (held-out accuracy "
         "before / after per category, JPEG size, diversity, time per iteration, NFE, memory); maniskill: Flow-Noise "
-        "PPO, Flow-SDE PPO and Flow-SDE GRPO fine-tuning one pretrained policy per ManiSkill task side by side "
+        "and Flow-SDE, each under PPO and GRPO, fine-tuning one pretrained policy per ManiSkill task side by side "
         "(held-out success before / after, env steps, wall time, training-step time, collection vs raw stepping)",
     )
     sp.add_argument(
@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--methods",
         help="images: comma list of flow_grpo, mixgrpo, flash (default all; times relative to flow_grpo); maniskill: "
-        "flow_noise_ppo, flow_sde_ppo, flow_sde_grpo (default all; training-step times relative to flow_noise_ppo)",
+        "flow_noise_ppo, flow_sde_ppo, flow_noise_grpo, flow_sde_grpo (default all; training-step times relative to "
+        "flow_noise_ppo)",
     )
     sp.add_argument("--iterations", type=int, help="images, maniskill: iterations of every run (default: each file's)")
     sp.add_argument(

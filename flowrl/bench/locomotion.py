@@ -47,6 +47,7 @@ class Variant:
     overrides: tuple[str, ...] = field(default=())
 
 
+RESULTS_FORMAT = 2  # locomotion.json's layout (2: per-seed runs in every row); older files' tasks are not merged
 VARIANTS = (
     Variant("ReinFlow rectified flow K=4", "reinflow"),
     Variant("ReinFlow rectified flow K=1", "reinflow", ("policy.denoising_steps=1",)),
@@ -154,6 +155,7 @@ def run_locomotion_bench(
     if not any(v.method in t.spec.methods for t in chosen_tasks for v in chosen):
         raise FlowRLError(f"none of the tasks {[t.name for t in chosen_tasks]} has a method of the chosen variants")
     results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
         "machine": {"cpus": os.cpu_count()},
         "size": size,
         "seeds": list(seeds),
@@ -254,12 +256,14 @@ def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, A
     """Results so far (written after every run, so a stopped benchmark keeps what it measured).
 
     A task's rows all come from one run (side by side); the other tasks already in
-    ``locomotion.json`` with the same size and overrides are kept, so the tasks can run as
-    separate commands.
+    ``locomotion.json`` measured alike (same results format, size, overrides, seeds and
+    evaluation episodes) are kept, so the tasks can run as separate commands; the others are
+    dropped, so one table never mixes statistics.
     """
     results["tasks"][task] = {"data_prep_s": timings, "rows": rows}
     previous = _previous(out / "locomotion.json")
-    if previous.get("size") == results["size"] and previous.get("overrides") == results["overrides"]:
+    same = ("format", "size", "overrides", "seeds", "eval_episodes")
+    if all(previous.get(k) == results[k] for k in same):
         for other, res in previous.get("tasks", {}).items():
             if other != task:
                 results["tasks"][other] = res

@@ -1,4 +1,4 @@
-"""``flowrl bench maniskill``: Flow-Noise PPO, Flow-SDE PPO and Flow-SDE GRPO fine-tuned side
+"""``flowrl bench maniskill``: Flow-Noise and Flow-SDE, each under PPO and GRPO, fine-tuned side
 by side on the ManiSkill3 tasks (PickCube, PushCube) from one pretrained policy per task.
 
 The tasks are the files: ``experiments/maniskill/TASK_METHOD.yaml`` (``paper/`` for
@@ -86,6 +86,7 @@ class Method:
 METHODS = (
     Method("Flow-Noise PPO", "flow_noise_ppo"),
     Method("Flow-SDE PPO", "flow_sde_ppo"),
+    Method("Flow-Noise GRPO", "flow_noise_grpo"),
     Method("Flow-SDE GRPO", "flow_sde_grpo"),
 )
 BASELINE = "flow_noise_ppo"  # the training-step times are reported as ratios to it

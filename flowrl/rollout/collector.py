@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -366,35 +366,39 @@ def evaluate_policy(
     import envs as flowrl_envs
 
     frames = on_frame or {}
-    env_list = [flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)) for i in range(episodes)]
-    base = derive_seed(seed, 10**6)
-    obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
-    generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))
-    returns, lengths = np.zeros(episodes), np.zeros(episodes)
-    success = np.zeros(episodes, dtype=bool)
-    success_once: np.ndarray | None = None  # envs whose info says whether any step succeeded (ManiSkill)
-    active = np.ones(episodes, dtype=bool)
-    while active.any():
-        actions = policy.act(torch.as_tensor(obs), generator).numpy()
-        for i in np.flatnonzero(active):
-            o, r, term, trunc, info = env_list[i].step(actions[i])
-            if not (np.isfinite(r) and np.isfinite(o).all()):
-                what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
-                raise FlowRLError(
-                    f"evaluation: {env_id} returned {what} in episode {i}; fix the env (flowrl does not replace "
-                    "bad values)"
-                )
-            obs[i] = o
-            returns[i] += r
-            lengths[i] += info["chunk_steps"]
-            if term or trunc:
-                active[i] = False
-                success[i] = bool(info.get("success", False))
-                if "success_once" in info:
-                    success_once = np.zeros(episodes, dtype=bool) if success_once is None else success_once
-                    success_once[i] = bool(info["success_once"])
-    for env in env_list:
-        env.close()
+    env_list: list[Any] = []
+    try:  # the envs made so far are closed however the evaluation ends (ManiSkill's hold ~0.5 GB each)
+        for i in range(episodes):
+            env_list.append(flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)))
+        base = derive_seed(seed, 10**6)
+        obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
+        generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))
+        returns, lengths = np.zeros(episodes), np.zeros(episodes)
+        success = np.zeros(episodes, dtype=bool)
+        success_once: np.ndarray | None = None  # envs whose info says whether any step succeeded (ManiSkill)
+        active = np.ones(episodes, dtype=bool)
+        while active.any():
+            actions = policy.act(torch.as_tensor(obs), generator).numpy()
+            for i in np.flatnonzero(active):
+                o, r, term, trunc, info = env_list[i].step(actions[i])
+                if not (np.isfinite(r) and np.isfinite(o).all()):
+                    what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
+                    raise FlowRLError(
+                        f"evaluation: {env_id} returned {what} in episode {i}; fix the env (flowrl does not replace "
+                        "bad values)"
+                    )
+                obs[i] = o
+                returns[i] += r
+                lengths[i] += info["chunk_steps"]
+                if term or trunc:
+                    active[i] = False
+                    success[i] = bool(info.get("success", False))
+                    if "success_once" in info:
+                        success_once = np.zeros(episodes, dtype=bool) if success_once is None else success_once
+                        success_once[i] = bool(info["success_once"])
+    finally:
+        for env in env_list:
+            env.close()
     middle = np.sort(returns)[episodes // 4 : episodes - episodes // 4]  # the interquartile mean's half
     once = {} if success_once is None else {"eval/success_once": float(success_once.mean())}
     return {

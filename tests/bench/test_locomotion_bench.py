@@ -115,10 +115,11 @@ def _row(label: str, before: float, after: float) -> dict:
 
 
 def test_tasks_run_as_separate_commands_share_one_results_file(tmp_path):
-    from flowrl.bench.locomotion import _write
+    from flowrl.bench.locomotion import RESULTS_FORMAT, _write
 
-    def results(size: str = "cpu") -> dict:
-        return {"machine": {"cpus": 2}, "size": size, "overrides": [], "tasks": {}}
+    def results(size: str = "cpu", seeds: list[int] = [0, 1, 2], fmt: int = RESULTS_FORMAT) -> dict:  # noqa: B006
+        common = {"format": fmt, "size": size, "overrides": [], "seeds": seeds, "eval_episodes": 20}
+        return {**common, "machine": {"cpus": 2}, "tasks": {}}
 
     _write(results(), tmp_path, "walker2d", [_row("DPPO", 1.0, 3.0)], {})
     hopper = results()
@@ -135,5 +136,13 @@ def test_tasks_run_as_separate_commands_share_one_results_file(tmp_path):
     assert saved["tasks"]["walker2d"]["rows"][0]["return_after"] == 5.0
     # results of another size are not mixed in
     _write(results("paper"), tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
+    assert set(json.loads((tmp_path / "locomotion.json").read_text())["tasks"]) == {"hopper"}
+    # nor results over other seeds, nor a file of an older layout (its rows lack the per-seed runs)
+    _write(results(), tmp_path, "walker2d", [_row("DPPO", 1.0, 3.0)], {})
+    _write(results(seeds=[0]), tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
+    assert set(json.loads((tmp_path / "locomotion.json").read_text())["tasks"]) == {"hopper"}
+    old = {**results(fmt=None), "tasks": {"walker2d": {"rows": [{"variant": "DPPO", "return_after": 3.0}]}}}
+    (tmp_path / "locomotion.json").write_text(json.dumps({k: v for k, v in old.items() if k != "format"}))
+    _write(results(), tmp_path, "hopper", [_row("DPPO", 1.0, 2.0)], {})
     assert set(json.loads((tmp_path / "locomotion.json").read_text())["tasks"]) == {"hopper"}
     assert not list(tmp_path.glob("locomotion.json.*"))  # no temporary file left behind

@@ -117,7 +117,12 @@ def test_maniskill_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypa
     assert raw > 0
 
     rows = {r["key"]: r for r in task["rows"]}
-    assert list(rows) == ["flow_noise_ppo", "flow_sde_ppo", "flow_sde_grpo"]
+    assert list(rows) == [
+        "flow_noise_ppo",
+        "flow_sde_ppo",
+        "flow_noise_grpo",
+        "flow_sde_grpo",
+    ]  # each converter x algorithm
     update_s = {}
     for key, row in rows.items():
         (run,) = row["runs"]
@@ -148,17 +153,25 @@ def test_maniskill_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypa
         events = list((out / "tensorboard" / "pickcube" / f"{key}_seed0").glob("events.out.tfevents.*"))
         assert len(events) == 1
     # the same pretrained policy on the same held-out seeds: every method starts from one point
-    assert rows["flow_sde_ppo"]["before"] == rows["flow_noise_ppo"]["before"] == rows["flow_sde_grpo"]["before"]
+    assert all(row["before"] == rows["flow_noise_ppo"]["before"] for row in rows.values())
     for key, row in rows.items():
         assert row["update_vs_flow_noise"] == pytest.approx(update_s[key] / update_s["flow_noise_ppo"])
     verdicts = [(t["method"], t["hit"]) for t in task["targets"] if "Ray worker" in t["target"]]
     assert verdicts == [(r["method"], None) for r in rows.values()]  # in-process: the Ray target does not apply
-    assert len(task["targets"]) == 3 + 1 + 3  # success per method, Flow-SDE PPO's step cost, rollout per method
+    assert len(task["targets"]) == 4 + 1 + 4  # success per method, Flow-SDE PPO's step cost, rollout per method
 
     _valid_png(out / "maniskill.png")
     assert shlex.split(results["commands"]["bench"])[:5] == ["flowrl", "bench", "maniskill", "--tasks", "pickcube"]
     assert task["commands"]["demos"].startswith(f"flowrl demos flowrl/PickCube-v1 --episodes 2 --out {demos}")
-    for text in ("| Flow-Noise PPO |", "| Flow-SDE GRPO |", "1.00x", "disjoint from them", "Targets:", "n/a"):
+    for text in (
+        "| Flow-Noise PPO |",
+        "| Flow-Noise GRPO |",
+        "| Flow-SDE GRPO |",
+        "1.00x",
+        "disjoint from them",
+        "Targets:",
+        "n/a",
+    ):
         assert text in table
 
     # again, one method: the dataset and the pretraining are reused
@@ -176,7 +189,10 @@ def test_bad_input_is_a_one_line_error_before_any_folder(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     cases = [
         (["--tasks", "stackcube"], "unknown task(s) ['stackcube']; choose from pickcube, pushcube"),
-        (["--methods", "dppo"], "unknown method(s) ['dppo']; choose from flow_noise_ppo, flow_sde_ppo, flow_sde_grpo"),
+        (
+            ["--methods", "dppo"],
+            "unknown method(s) ['dppo']; choose from flow_noise_ppo, flow_sde_ppo, flow_noise_grpo, flow_sde_grpo",
+        ),
         (["--iterations", "0"], "algo.iterations"),
         (["--set", "algo.no_such_key=1"], "no_such_key"),
     ]
@@ -271,6 +287,11 @@ def test_targets_against_hand_computed_values():
 def test_cli_help_lists_the_maniskill_bench(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "Flow-SDE PPO and Flow-SDE GRPO fine-tuning one pretrained policy per ManiSkill task" in text
-    assert "flow_noise_ppo, flow_sde_ppo, flow_sde_grpo" in text and "benchmarks/results/maniskill" in text
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps lines after hyphens
+    assert (
+        "Flow-Noise and Flow-SDE, each under PPO and GRPO, fine-tuning one pretrained policy per ManiSkill task" in text
+    )
+    assert (
+        "flow_noise_ppo, flow_sde_ppo, flow_noise_grpo, flow_sde_grpo" in text
+        and "benchmarks/results/maniskill" in text
+    )

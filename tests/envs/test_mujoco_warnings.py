@@ -4,6 +4,7 @@ warnings still show. Run in a fresh interpreter: what a user's console shows."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,33 @@ def test_halfcheetah_deprecation_is_dropped_and_other_warnings_still_show(tmp_pa
     assert "MujocoWarning: Nan, Inf or huge value in QVEL" in err  # other MuJoCo warnings: Python warnings now
     assert "a flowrl log warning" in err and "UserWarning: a flowrl UserWarning" in err
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()  # MuJoCo's default handler no longer writes its log file
+
+
+BROKEN_GL = """
+import sys
+class Broken:  # what PyOpenGL does inside `import mujoco` when MUJOCO_GL=osmesa lacks libOSMesa
+    def find_spec(self, name, path=None, target=None):
+        if name == "mujoco":
+            raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+sys.meta_path.insert(0, Broken())
+import envs
+from flowrl.errors import FlowRLError
+envs.make_env("flowrl/TwoGoal-v0", 1).close()  # envs without MuJoCo still work
+try:
+    envs.make_env("Hopper-v5", 1)
+except FlowRLError as exc:
+    print("ERROR", exc)
+"""
+
+
+def test_a_mujoco_that_cannot_import_is_one_line_when_a_mujoco_env_is_made(tmp_path):
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", BROKEN_GL], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("ERROR")]
+    assert line.startswith(
+        "ERROR cannot make Hopper-v5: MuJoCo cannot be imported with MUJOCO_GL=osmesa (AttributeError"
+    )
+    assert "libosmesa6" in line and "unset MUJOCO_GL" in line

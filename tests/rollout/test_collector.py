@@ -321,6 +321,32 @@ def test_evaluate_policy_reports_success_once_when_the_env_does() -> None:
     assert headline_success({"eval/success_rate": 0.25}) == 0.25
 
 
+@pytest.mark.parametrize("failure", ["making the third env", "the policy's first step"])
+def test_evaluate_policy_closes_every_env_it_made_when_it_fails(failure, monkeypatch) -> None:
+    import envs
+
+    made, closed, real = [], [], envs.make_env
+
+    def make_env(*args, **kwargs):
+        if failure == "making the third env" and len(made) == 2:
+            raise RuntimeError("out of memory")
+        env = real(*args, **kwargs)
+        made.append(env)
+        env.close = lambda env=env: closed.append(env)  # noqa: PLW0108 - records which env was closed
+        return env
+
+    class Failing:
+        def act(self, obs, generator):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(envs, "make_env", make_env)
+    policy = Failing() if failure == "the policy's first step" else tiny_policy(1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_policy(policy, ENV_ID, 1, episodes=4, seed=0)
+    assert len(made) == (2 if failure == "making the third env" else 4)
+    assert closed == made
+
+
 # --------------------------------------------------------------------------- reset groups
 @pytest.mark.parametrize(("num_envs", "num_workers", "group_size"), [(6, 1, 3), (8, 2, 2), (8, 2, 4), (4, 2, 1)])
 @pytest.mark.parametrize("method", ["collect", "collect_episodes"])
