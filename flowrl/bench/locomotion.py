@@ -310,7 +310,7 @@ def _chart(results: dict[str, Any], path: Path) -> None:
             plot_seeds(ax, [r["curve"] for r in row["runs"]], row["variant"])
         ax.set_title(task)
         ax.set_xlabel("env steps")
-        ax.set_ylabel("eval return (deterministic policy): mean, min-max over seeds")
+        ax.set_ylabel("eval return, deterministic policy\n(line: mean; band: min-max over seeds)")
         ax.legend(fontsize=7)
     fig.suptitle(f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
     fig.tight_layout()
