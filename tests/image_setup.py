@@ -35,6 +35,25 @@ TINY: dict[str, Any] = {
 }
 
 
+# The same tiny world and network as overrides of a shipped image experiment file (the smoke
+# tests of experiments/images and the image benchmark's test add their reward and evaluation).
+TINY_OVERRIDES = [
+    "ray.enabled=false",
+    "env.image_size=16",
+    "env.prompts_per_iteration=2",
+    "env.group_size=2",
+    "env.prompts_per_chunk=1",
+    "policy.channels=[8,8,8]",
+    "policy.text_dim=8",
+    "policy.time_dim=8",
+    "policy.denoising_steps=4",
+    "policy.eval_denoising_steps=4",
+    "pretrain.steps=2",
+    "pretrain.batch_size=8",
+    "algo.minibatch_size=4",
+]
+
+
 def tiny_config(*overrides: str, data: dict[str, Any] | None = None) -> ExperimentConfig:
     """The tiny experiment with ``key=value`` overrides (and sections of ``data`` replaced)."""
     raw = copy.deepcopy(TINY)

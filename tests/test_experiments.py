@@ -25,6 +25,7 @@ from flowrl.experiment import env_dims
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.demos import collect_demos, save_demos
 from flowrl.runlog import read_metrics
+from tests.image_setup import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -157,24 +158,7 @@ IMAGES = sorted((EXPERIMENTS / "images").glob("*.yaml"))
 PAPER_IMAGES = sorted((EXPERIMENTS / "images" / "paper").glob("*.yaml"))  # `flowrl bench images --size paper`
 # The image track's files on a tiny network: 16 px, K = 4, 2 prompts x 2 images, a JPEG
 # reward (continuous, so every group has a spread and the GRPO update runs).
-IMAGE_TINY = [
-    "ray.enabled=false",
-    "env.image_size=16",
-    "env.prompts_per_iteration=2",
-    "env.group_size=2",
-    "env.prompts_per_chunk=1",
-    "env.reward={type: jpeg}",
-    "policy.channels=[8,8,8]",
-    "policy.text_dim=8",
-    "policy.time_dim=8",
-    "policy.denoising_steps=4",
-    "policy.eval_denoising_steps=4",
-    "pretrain.steps=2",
-    "pretrain.batch_size=8",
-    "algo.iterations=1",
-    "algo.minibatch_size=4",
-    "eval.episodes=2",
-]
+IMAGE_TINY = [*TINY_OVERRIDES, "env.reward={type: jpeg}", "algo.iterations=1", "eval.episodes=2"]
 
 
 def test_the_image_track_ships_pretraining_and_every_window_mode():

@@ -93,6 +93,30 @@ def plot_seeds(ax: Any, curves: list[list[tuple[float, float]]], label: str) -> 
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
 
 
+def seed_curves_chart(path: Path, title: str, panels: list[dict[str, Any]]) -> None:
+    """One row of panels, one per task, each with every method's curve over seeds
+    (``plot_seeds``). A panel: ``title``, ``ylabel``, optional ``ylim`` and ``lines``, a list of
+    (label, per-seed curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, curves in panel["lines"]:
+            plot_seeds(ax, curves, label)
+        ax.set_title(panel["title"])
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(panel["ylabel"])
+        if "ylim" in panel:
+            ax.set_ylim(*panel["ylim"])
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def tensorboard_curves(folder: Path, curves: dict[str, list[tuple[float, float]]]) -> None:
     """One run's curves (tag -> (env steps, value) pairs) as TensorBoard scalars in ``folder``,
     rewritten whole (a bench rewrites them after every run: one event file each)."""
@@ -111,6 +135,7 @@ __all__ = [
     "plot_seeds",
     "prepare_pretrained",
     "save_figure",
+    "seed_curves_chart",
     "select_methods",
     "shown",
     "tensorboard_curves",

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from flowrl import experiment as ex
-from flowrl.bench.common import plot_seeds, save_figure, tensorboard_curves, write_json
+from flowrl.bench.common import seed_curves_chart, tensorboard_curves, write_json
 from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
 from flowrl.config import load_config
 from flowrl.errors import FlowRLError
@@ -298,23 +298,16 @@ def _wall_ratio(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _chart(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for row in results["tasks"][task]["rows"]:
-            plot_seeds(ax, [r["curve"] for r in row["runs"]], row["variant"])
-        ax.set_title(task)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("eval return, deterministic policy\n(line: mean; band: min-max over seeds)")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
-    fig.tight_layout()
-    save_figure(fig, path)
+    panels = [
+        {
+            "title": task,
+            "ylabel": "eval return, deterministic policy\n(line: mean; band: min-max over seeds)",
+            "lines": [(row["variant"], [r["curve"] for r in row["runs"]]) for row in res["rows"]],
+        }
+        for task, res in results["tasks"].items()
+    ]
+    title = f"flowrl bench locomotion ({results['size']}-sized, {results['machine']['cpus']} CPUs)"
+    seed_curves_chart(path, title, panels)
 
 
 def _tensorboard(rows: list[dict[str, Any]], folder: Path) -> None:

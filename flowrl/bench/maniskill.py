@@ -47,9 +47,8 @@ import torch
 from flowrl import experiment as ex
 from flowrl.bench.common import (
     ROOT,
-    plot_seeds,
     prepare_pretrained,
-    save_figure,
+    seed_curves_chart,
     select_methods,
     shown,
     tensorboard_curves,
@@ -439,24 +438,17 @@ def _write(results: dict[str, Any], out: Path, task: str) -> None:
 
 
 def _chart(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for row in results["tasks"][task]["rows"]:
-            plot_seeds(ax, [r["curves"]["eval/success_once"] for r in row["runs"]], row["method"])
-        ax.set_title(f"{task} ({results['tasks'][task]['env_id']})")
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("held-out success_once (ODE policy)\nmean, min-max over seeds")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"flowrl bench maniskill ({results['size']}-sized, {results['machine']['cpus']} CPUs)")
-    fig.tight_layout()
-    save_figure(fig, path)
+    panels = [
+        {
+            "title": f"{task} ({res['env_id']})",
+            "ylabel": "held-out success_once (ODE policy)\nmean, min-max over seeds",
+            "ylim": (-0.03, 1.03),
+            "lines": [(row["method"], [r["curves"]["eval/success_once"] for r in row["runs"]]) for row in res["rows"]],
+        }
+        for task, res in results["tasks"].items()
+    ]
+    title = f"flowrl bench maniskill ({results['size']}-sized, {results['machine']['cpus']} CPUs)"
+    seed_curves_chart(path, title, panels)
 
 
 def _bench_command(out, plans, methods, iterations, seeds, overrides, size) -> str:

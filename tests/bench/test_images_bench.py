@@ -12,26 +12,11 @@ from PIL import Image
 
 from flowrl.cli import main
 from flowrl.runlog import read_metrics
+from tests.image_setup import TINY_OVERRIDES
 
-# The image track's tiny network (tests/test_experiments.py's IMAGE_TINY), with the verifier
+# The image track's tiny network (tests/image_setup.py's TINY_OVERRIDES), with the verifier
 # of the shipped files as the reward and an evaluation of 4 held-out prompts x 2 images.
-TINY = [
-    "ray.enabled=false",
-    "env.image_size=16",
-    "env.prompts_per_iteration=2",
-    "env.group_size=2",
-    "env.prompts_per_chunk=1",
-    "policy.channels=[8,8,8]",
-    "policy.text_dim=8",
-    "policy.time_dim=8",
-    "policy.denoising_steps=4",
-    "policy.eval_denoising_steps=4",
-    "pretrain.steps=2",
-    "pretrain.batch_size=8",
-    "algo.minibatch_size=4",
-    "eval.episodes=4",
-    "eval.every=1",
-]
+TINY = [*TINY_OVERRIDES, "eval.episodes=4", "eval.every=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
