@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
             nargs="?" if not experiment_required else None,
             help="experiment YAML file (experiments/*.yaml)",
         )
-        sp.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. algo.iterations=10")
+        sp.add_argument(
+            "overrides", nargs="*", help="config overrides: key.sub=value (algo.iterations=10), ~key.sub (removes it)"
+        )
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("pretrain", help="flow-matching behaviour cloning only", formatter_class=formatter)
@@ -193,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing, so `flowrl --help` is instant.
     from flowrl import experiment as ex
     from flowrl.config import load_config
+    from flowrl.config.loading import is_override
 
     if args.command == "bench" and args.bench == "locomotion":
         from flowrl.bench import locomotion
@@ -297,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"ray.address={args.ray_address}")
     if args.command in ("train", "pretrain") and args.resume:
         if args.experiment is not None:
-            if "=" not in args.experiment:
+            if not is_override(args.experiment):
                 raise FlowRLError("with --resume RUN_DIR, give no experiment file: the run's config.yaml is used")
             overrides.insert(0, args.experiment)
         if args.run_dir:
@@ -394,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options too: `flowrl train X.yaml --ray-address A algo.clip=0.1`.
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    from flowrl.config.loading import is_override  # after parsing: `flowrl --help` stays instant
+
+    unknown = [e for e in extra if e.startswith("-") or not is_override(e)]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra and not hasattr(args, "overrides"):

@@ -55,6 +55,8 @@ def _run_dir(runs: Path) -> Path:
         ("algo.minibatch_size=100000", "algo.minibatch_size=100000 is larger than"),
         ("algo.max_steps=8", "unknown key 'algo.max_steps'"),  # a GRPO key in a PPO experiment
         ("env.group_size=4", "env.group_size only applies to algo.type: grpo"),
+        ("~algo.noise_lrr", "has no key 'algo.noise_lrr' to remove"),  # `~key` removes a key; a typo is an error
+        ("mdp.converter={type: cps}", "remove it (on the command line: ~algo.noise_lr)"),
         # keys of an older flowrl name their new place
         ("ppo.clip=0.1", "'ppo' has moved to algo"),
         ("ray.num_workers=1", "'ray.num_workers' has moved to env.num_workers"),
@@ -345,6 +347,16 @@ def test_pretrain_then_train_from_the_checkpoint(tmp_path, capsys):
     again = torch.load(_run_dir(tmp_path / "file") / "pretrained.pt", weights_only=True)["actor"]
     first = torch.load(pretrained, weights_only=True)["actor"]
     assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_tilde_overrides_switch_a_reinflow_file_to_flow_sde(tmp_path):
+    """`~key` words are overrides on the command line, before or after options."""
+    switch = ["mdp.converter={type: flow_sde, noise_level: 0.3}", "~algo.noise_lr"]
+    args = ["train", QUICKSTART, *TINY, "algo.iterations=1", *switch, "--no-progress", "~algo.entropy_coef"]
+    assert main([*args, f"runs_dir={tmp_path}"]) == 0
+    config = yaml.safe_load((_run_dir(tmp_path) / "config.yaml").read_text())
+    assert config["mdp"]["converter"] == {"type": "flow_sde", "noise_level": 0.3}
+    assert "noise_lr" not in config["algo"] and "entropy_coef" not in config["algo"]
 
 
 def test_shortcut_policy_fine_tunes_with_one_denoising_step(tmp_path):

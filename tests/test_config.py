@@ -77,6 +77,31 @@ def test_bad_override_syntax(bad):
         parse_override(bad)
 
 
+def test_tilde_override_removes_a_key_of_the_file():
+    """`~key` removes a key: a ReinFlow file switched to a fixed-noise converter on the command
+    line drops its learned-noise keys, which would otherwise be dead-key errors (whose message
+    names this way out)."""
+    data = {"name": "x", "mdp": {"converter": {"type": "reinflow"}}, "algo": {"type": "ppo", "noise_lr": 1e-4}}
+    switch = "mdp.converter={type: flow_sde, noise_level: 0.3}"
+    with pytest.raises(ConfigError, match=r"algo.noise_lr only applies .*on the command line: ~algo.noise_lr"):
+        build_config(data, overrides=[switch])
+    cfg = build_config(data, overrides=[switch, "~algo.noise_lr"])
+    assert cfg.mdp.converter.type == "flow_sde" and "noise_lr" not in cfg.algo.model_fields_set
+    assert data["algo"]["noise_lr"] == 1e-4  # the caller's dict is untouched
+    # a key the file lacks is an error, not a silent no-op (a typo would otherwise go unnoticed)
+    with pytest.raises(ConfigError, match="has no key 'algo.noise_lrr' to remove"):
+        build_config(data, overrides=["~algo.noise_lrr"])
+    with pytest.raises(ConfigError, match="has no key 'env.id' to remove"):
+        build_config(data, overrides=["~env.id"])
+    assert parse_override("~algo.noise_lr")[0] == "algo.noise_lr"
+
+
+@pytest.mark.parametrize("bad", ["~", "~a..b", "~algo.clip=0.1", "~.a"])
+def test_bad_tilde_override_syntax(bad):
+    with pytest.raises(ConfigError, match="expected ~key.sub"):
+        parse_override(bad)
+
+
 def test_overrides_apply_nested():
     cfg = build_config(
         {"name": "x", "algo": {"type": "ppo"}, "mdp": {"converter": {"type": "reinflow"}}},

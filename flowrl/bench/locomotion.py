@@ -55,6 +55,12 @@ VARIANTS = (
     Variant("ReinFlow shortcut K=1", "shortcut", ("policy.denoising_steps=1",)),
     Variant("ReinFlow MeanFlow K=4", "meanflow"),
     Variant("ReinFlow MeanFlow K=1", "meanflow", ("policy.denoising_steps=1",)),
+    # the ReinFlow file with Flow-SDE's fixed noise in place of the learned noise net
+    Variant(
+        "Flow-SDE rectified flow K=4",
+        "reinflow",
+        ("mdp.converter={type: flow_sde, noise_level: 0.3}", "~algo.noise_lr", "~algo.entropy_coef"),
+    ),
     Variant("GRPO rectified flow K=4", "grpo"),
     Variant("DPPO", "dppo"),
     Variant("Gaussian PPO", "gaussian"),
@@ -285,15 +291,15 @@ def _previous(path: Path) -> dict[str, Any]:
 
 
 def _wall_ratio(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Each ReinFlow variant's wall time per unit of improvement over DPPO's (the issue's
-    target is <= 0.3); empty until DPPO has improved."""
+    """Each ReinFlow (and Flow-SDE) variant's wall time per unit of improvement over DPPO's
+    (issue 13's target is <= 0.5); empty until DPPO has improved."""
     dppo = next((r for r in rows if r["variant"] == "DPPO"), None)
     if dppo is None or not dppo["s_per_100_return"]:
         return {}
     return {
         r["variant"]: r["s_per_100_return"] / dppo["s_per_100_return"]
         for r in rows
-        if r["variant"].startswith("ReinFlow") and r["s_per_100_return"]
+        if r["variant"].startswith(("ReinFlow", "Flow-SDE")) and r["s_per_100_return"]
     }
 
 
@@ -339,6 +345,6 @@ def format_table(results: dict[str, Any]) -> str:
             )
         if "reinflow_vs_dppo_wall_per_improvement" in res:
             ratios = ", ".join(f"{v} {x:.2f}x" for v, x in res["reinflow_vs_dppo_wall_per_improvement"].items())
-            lines.append(f"\nWall time per unit of improvement, ReinFlow / DPPO: {ratios}")
+            lines.append(f"\nWall time per unit of improvement, over DPPO's: {ratios}")
         lines.append("")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 Every field has a type, a default and a description (``schema.py``). Unknown keys and wrong
 types are errors that name the key and the file (``loading.py``). Command-line overrides use
 ``key.sub=value`` (the value is parsed as YAML: ``algo.clip=0.1``, ``policy.hidden_dims=[64,64]``,
-``x=null``).
+``x=null``); ``~key.sub`` removes a key of the file.
 """
 
 from flowrl.config.images import ShapesEnvConfig, TextImagePolicyConfig
@@ -11,6 +11,7 @@ from flowrl.config.loading import (
     ConfigError,
     build_config,
     format_validation_error,
+    is_override,
     load_config,
     moved_keys,
     parse_override,
@@ -83,6 +84,7 @@ __all__ = [
     "WindowConfig",
     "build_config",
     "format_validation_error",
+    "is_override",
     "load_config",
     "moved_keys",
     "parse_override",

@@ -39,8 +39,34 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _delete_dotted(data: dict[str, Any], dotted: str, source: str) -> None:
+    """``~key.sub``: removes the key (back to its default), e.g. a ReinFlow file's
+    ``algo.noise_lr`` when the command line switches it to a fixed-noise converter."""
+    node: Any = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or keys[-1] not in node:
+        raise ConfigError(f"{source}: override ~{dotted}: the experiment has no key '{dotted}' to remove")
+    del node[keys[-1]]
+
+
+DELETE = object()  # parse_override's value for ``~key``
+
+
+def is_override(text: str) -> bool:
+    """A command-line word that is an override (``key=value`` or ``~key``), not a file."""
+    return "=" in text or text.startswith("~")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'algo.clip=0.1'`` -> ``('algo.clip', 0.1)``; the value is parsed as YAML."""
+    """``'algo.clip=0.1'`` -> ``('algo.clip', 0.1)``; the value is parsed as YAML.
+    ``'~algo.noise_lr'`` -> ``('algo.noise_lr', DELETE)``: remove the key."""
+    if text.startswith("~"):
+        key = text[1:]
+        if not key or "=" in key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad override {text!r}: expected ~key.sub, e.g. ~algo.noise_lr (removes the key)")
+        return key, DELETE
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"bad override {text!r}: expected key.sub=value, e.g. algo.clip=0.1")
@@ -166,7 +192,10 @@ def build_config(
     if "algo" not in data and "algo" not in keys and any(k.startswith("algo.") for k in keys):
         data["algo"] = {"type": "ppo"}  # overriding keys of the default algorithm (algo.type=... still wins)
     for key, value in parsed:
-        _set_dotted(data, key, value)
+        if value is DELETE:
+            _delete_dotted(data, key, source)
+        else:
+            _set_dotted(data, key, value)
         overridden.add(key)
     moved = moved_keys(data)
     if moved:

@@ -517,7 +517,9 @@ class ExperimentConfig(_Strict):
     def _no_dead_paths(self) -> ExperimentConfig:
         unused = {k: why for k, why in self._dead_paths().items() if self._was_set(k)}
         if unused:
-            raise ValueError("; ".join(f"{k} only applies {why}; remove it" for k, why in unused.items()))
+            raise ValueError(
+                "; ".join(f"{k} only applies {why}; remove it (on the command line: ~{k})" for k, why in unused.items())
+            )
         return self
 
     @model_serializer(mode="wrap")

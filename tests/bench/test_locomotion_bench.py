@@ -56,7 +56,12 @@ def test_locomotion_bench_runs_variants_side_by_side(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "locomotion.json").read_text())
     assert results["seeds"] == [0, 1]
     rows = results["tasks"]["hopper"]["rows"]
-    expected = ["ReinFlow rectified flow K=4", "ReinFlow rectified flow K=1", "Gaussian PPO"]
+    expected = [
+        "ReinFlow rectified flow K=4",
+        "ReinFlow rectified flow K=1",
+        "Flow-SDE rectified flow K=4",
+        "Gaussian PPO",
+    ]
     assert [r["variant"] for r in rows] == expected
     for row in rows:
         assert [r["seed"] for r in row["runs"]] == [0, 1]
@@ -71,14 +76,16 @@ def test_locomotion_bench_runs_variants_side_by_side(tmp_path, monkeypatch):
             assert run["env_steps"] > 0 and run["finetune_s"] > 0
             assert [round(r, 6) for _, r in run["curve"]][0] == round(run["return_before"], 6)
             assert len(run["curve"]) == 3  # before + every iteration
-    # per seed, K = 4 and K = 1 fine-tune the same pretrained network; every variant and seed has its own run
+    # per seed, K = 4, K = 1 and Flow-SDE fine-tune the same pretrained network; every variant and seed has its
+    # own run; Flow-SDE runs the ReinFlow file with the fixed noise in place of the learned one
     for seed in (0, 1):
-        pretrained = [
-            yaml.safe_load((Path(r["runs"][seed]["run"]) / "config.yaml").read_text())["policy"]["pretrained"]
-            for r in rows
-        ]
-        assert pretrained[0] == pretrained[1] != pretrained[2]
-    assert len({run["run"] for r in rows for run in r["runs"]}) == 6
+        configs = [yaml.safe_load((Path(r["runs"][seed]["run"]) / "config.yaml").read_text()) for r in rows]
+        pretrained = [c["policy"]["pretrained"] for c in configs]
+        assert pretrained[0] == pretrained[1] == pretrained[2] != pretrained[3]
+        assert configs[0]["mdp"]["converter"]["type"] == "reinflow" and "noise_lr" in configs[0]["algo"]
+        assert configs[2]["mdp"]["converter"] == {"type": "flow_sde", "noise_level": 0.3}
+        assert "noise_lr" not in configs[2]["algo"] and "entropy_coef" not in configs[2]["algo"]
+    assert len({run["run"] for r in rows for run in r["runs"]}) == 8
     assert (tmp_path / "out" / "locomotion.png").stat().st_size > 0
     assert any((tmp_path / "out" / "tensorboard" / "hopper").rglob("events.out.tfevents.*"))
 
