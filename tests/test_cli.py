@@ -208,6 +208,10 @@ def test_sigkill_then_resume_gives_one_continuous_run(tmp_path, capsys):
 def test_resume_rejects_an_experiment_file(tmp_path, capsys):
     assert main(["train", QUICKSTART, "--resume", str(tmp_path)]) == 2
     assert "give no experiment file" in capsys.readouterr().err
+    # a `~key` word there is an override of the run's config (this folder has none), not a file
+    assert main(["train", "~algo.clip", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "give no experiment file" not in err and "config.yaml" in err
 
 
 def test_resuming_a_run_of_an_older_flowrl_is_a_one_line_error(tmp_path, capsys):
