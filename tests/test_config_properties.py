@@ -43,6 +43,7 @@ from flowrl.config import (
     parse_override,
     save_config,
 )
+from flowrl.config.loading import DELETE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
@@ -57,7 +58,8 @@ O, A = 2, 2
 # Text PyYAML reads (it refuses control characters: see test_override_with_a_control_character...)
 _TEXT = st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co"))
 _KEY_PART = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="=."), min_size=1, max_size=6)
-_KEYS = st.lists(_KEY_PART, min_size=1, max_size=4).map(".".join)
+# a leading "~" makes the word a removal (~key), so a key=value key never starts with one
+_KEYS = st.lists(_KEY_PART, min_size=1, max_size=4).map(".".join).filter(lambda k: not k.startswith("~"))
 _YAML_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
@@ -72,8 +74,18 @@ def test_parse_override_round_trips_key_and_value(key, value, flow):
     assert parse_override(text) == (key, value)
 
 
+@settings(max_examples=100, deadline=None)
+@given(key=_KEYS)
+def test_parse_override_of_a_tilde_key_removes_that_key(key):
+    parsed_key, value = parse_override(f"~{key}")
+    assert parsed_key == key and value is DELETE
+
+
 _MALFORMED = st.one_of(
-    st.text(_TEXT).filter(lambda t: "=" not in t),  # no '='
+    st.text(_TEXT).filter(lambda t: "=" not in t and not t.startswith("~")),  # no '=', not ~key
+    st.just("~"),  # ~ with no key
+    st.tuples(_KEYS, st.text(_TEXT)).map(lambda kv: f"~{kv[0]}={kv[1]}"),  # ~key with a value
+    _KEYS.map(lambda k: f"~{k}."),  # ~key with an empty last part
     st.text(_TEXT).map(lambda v: "=" + v),  # no key
     st.tuples(_KEYS, st.text(_TEXT)).map(lambda kv: f"{kv[0]}.={kv[1]}"),  # empty last part
     st.tuples(_KEYS, st.text(_TEXT)).map(lambda kv: f".{kv[0]}={kv[1]}"),  # empty first part
