@@ -59,16 +59,20 @@ def is_override(text: str) -> bool:
     return "=" in text or text.startswith("~")
 
 
+def _malformed_key(key: str) -> bool:
+    return not key or any(not part for part in key.split("."))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'algo.clip=0.1'`` -> ``('algo.clip', 0.1)``; the value is parsed as YAML.
     ``'~algo.noise_lr'`` -> ``('algo.noise_lr', DELETE)``: remove the key."""
     if text.startswith("~"):
         key = text[1:]
-        if not key or "=" in key or any(not part for part in key.split(".")):
+        if "=" in key or _malformed_key(key):
             raise ConfigError(f"bad override {text!r}: expected ~key.sub, e.g. ~algo.noise_lr (removes the key)")
         return key, DELETE
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or _malformed_key(key):
         raise ConfigError(f"bad override {text!r}: expected key.sub=value, e.g. algo.clip=0.1")
     try:
         return key, yaml.safe_load(raw) if raw else ""
