@@ -108,7 +108,24 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="locomotion, images, maniskill: override for every run",
+        help="locomotion: override of the method files' runs (pretraining, fine-tuning); images, maniskill: override "
+        "for every run",
+    )
+    sp.add_argument(
+        "--set-expert",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="locomotion: override of the expert's experiment (the expert and the partly trained policies that record "
+        "the datasets), e.g. algo.iterations=2; cached apart from the task's own",
+    )
+    sp.add_argument(
+        "--set-data",
+        action="append",
+        default=[],
+        metavar="DATASET.KEY=VALUE",
+        help="locomotion: override of a dataset recipe of the task files, e.g. medium.episodes=2 or "
+        "medium.policy_iterations=1; cached apart from the task's own",
     )
     sp.add_argument(
         "--methods",
@@ -197,6 +214,8 @@ def _run(args: argparse.Namespace) -> int:
     from flowrl.config import load_config
     from flowrl.config.loading import is_override
 
+    if args.command == "bench" and args.bench != "locomotion" and (args.set_expert or args.set_data):
+        raise FlowRLError(f"flowrl bench {args.bench}: --set-expert and --set-data are for bench locomotion; use --set")
     if args.command == "bench" and args.bench == "locomotion":
         from flowrl.bench import locomotion
 
@@ -214,6 +233,8 @@ def _run(args: argparse.Namespace) -> int:
             data_only=args.data_only,
             seeds=args.seeds or [0, 1, 2],
             eval_episodes=args.eval_episodes,
+            expert_overrides=args.set_expert,
+            data_overrides=args.set_data,
         )
         if args.data_only:
             for task, datasets in results["datasets"].items():

@@ -72,7 +72,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     recorded in env.id when the file says where, of the env's dims), so that bad input fails
     before one is created."""
     resolve_device(cfg.device)
-    if cfg.env.type == "shapes":  # the reward spec was checked with the config
+    if cfg.env.type == "shapes":  # the config checked the reward's keys; its preflight checks the rest
+        from flowrl.rewards.registry import check_reward
+
+        check_reward(cfg.env.reward)
         if cfg.policy.pretrained is not None:
             load_image_network(cfg.policy.pretrained, cfg)
         return

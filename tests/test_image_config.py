@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowrl.config import ConfigError, ShapesEnvConfig, TextImagePolicyConfig
+from flowrl.rewards.registry import reward_types
 from tests.image_setup import tiny_config
 
 
@@ -26,7 +27,11 @@ def test_the_tiny_experiment_loads_and_round_trips():
         (("mdp.window={type: sliding, size: 5}",), None, "mdp.window.size=5 is larger than policy.denoising_steps=4"),
         (("env.image_size=20",), None, "env.image_size=20 must be a multiple of 4 * policy.patch = 8"),
         (("env.reward={type: jpeg, qualty: 3}",), None, "env.reward: unknown key 'qualty' for type 'jpeg'"),
-        (("env.reward={type: clip}",), None, "env.reward: type: 'clip' is not one of verifier, jpeg, learned"),
+        (
+            ("env.reward={type: clip}",),
+            None,
+            f"env.reward: type: 'clip' is not one of {', '.join(reward_types())} (or MODULE:NAME",
+        ),
         (("env.num_envs=4",), None, "unknown key 'env.num_envs'"),
         (("algo.max_steps=3",), None, "algo.max_steps only applies to gym envs"),
         (("pretrain.demos.episodes=3",), None, "pretrain.demos only applies to gym envs"),

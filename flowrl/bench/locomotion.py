@@ -22,6 +22,7 @@ before and after. Results: ``locomotion.json`` (table and curves), ``locomotion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -34,7 +35,7 @@ import numpy as np
 from flowrl import experiment as ex
 from flowrl.bench.common import seed_curves_chart, tensorboard_curves, write_json
 from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
-from flowrl.config import load_config
+from flowrl.config import ExperimentConfig, load_config
 from flowrl.errors import FlowRLError
 from flowrl.rollout.demos import read_metadata
 from flowrl.runlog import read_metrics
@@ -67,23 +68,69 @@ VARIANTS = (
 )
 
 
+@dataclass(frozen=True)
+class DataSteps:
+    """How the expert and dataset steps run: the ``cache`` folder, overrides of the expert's
+    experiment (``--set-expert``: the expert and the partly trained acting policies) and of the
+    dataset recipes (``--set-data``, already applied to the tasks; here for the cache names).
+
+    With overrides, the cached runs and datasets get a tag (a hash of the overrides) in their
+    names, so a tiny run never stands in for the task's real expert or data, nor replaces them.
+    """
+
+    cache: Path
+    expert_overrides: tuple[str, ...] = ()
+    data_overrides: tuple[str, ...] = ()
+
+    @property
+    def expert_tag(self) -> str:
+        return _tag(self.expert_overrides)
+
+    @property
+    def data_tag(self) -> str:
+        return _tag((*self.expert_overrides, *("data:" + o for o in self.data_overrides)))
+
+    def expert_config(self, task: Task, iterations: int | None = None) -> ExperimentConfig:
+        """The expert's experiment with ``--set-expert`` (and stopped after ``iterations``)."""
+        stopped = [] if iterations is None else [f"algo.iterations={iterations}"]
+        return load_config(task.expert_file, [*self.expert_overrides, *stopped])
+
+
+def _tag(overrides: tuple[str, ...]) -> str:
+    return "-" + hashlib.sha1("\0".join(overrides).encode()).hexdigest()[:8] if overrides else ""
+
+
 def prepare_dataset(
-    task: Task, cache: Path, progress: bool, dataset: str = BENCH_DATASET
+    task: Task, cache: Path | DataSteps, progress: bool, dataset: str = BENCH_DATASET
 ) -> tuple[Path, dict[str, float]]:
     """The task's dataset ``dataset`` (cache/datasets/TASK-DATASET.npz), made by its recipe:
     training the acting policy when missing (resuming a stopped training), then collecting."""
+    steps = cache if isinstance(cache, DataSteps) else DataSteps(Path(cache))
     recipe = task.spec.datasets[dataset]
-    path = task.dataset_path(cache, dataset)
-    expert_cfg = load_config(task.expert_file)
-    iterations = recipe.policy_iterations or expert_cfg.algo.iterations
+    path = task.dataset_path(steps.cache, dataset, steps.data_tag)
+    full = steps.expert_config(task).algo.iterations
+    iterations = recipe.policy_iterations or full
     timings: dict[str, float] = {}
     if path.exists():
         stale = _recorded_otherwise(path, task, recipe, iterations)
         if not stale:
             return path, timings
         print(f"{path} was recorded with {stale}: re-recording it with the task's recipe ({task.file})", flush=True)
-    partial = iterations != expert_cfg.algo.iterations
-    run = cache / "experts" / (f"{task.name}-it{iterations}" if partial else task.name)
+    partial = iterations != full
+    run = steps.cache / "experts" / (f"{task.name}-it{iterations}" if partial else task.name)
+    run = run.with_name(run.name + steps.expert_tag)
+    t0 = time.perf_counter()
+    if _train_acting_policy(task, steps, run, iterations, progress):
+        timings["policy_s" if partial else "expert_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ex.collect(run, path, recipe.episodes, recipe.action_noise, seed=0, progress=progress, actions=recipe.actions)
+    timings["collect_s"] = time.perf_counter() - t0
+    return path, timings
+
+
+def _train_acting_policy(task: Task, steps: DataSteps, run: Path, iterations: int, progress: bool) -> bool:
+    """Train the expert's experiment for ``iterations`` into ``run`` unless it holds that policy
+    (resuming a stopped training); whether it trained."""
     if (run / "policy.pt").exists():
         trained = ex.load_run_config(run, []).algo.iterations
         if trained != iterations:  # e.g. the expert file's budget changed since
@@ -91,18 +138,13 @@ def prepare_dataset(
                 f"{run} holds a policy trained for {trained} iterations, the recipe of {task.file} wants {iterations}: "
                 "move the folder away to train it again"
             )
-    else:
-        resume = (run / "checkpoints" / "last.pt").exists()
-        stopped_short = [f"algo.iterations={iterations}"]
-        cfg = ex.load_run_config(run, []) if resume else load_config(task.expert_file, stopped_short)
-        run.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        ex.train(cfg, run, resume=resume, progress=progress)
-        timings["policy_s" if partial else "expert_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ex.collect(run, path, recipe.episodes, recipe.action_noise, seed=0, progress=progress, actions=recipe.actions)
-    timings["collect_s"] = time.perf_counter() - t0
-    return path, timings
+        return False
+    resume = (run / "checkpoints" / "last.pt").exists()
+    cfg = ex.load_run_config(run, []) if resume else steps.expert_config(task, iterations)
+    ex.preflight(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    ex.train(cfg, run, resume=resume, progress=progress)
+    return True
 
 
 def _recorded_otherwise(path: Path, task: Task, recipe: DatasetRecipe, iterations: int) -> str:
@@ -124,6 +166,27 @@ def _recorded_otherwise(path: Path, task: Task, recipe: DatasetRecipe, iteration
     )
 
 
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every fine-tuning run of one bench command shares."""
+
+    out: Path
+    size: str
+    seeds: tuple[int, ...]
+    eval_episodes: int
+    overrides: tuple[str, ...]  # --set: the method files' pretraining and fine-tuning runs
+    progress: bool
+
+    def overrides_for(self, variant: Variant, dataset: Path, seed: int) -> list[str]:
+        return [
+            f"pretrain.demos.path={dataset}",
+            f"eval.episodes={self.eval_episodes}",
+            *self.overrides,
+            *variant.overrides,
+            f"seed={seed}",
+        ]
+
+
 def run_locomotion_bench(
     out_dir: str | Path,
     tasks: list[str],
@@ -136,30 +199,29 @@ def run_locomotion_bench(
     data_only: bool = False,
     seeds: list[int] | tuple[int, ...] = (0, 1, 2),
     eval_episodes: int = 20,
+    expert_overrides: list[str] | tuple[str, ...] = (),
+    data_overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the benchmark on ``tasks`` (names of task files in ``tasks_dir``, or ``["all"]``);
     ``variants``: labels or method names (default: all), each run once per seed (pretraining
     included) and evaluated over ``eval_episodes`` episodes. ``data_only``: make the experts
-    and every dataset of the tasks, and stop."""
-    chosen_tasks = select_tasks(tasks, tasks_dir)  # every file checked before any work
-    out, cache = Path(out_dir), Path(cache)
-    if data_only:
-        datasets: dict[str, Any] = {}
-        for task in chosen_tasks:
-            for name in task.spec.datasets:
-                path, timings = prepare_dataset(task, cache, progress, name)
-                datasets.setdefault(task.name, {})[name] = {"path": str(path), "data_prep_s": timings}
-        return {"datasets": datasets}
-    chosen = [v for v in VARIANTS if variants is None or v.label in variants or v.method in variants]
-    if not chosen:
-        raise FlowRLError(f"no variant matches {variants}; labels: {[v.label for v in VARIANTS]}")
-    if not seeds:
-        raise FlowRLError("flowrl bench locomotion: give at least one seed (--seeds 0,1,2)")
+    and every dataset of the tasks, and stop.
+
+    Overrides reach every step: ``overrides`` (``--set``) the method files' pretraining and
+    fine-tuning, ``expert_overrides`` (``--set-expert``) the expert's experiment (the expert and
+    the partly trained acting policies), ``data_overrides`` (``--set-data``, ``DATASET.KEY=VALUE``)
+    the task files' dataset recipes. Every file is loaded with its overrides before any work."""
+    steps = DataSteps(Path(cache), tuple(expert_overrides), tuple(data_overrides))
+    chosen_tasks = [t.with_data_overrides(list(data_overrides)) for t in select_tasks(tasks, tasks_dir)]
     for task in chosen_tasks:
-        if size not in task.spec.sizes:
-            raise TaskError(f"task {task.name} has no {size}-sized experiments (sizes: {task.spec.sizes}; {task.file})")
-    if not any(v.method in t.spec.methods for t in chosen_tasks for v in chosen):
-        raise FlowRLError(f"none of the tasks {[t.name for t in chosen_tasks]} has a method of the chosen variants")
+        steps.expert_config(task)  # --set-expert fits the expert's experiment
+    if data_only:
+        return {"datasets": {task.name: _make_datasets(task, steps, progress) for task in chosen_tasks}}
+    chosen = _choose_variants(variants, chosen_tasks, size, seeds)
+    settings = BenchSettings(Path(out_dir), size, tuple(seeds), eval_episodes, tuple(overrides or []), progress)
+    for task in chosen_tasks:  # every method file loads with its overrides, before any work
+        for variant in (v for v in chosen if v.method in task.spec.methods):
+            load_config(task.method_file(variant.method, size), settings.overrides_for(variant, Path("dataset.npz"), 0))
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "machine": {"cpus": os.cpu_count()},
@@ -169,60 +231,94 @@ def run_locomotion_bench(
         "overrides": list(overrides or []),
         "tasks": {},
     }
+    if expert_overrides or data_overrides:  # only then: files written before these keys still merge
+        results.update(expert_overrides=list(expert_overrides), data_overrides=list(data_overrides))
     for task in chosen_tasks:
-        runnable = [v for v in chosen if v.method in task.spec.methods]
-        skipped = sorted({v.method for v in chosen} - set(task.spec.methods))
-        if skipped:
-            print(f"{task.name}: no experiment file for {', '.join(skipped)} (methods in {task.file})", flush=True)
-        if not runnable:
-            continue
-        dataset, timings = prepare_dataset(task, cache, progress)
-        runs: dict[str, list[dict[str, Any]]] = {}
-        pretrained: dict[tuple[str, int], tuple[Path, float]] = {}
-        for seed in seeds:  # every variant once per seed, so a stopped bench has whole seeds
-            for variant in runnable:
-                file = task.method_file(variant.method, size)
-                extra = [
-                    f"pretrain.demos.path={dataset}",
-                    f"eval.episodes={eval_episodes}",
-                    *(overrides or []),
-                    *variant.overrides,
-                    f"seed={seed}",
-                ]
-                run_root = out / "runs" / task.name
-                if (variant.method, seed) not in pretrained:  # behaviour cloning once per method file and seed
-                    cfg = load_config(file, [*extra, f"runs_dir={run_root}"])
-                    ex.preflight(cfg)  # e.g. a dataset of another env: before a run folder exists
-                    run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}-pretrain"}))
-                    t0 = time.perf_counter()
-                    ex.pretrain_only(cfg, run_dir, progress)
-                    pretrained[variant.method, seed] = (run_dir / "pretrained.pt", time.perf_counter() - t0)
-                checkpoint, pretrain_s = pretrained[variant.method, seed]
-                cfg = load_config(file, [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={run_root}"])
-                run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}"}))
-                t0 = time.perf_counter()
-                result = ex.train(cfg, run_dir, progress=progress)
-                wall = time.perf_counter() - t0
-                records = read_metrics(run_dir)
-                curve = [(r["env_steps"], r["eval/return"]) for r in records if "eval/return" in r]
-                runs.setdefault(variant.label, []).append(
-                    {
-                        "seed": seed,
-                        "run": str(run_dir),
-                        "return_before": result["before"]["eval/return"],
-                        "return_after": result["after"]["eval/return"],
-                        "iqm_after": result["after"].get("eval/return_iqm", result["after"]["eval/return"]),
-                        "return_best": max(r for _, r in curve),
-                        "return_worst": min(r for _, r in curve),
-                        "env_steps": records[-1]["env_steps"],
-                        "finetune_s": wall,
-                        "pretrain_s": pretrain_s,
-                        "curve": curve,
-                    }
-                )
-                rows = [summarise(label, runs[label]) for label in (v.label for v in runnable) if label in runs]
-                _write(results, out, task.name, rows, timings)
+        _run_task(task, [v for v in chosen if v.method in task.spec.methods], chosen, steps, settings, results)
     return results
+
+
+def _make_datasets(task: Task, steps: DataSteps, progress: bool) -> dict[str, Any]:
+    made = {}
+    for name in task.spec.datasets:
+        path, timings = prepare_dataset(task, steps, progress, name)
+        made[name] = {"path": str(path), "data_prep_s": timings}
+    return made
+
+
+def _choose_variants(names: list[str] | None, tasks: list[Task], size: str, seeds: Any) -> list[Variant]:
+    chosen = [v for v in VARIANTS if names is None or v.label in names or v.method in names]
+    if not chosen:
+        raise FlowRLError(f"no variant matches {names}; labels: {[v.label for v in VARIANTS]}")
+    if not seeds:
+        raise FlowRLError("flowrl bench locomotion: give at least one seed (--seeds 0,1,2)")
+    for task in tasks:
+        if size not in task.spec.sizes:
+            raise TaskError(f"task {task.name} has no {size}-sized experiments (sizes: {task.spec.sizes}; {task.file})")
+    if not any(v.method in t.spec.methods for t in tasks for v in chosen):
+        raise FlowRLError(f"none of the tasks {[t.name for t in tasks]} has a method of the chosen variants")
+    return chosen
+
+
+def _run_task(
+    task: Task,
+    runnable: list[Variant],
+    chosen: list[Variant],
+    steps: DataSteps,
+    settings: BenchSettings,
+    results: dict[str, Any],
+) -> None:
+    """Every runnable variant of ``task`` once per seed (so a stopped bench has whole seeds),
+    each method file's pretraining once per seed; the results written after every run."""
+    skipped = sorted({v.method for v in chosen} - set(task.spec.methods))
+    if skipped:
+        print(f"{task.name}: no experiment file for {', '.join(skipped)} (methods in {task.file})", flush=True)
+    if not runnable:
+        return
+    dataset, timings = prepare_dataset(task, steps, settings.progress)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    pretrained: dict[tuple[str, int], tuple[Path, float]] = {}
+    for seed in settings.seeds:
+        for variant in runnable:
+            file = task.method_file(variant.method, settings.size)
+            extra = [*settings.overrides_for(variant, dataset, seed), f"runs_dir={settings.out / 'runs' / task.name}"]
+            if (variant.method, seed) not in pretrained:  # behaviour cloning once per method file and seed
+                pretrained[variant.method, seed] = _pretrain(load_config(file, extra), seed, settings.progress)
+            checkpoint, pretrain_s = pretrained[variant.method, seed]
+            run = _finetune(load_config(file, [*extra, f"policy.pretrained={checkpoint}"]), seed, settings.progress)
+            runs.setdefault(variant.label, []).append({**run, "pretrain_s": pretrain_s})
+            rows = [summarise(label, runs[label]) for label in (v.label for v in runnable) if label in runs]
+            _write(results, settings.out, task.name, rows, timings)
+
+
+def _pretrain(cfg: ExperimentConfig, seed: int, progress: bool) -> tuple[Path, float]:
+    ex.preflight(cfg)  # e.g. a dataset of another env: before a run folder exists
+    run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}-pretrain"}))
+    t0 = time.perf_counter()
+    ex.pretrain_only(cfg, run_dir, progress)
+    return run_dir / "pretrained.pt", time.perf_counter() - t0
+
+
+def _finetune(cfg: ExperimentConfig, seed: int, progress: bool) -> dict[str, Any]:
+    """One fine-tuning run from its pretrained checkpoint: its row entry (no pretrain_s)."""
+    run_dir = ex.new_run_dir(cfg.model_copy(update={"name": f"{cfg.name}-s{seed}"}))
+    t0 = time.perf_counter()
+    result = ex.train(cfg, run_dir, progress=progress)
+    wall = time.perf_counter() - t0
+    records = read_metrics(run_dir)
+    curve = [(r["env_steps"], r["eval/return"]) for r in records if "eval/return" in r]
+    return {
+        "seed": seed,
+        "run": str(run_dir),
+        "return_before": result["before"]["eval/return"],
+        "return_after": result["after"]["eval/return"],
+        "iqm_after": result["after"].get("eval/return_iqm", result["after"]["eval/return"]),
+        "return_best": max(r for _, r in curve),
+        "return_worst": min(r for _, r in curve),
+        "env_steps": records[-1]["env_steps"],
+        "finetune_s": wall,
+        "curve": curve,
+    }
 
 
 def iqm(values: list[float] | np.ndarray) -> float:
@@ -268,8 +364,8 @@ def _write(results: dict[str, Any], out: Path, task: str, rows: list[dict[str, A
     """
     results["tasks"][task] = {"data_prep_s": timings, "rows": rows}
     previous = _previous(out / "locomotion.json")
-    same = ("format", "size", "overrides", "seeds", "eval_episodes")
-    if all(previous.get(k) == results[k] for k in same):
+    same = ("format", "size", "overrides", "seeds", "eval_episodes", "expert_overrides", "data_overrides")
+    if all(previous.get(k) == results.get(k) for k in same):
         for other, res in previous.get("tasks", {}).items():
             if other != task:
                 results["tasks"][other] = res

@@ -30,7 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flowrl.errors import FlowRLError
+from flowrl.errors import ConfigError, FlowRLError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TASKS_DIR = ROOT / "experiments" / "locomotion" / "tasks"
@@ -138,8 +138,35 @@ class Task:
         """Every experiment file of the task: the expert's, then each size's method files."""
         return [self.expert_file, *(self.method_file(m, s) for s in self.spec.sizes for m in self.spec.methods)]
 
-    def dataset_path(self, cache: Path, dataset: str = BENCH_DATASET) -> Path:
-        return Path(cache) / "datasets" / f"{self.name}-{dataset}.npz"
+    def dataset_path(self, cache: Path, dataset: str = BENCH_DATASET, tag: str = "") -> Path:
+        """``cache/datasets/NAME-DATASET[TAG].npz``; ``tag`` keeps the data of a run with
+        overridden recipes (``--set-expert``, ``--set-data``) apart from the task's own."""
+        return Path(cache) / "datasets" / f"{self.name}-{dataset}{tag}.npz"
+
+    def with_data_overrides(self, overrides: list[str]) -> Task:
+        """The task with its dataset recipes overridden by ``DATASET.KEY=VALUE`` words
+        (``medium.episodes=2``: the value is YAML), validated like the file; TaskError naming
+        the word otherwise."""
+        from flowrl.config.loading import DELETE, parse_override
+
+        data = self.spec.model_dump()
+        for text in overrides:
+            try:
+                key, value = parse_override(text)
+            except ConfigError as exc:
+                raise TaskError(f"--set-data: {exc}") from None
+            dataset, _, field = key.partition(".")
+            if value is DELETE or not field or "." in field:
+                raise TaskError(f"--set-data {text}: expected DATASET.KEY=VALUE, e.g. medium.episodes=2")
+            if dataset not in data["datasets"]:
+                known = ", ".join(data["datasets"])
+                raise TaskError(f"--set-data {text}: task {self.name} has no dataset {dataset!r} (datasets: {known})")
+            data["datasets"][dataset][field] = value
+        try:
+            return Task(self.name, self.file, TaskSpec.model_validate(data))
+        except ValidationError as exc:
+            where = f"{self.file} with --set-data {' '.join(overrides)}"
+            raise TaskError("\n".join(_problem(Path(where), err) for err in exc.errors())) from None
 
     def check(self) -> None:
         """Every experiment file exists, loads, and runs in the task's env with the expert's

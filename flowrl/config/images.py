@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from flowrl.config.base import _Strict
+from flowrl.errors import ConfigError
 
 
 class ShapesEnvConfig(_Strict):
@@ -31,8 +32,9 @@ class ShapesEnvConfig(_Strict):
     )
     reward: dict[str, Any] = Field(
         {"type": "verifier"},
-        description="reward spec for flowrl.rewards.registry.build_reward: verifier, jpeg (mode, quality), "
-        "learned (path) or multi (components with weights)",
+        description="reward spec: a registered type and its keys (the types: flowrl.rewards.registry.reward_types(), "
+        "README 'Adding a reward model'), or MODULE:NAME / FILE.py:NAME for a reward of your own; validated here, "
+        "built in the reward workers",
     )
     reward_workers: int = Field(1, ge=1, description="reward workers (Ray actors; in-process when ray.enabled: false)")
 
@@ -43,12 +45,13 @@ class ShapesEnvConfig(_Strict):
 
     @field_validator("reward")
     @classmethod
-    def _reward_builds(cls, spec: dict[str, Any]) -> dict[str, Any]:
-        from flowrl.config.loading import ConfigError
-        from flowrl.rewards.registry import build_reward  # imports flowrl.config: only once it is loaded
+    def _reward_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        """The spec's keys checked against its registered type; nothing is built or loaded here
+        (a learned reward's checkpoint is checked by the preflight, ``registry.check_reward``)."""
+        from flowrl.rewards.registry import spec_of  # lazily: the registry imports torch
 
         try:
-            build_reward(spec, "reward")
+            spec_of(spec, "reward")
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("reward.").removeprefix("reward: ")) from None
         return spec

@@ -7,12 +7,15 @@ Each image is encoded with pillow at a fixed quality; compressibility scores ``-
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, StrictInt
 
 from flowrl.rewards import ImageBatch, RewardOutput, check_images
+from flowrl.rewards.registry import RewardSpec, register_reward
 
 MODES = ("compressibility", "incompressibility")
 
@@ -47,4 +50,20 @@ class JpegReward:
         return RewardOutput(scores, {"jpeg_kb": kilobytes})
 
 
-__all__ = ["MODES", "JpegReward", "jpeg_kilobytes"]
+@register_reward
+class JpegSpec(RewardSpec):
+    """JPEG (in)compressibility: -kB or +kB of each image as a pillow JPEG."""
+
+    type: Literal["jpeg"] = "jpeg"
+    mode: Literal["compressibility", "incompressibility"] = Field("compressibility", description="-kB or +kB")
+    quality: StrictInt = Field(95, ge=1, le=95, description="pillow's JPEG quality")
+
+    @property
+    def reward_name(self) -> str:
+        return f"jpeg_{self.mode}"
+
+    def build(self) -> JpegReward:
+        return JpegReward(self.mode, self.quality)
+
+
+__all__ = ["MODES", "JpegReward", "JpegSpec", "jpeg_kilobytes"]

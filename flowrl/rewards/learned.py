@@ -14,15 +14,17 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from envs.shapes.sampling import sample_pairs
 from envs.shapes.scene import Scene
 from flowrl.rewards import ImageBatch, RewardError, RewardOutput, check_images
+from flowrl.rewards.registry import RewardSpec, register_reward
 from flowrl.runlog import atomic_save
 
 FORMAT = "flowrl.learned_layout.v1"
@@ -184,12 +186,33 @@ class LearnedLayoutReward:
             return RewardOutput(self.model(check_images(batch, self.name)))
 
 
+@register_reward
+class LearnedSpec(RewardSpec):
+    """Small CNN trained on the shapes world's layout score (a stand-in for learned preference models)."""
+
+    type: Literal["learned"] = "learned"
+    path: str = Field(description="checkpoint written by flowrl.rewards.learned.save_layout_model")
+
+    @property
+    def reward_name(self) -> str:
+        return LearnedLayoutReward.name
+
+    def preflight(self) -> None:
+        """The checkpoint exists, reads, is a layout model whose weights fit (the small CNN loads
+        in well under a second; a bigger model would check the file only)."""
+        load_layout_model(self.path)
+
+    def build(self) -> LearnedLayoutReward:
+        return LearnedLayoutReward(self.path)
+
+
 __all__ = [
     "FORMAT",
     "LayoutCNN",
     "LayoutModelConfig",
     "LayoutTrainConfig",
     "LearnedLayoutReward",
+    "LearnedSpec",
     "layout_score",
     "load_layout_model",
     "save_layout_model",

@@ -11,11 +11,14 @@ of the two GRPO uses (``env.reward.advantages``: ``sum`` or ``per_reward``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flowrl.errors import ConfigError
 from flowrl.rewards import ImageBatch, RewardModel, RewardOutput, check_scores
+from flowrl.rewards.registry import RewardSpec, build_reward, register_reward, spec_of
 
 Advantages = Literal["sum", "per_reward"]
 
@@ -54,6 +57,56 @@ class MultiReward:
         return RewardOutput(total, details)
 
 
+class _Weight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+@register_reward
+class MultiSpec(RewardSpec):
+    """Weighted sum of reward models; GRPO may normalise each within its group first (per_reward)."""
+
+    type: Literal["multi"] = "multi"
+    components: list[dict[str, Any]] = Field(min_length=1, description="reward specs, each with an optional weight")
+    advantages: Advantages = Field(
+        "sum",
+        description="GRPO's advantages: of the weighted sum of the scores (sum), or the sum of each reward's "
+        "group-normalised scores times its weight (per_reward: a reward's scale no longer matters)",
+    )
+
+    def parts(self, where: str = "reward") -> list[tuple[RewardSpec, float]]:
+        """(validated spec, weight) of each component; ConfigError naming the component's key."""
+        parts = []
+        for i, raw in enumerate(self.components):
+            here = f"{where}.components[{i}]"
+            try:
+                weight = _Weight(weight=raw.get("weight", 1.0)).weight
+            except ValidationError as exc:
+                raise ConfigError(f"{here}.weight: {exc.errors()[0]['msg']}") from None
+            parts.append((spec_of({k: v for k, v in raw.items() if k != "weight"}, here), weight))
+        return parts
+
+    def check_nested(self, where: str) -> None:
+        names = [spec.reward_name for spec, _ in self.parts(where)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{where}: multi reward: component names must differ, {repeated} appear more than once")
+
+    def per_reward_weights(self) -> dict[str, float] | None:
+        if self.advantages != "per_reward":
+            return None
+        return {spec.reward_name: weight for spec, weight in self.parts()}
+
+    def preflight(self) -> None:
+        for spec, _ in self.parts():
+            spec.preflight()
+
+    def build(self) -> MultiReward:
+        parts = self.parts()
+        built = [(build_reward(spec, f"reward.components[{i}]"), weight) for i, (spec, weight) in enumerate(parts)]
+        return MultiReward(built, self.advantages)
+
+
 def combined_group_advantages(
     components: Mapping[str, torch.Tensor], weights: Mapping[str, float], group_ids: torch.Tensor, eps: float = 1e-4
 ) -> torch.Tensor:
@@ -83,4 +136,4 @@ def combined_group_advantages(
     return total.float()
 
 
-__all__ = ["MultiReward", "combined_group_advantages"]
+__all__ = ["MultiReward", "MultiSpec", "combined_group_advantages"]

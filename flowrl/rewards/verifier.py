@@ -24,6 +24,7 @@ index in ``envs.shapes.CATEGORIES``, ``details["num_objects"]`` = objects detect
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from envs.shapes.captions import CATEGORIES, parse_caption
 from envs.shapes.scene import BACKGROUND, COLOURS, PALETTE, SceneObject
 from flowrl.rewards import ImageBatch, RewardError, RewardOutput, check_images
+from flowrl.rewards.registry import RewardSpec, register_reward
 
 FOREGROUND = 0.5
 MIN_AREA = 0.01  # of the image; the smallest object (a diamond of half-extent 0.13) covers 0.034
@@ -170,4 +172,14 @@ class ShapesVerifier:
         )
 
 
-__all__ = ["ShapesVerifier", "detect_objects", "label_components"]
+@register_reward
+class VerifierSpec(RewardSpec):
+    """Compositional verifier of the shapes world (GenEval-style): share of the caption's constraints met."""
+
+    type: Literal["verifier"] = "verifier"
+
+    def build(self) -> ShapesVerifier:
+        return ShapesVerifier()
+
+
+__all__ = ["ShapesVerifier", "VerifierSpec", "detect_objects", "label_components"]

@@ -19,7 +19,7 @@ from flowrl.core.advantages import group_advantages
 from flowrl.rewards import ImageBatch, RewardError, RewardOutput
 from flowrl.rewards.jpeg import JpegReward
 from flowrl.rewards.multi import MultiReward, combined_group_advantages
-from flowrl.rewards.registry import build_reward, per_reward_weights
+from flowrl.rewards.registry import build_reward, per_reward_weights, reward_types
 from flowrl.rewards.verifier import ShapesVerifier
 
 
@@ -117,7 +117,7 @@ def test_registry_builds_every_type_and_its_factories_pickle():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"type": "clip"}, "reward.type: 'clip' is not one of verifier, jpeg, learned, multi"),
+        ({"type": "clip"}, f"reward.type: 'clip' is not one of {', '.join(reward_types())} \\(or MODULE:NAME"),
         ({"mode": "compressibility"}, "reward.type: None is not one of"),
         (
             {"type": "jpeg", "qualty": 90},
