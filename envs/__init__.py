@@ -4,7 +4,7 @@
 |---|---|---|
 | flowrl/TwoGoal-v0 | envs/toy.py | 2-D point mass, two goals, one pays (quickstart) |
 | flowrl/FaultInjection-v0 | envs/faults.py | TwoGoal that fails at a chosen step (worker-recovery tests) |
-| Hopper-v5, Walker2d-v5, HalfCheetah-v5, Ant-v5, Humanoid-v5 | gymnasium | locomotion (LOCOMOTION) |
+| any MuJoCo id (Hopper-v5, ...) | gymnasium | locomotion; flowrl's tasks are files, experiments/locomotion/tasks/ |
 | flowrl/{PickCube,PushCube,StackCube,PegInsertionSide}-v1 | envs/maniskill.py | ManiSkill3, CPU (MANISKILL) |
 
 The ManiSkill tasks are registered here by name only: ManiSkill and SAPIEN are imported when
@@ -62,8 +62,6 @@ for _id, (_task, _limit) in _MANISKILL_TASKS.items():
     if _id not in gym.registry:
         gym.register(_id, entry_point="envs.maniskill:ManiSkillEnv", kwargs={"task": _task}, max_episode_steps=_limit)
 MANISKILL = tuple(_MANISKILL_TASKS)
-
-LOCOMOTION = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Humanoid-v5")
 
 # Scripted demonstrators by env id: (num_episodes, seed) -> dataset dict.
 DEMONSTRATORS: dict[str, Callable[[int, int], dict[str, np.ndarray]]] = {
@@ -188,4 +186,4 @@ def make_env(
     return ActionChunk(env, horizon)
 
 
-__all__ = ["DEMONSTRATORS", "LOCOMOTION", "MANISKILL", "REPORTS_SUCCESS", "ActionChunk", "MujocoWarning", "make_env"]
+__all__ = ["DEMONSTRATORS", "MANISKILL", "REPORTS_SUCCESS", "ActionChunk", "MujocoWarning", "make_env"]

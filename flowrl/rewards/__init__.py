@@ -1,18 +1,15 @@
 """Reward models: anything callable on a batch that returns one finite score per sample.
 
 ``RewardModel``: ``model(batch) -> RewardOutput`` (scores ``[B]`` plus per-sample details for
-logging); older models may return plain ``[B]`` scores (tensor, array or list). A reward model
-is built inside its worker by a zero-argument factory (so big models load where they run), e.g.
-``functools.partial(build_reward, spec)`` from ``flowrl.rewards.registry``;
-``flowrl.rollout.reward_workers.RewardPool`` scores batches on Ray actors.
+logging); older models may return plain ``[B]`` scores (tensor, array or list).
 
-| file | reward model | name |
-|---|---|---|
-| verifier.py | compositional verifier of the shapes world (GenEval-style) | verifier |
-| jpeg.py | JPEG (in)compressibility | jpeg_compressibility, jpeg_incompressibility |
-| learned.py | small CNN trained on the shapes world's layout score | learned_layout |
-| multi.py | weighted sum of reward models; per-reward group advantages | multi |
-| registry.py | ``build_reward(spec)``: a reward model from a config dict | |
+One file per reward model: the model and its spec (a ``RewardSpec`` with a ``type`` literal,
+registered by ``@register_reward``, ``flowrl.rewards.registry``). The registry finds the files of
+this package itself, so the list of reward types is ``registry.reward_types()``, never typed
+out; a reward of your own is any file named as ``type: path/to/file.py:NAME`` (README, "Adding a
+reward model"). A model is built inside its worker by a zero-argument factory (so big models
+load where they run), ``functools.partial(build_reward, spec)``;
+``flowrl.rollout.reward_workers.RewardPool`` scores batches on Ray actors.
 
 A reward never silently becomes 0: a failed model, a non-finite score or a non-finite image
 is a RewardError naming the reward model and the sample.

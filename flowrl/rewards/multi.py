@@ -74,7 +74,7 @@ class MultiSpec(RewardSpec):
         "group-normalised scores times its weight (per_reward: a reward's scale no longer matters)",
     )
 
-    def parts(self, where: str = "reward") -> list[tuple[RewardSpec, float]]:
+    def parts(self, where: str = "env.reward") -> list[tuple[RewardSpec, float]]:
         """(validated spec, weight) of each component; ConfigError naming the component's key."""
         parts = []
         for i, raw in enumerate(self.components):
@@ -103,7 +103,7 @@ class MultiSpec(RewardSpec):
 
     def build(self) -> MultiReward:
         parts = self.parts()
-        built = [(build_reward(spec, f"reward.components[{i}]"), weight) for i, (spec, weight) in enumerate(parts)]
+        built = [(build_reward(spec, f"env.reward.components[{i}]"), weight) for i, (spec, weight) in enumerate(parts)]
         return MultiReward(built, self.advantages)
 
 

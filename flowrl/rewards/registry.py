@@ -170,7 +170,7 @@ def _import_plugin(ref: str, where: str) -> type[RewardSpec]:
     return found
 
 
-def spec_of(spec: Mapping[str, Any] | RewardSpec, where: str = "reward") -> RewardSpec:
+def spec_of(spec: Mapping[str, Any] | RewardSpec, where: str = "env.reward") -> RewardSpec:
     """The validated spec of a config mapping (nothing is built); ConfigError (one line naming
     ``where`` and the key) for an unknown type, an unknown key or a bad value."""
     if isinstance(spec, RewardSpec):
@@ -189,7 +189,8 @@ def spec_of(spec: Mapping[str, Any] | RewardSpec, where: str = "reward") -> Rewa
     try:
         parsed = model.model_validate({**spec, "type": kind})
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # an unknown key first: a misspelt key also shows as the real one missing
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         key = ".".join(str(part) for part in err["loc"])
         if err["type"] == "extra_forbidden":
             valid = ", ".join(model.model_fields)
@@ -212,7 +213,7 @@ def check_reward(spec: Mapping[str, Any] | RewardSpec, where: str = "env.reward"
         raise RewardError(f"{where}: reward {parsed.type!r} failed its check: {type(exc).__name__}: {exc}") from None
 
 
-def build_reward(spec: Mapping[str, Any] | RewardSpec, where: str = "reward") -> RewardModel:
+def build_reward(spec: Mapping[str, Any] | RewardSpec, where: str = "env.reward") -> RewardModel:
     """The reward model ``spec`` describes. ConfigError for a bad spec (see ``spec_of``);
     RewardError (one line naming the reward type and the error) when its constructor raises or
     the model's ``name`` is not the spec's ``reward_name``."""

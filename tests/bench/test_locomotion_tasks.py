@@ -169,6 +169,7 @@ def test_task_files_are_validated_strictly(tmp_path):
         assert needle in str(err.value) and len(str(err.value).splitlines()) == 1, str(err.value)
 
 
-def test_shipped_tasks_and_bench_variants_agree():
-    assert {v.method for v in VARIANTS} == set(METHODS)  # every method a task may list has variants
-    assert list(load_tasks(DEFAULT_TASKS_DIR)) == ["ant", "halfcheetah", "hopper", "humanoid", "walker2d"]
+def test_every_method_a_task_may_list_has_bench_variants():
+    assert {v.method for v in VARIANTS} == set(METHODS)
+    shipped = load_tasks(DEFAULT_TASKS_DIR)  # whatever the folder holds: no list of tasks to keep in step
+    assert shipped and all(task.file.parent == DEFAULT_TASKS_DIR for task in shipped.values())

@@ -117,31 +117,37 @@ def test_registry_builds_every_type_and_its_factories_pickle():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"type": "clip"}, f"reward.type: 'clip' is not one of {', '.join(reward_types())} \\(or MODULE:NAME"),
-        ({"mode": "compressibility"}, "reward.type: None is not one of"),
+        ({"type": "clip"}, f"env.reward.type: 'clip' is not one of {', '.join(reward_types())} \\(or MODULE:NAME"),
+        ({"mode": "compressibility"}, "env.reward.type: None is not one of"),
         (
             {"type": "jpeg", "qualty": 90},
-            "reward: unknown key 'qualty' for type 'jpeg'; valid keys: type, mode, quality",
+            "env.reward: unknown key 'qualty' for type 'jpeg'; valid keys: type, mode, quality",
         ),
-        ({"type": "jpeg", "quality": 100}, "reward.quality: Input should be less than or equal to 95 \\(got 100\\)"),
-        ({"type": "jpeg", "mode": "smaller"}, "reward.mode: Input should be 'compressibility' or 'incompressibility'"),
-        ({"type": "learned"}, "reward.path: Field required"),
-        ({"type": "multi", "components": []}, "reward.components: List should have at least 1 item"),
+        (
+            {"type": "jpeg", "quality": 100},
+            "env.reward.quality: Input should be less than or equal to 95 \\(got 100\\)",
+        ),
+        (
+            {"type": "jpeg", "mode": "smaller"},
+            "env.reward.mode: Input should be 'compressibility' or 'incompressibility'",
+        ),
+        ({"type": "learned"}, "env.reward.path: Field required"),
+        ({"type": "multi", "components": []}, "env.reward.components: List should have at least 1 item"),
         (
             {"type": "multi", "components": [{"type": "verifier"}, {"type": "jpeg", "weight": "heavy"}]},
-            "reward.components\\[1\\].weight: Input should be a valid number",
+            "env.reward.components\\[1\\].weight: Input should be a valid number",
         ),
         (
             {"type": "multi", "components": [{"type": "multi", "components": [{"type": "jpeg", "x": 1}]}]},
-            "reward.components\\[0\\].components\\[0\\]: unknown key 'x' for type 'jpeg'",
+            "env.reward.components\\[0\\].components\\[0\\]: unknown key 'x' for type 'jpeg'",
         ),
         (
             {"type": "multi", "components": [{"type": "jpeg"}, {"type": "jpeg"}]},
-            "reward: multi reward: component names",
+            "env.reward: multi reward: component names",
         ),
         (
             {"type": "multi", "components": [{"type": "jpeg"}], "advantages": "each"},
-            "reward.advantages: Input should be 'sum' or 'per_reward'",
+            "env.reward.advantages: Input should be 'sum' or 'per_reward'",
         ),
     ],
 )
