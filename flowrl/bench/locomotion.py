@@ -15,6 +15,10 @@ The whole pipeline runs in one command, each step cached under ``cache/``:
   3. per method file: behaviour cloning once (K = 4 and K = 1 share the pretrained network),
   4. per variant: PPO fine-tuning from that network, timed.
 ``--data-only`` stops after steps 1-2, making every dataset the task lists (expert and medium).
+Overrides reach every step: ``--set-expert`` the expert's experiment (steps 1-2), ``--set-data
+DATASET.KEY=VALUE`` the task's recipes (step 2), ``--set`` the method files (steps 3-4), so a
+tiny end-to-end run of a new task edits no file (README, "Adding a task"); what steps 1-2 make
+with overrides is cached under names tagged with a hash of them.
 Every variant is evaluated with its deterministic policy (ODE, DDIM eta = 0, or the mean)
 before and after. Results: ``locomotion.json`` (table and curves), ``locomotion.png``
 (eval return against env steps) and TensorBoard scalars in ``tensorboard/``.

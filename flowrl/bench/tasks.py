@@ -17,6 +17,8 @@ The experiment files live in the folder above ``tasks/`` (for the shipped tasks:
 ``experiments/locomotion/``). The folder of task files is ``experiments/locomotion/tasks`` of
 this checkout, or ``$FLOWRL_LOCOMOTION_TASKS``, or ``flowrl bench locomotion --tasks-dir``.
 Task files are validated strictly: an unknown key is an error naming the file and the key.
+Nothing lists the tasks: the benchmark, its ``--help`` and the tests read the folder, and a
+task needs only the methods and sizes it declares (README, "Adding a task").
 """
 
 from __future__ import annotations
