@@ -19,11 +19,7 @@ from flowrl.config.schema import (
     _env_tag,
     _policy_tag,
 )
-from flowrl.errors import FlowRLError
-
-
-class ConfigError(FlowRLError, ValueError):
-    """A bad experiment file or override; the message names the key and the fix."""
+from flowrl.errors import ConfigError  # defined low, so that the reward registry can raise it too
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from flowrl.config.loading import ConfigError
+from flowrl.errors import ConfigError
 from flowrl.rewards import RewardModel
 from flowrl.rewards.jpeg import JpegReward
 from flowrl.rewards.learned import LearnedLayoutReward
