@@ -31,6 +31,10 @@ class RewardError(FlowRLError):
     """A reward model failed or returned unusable scores; never replaced by a default score."""
 
 
+class EnvError(FlowRLError):
+    """An env raised in ``reset`` or ``step``; the message names the env, the call and the exception."""
+
+
 def brief(exc: BaseException, limit: int = 100) -> str:
     """Exception type and the first line of its message, short enough for a one-line error."""
     lines = str(exc).strip().splitlines()

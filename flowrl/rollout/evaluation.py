@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
-from flowrl.errors import FlowRLError
+from flowrl.errors import EnvError, FlowRLError, brief
 from flowrl.models.policy import Policy
 from flowrl.runtime import derive_seed
 
 if TYPE_CHECKING:
     from envs.wrappers import FrameSink
+
+T = TypeVar("T")
 
 
 def headline_success(metrics: dict[str, float]) -> float:
@@ -77,7 +79,7 @@ def _run_episodes(
     the end, and success at any step (None unless the env reports ``success_once``), each ``[E]``."""
     episodes = len(env_list)
     base = derive_seed(seed, 10**6)
-    obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)])
+    obs = np.stack([_call(env_id, "reset", i, env.reset, seed=base + i)[0] for i, env in enumerate(env_list)])
     obs = obs.astype(np.float32)
     generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))
     returns, lengths = np.zeros(episodes), np.zeros(episodes)
@@ -87,7 +89,7 @@ def _run_episodes(
     while active.any():
         actions = policy.act(torch.as_tensor(obs), generator).numpy()
         for i in np.flatnonzero(active):
-            o, r, term, trunc, info = env_list[i].step(actions[i])
+            o, r, term, trunc, info = _call(env_id, "step", i, env_list[i].step, actions[i])
             if not (np.isfinite(r) and np.isfinite(o).all()):
                 what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
                 raise FlowRLError(
@@ -104,6 +106,20 @@ def _run_episodes(
                     success_once = np.zeros(episodes, dtype=bool) if success_once is None else success_once
                     success_once[i] = bool(info["success_once"])
     return returns, lengths, success, success_once
+
+
+def _call(env_id: str, call: str, episode: int, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``method(*args, **kwargs)`` of an evaluation env; an exception it raises (other than a
+    FlowRLError, already one line) becomes an EnvError naming the env, the call and the episode."""
+    try:
+        return method(*args, **kwargs)
+    except FlowRLError:
+        raise
+    except Exception as exc:
+        raise EnvError(
+            f"evaluation: env {env_id} raised in {call} (episode {episode}): {brief(exc, 200)}; fix the env "
+            "(evaluation episodes run in this process, with Ray or without)"
+        ) from exc
 
 
 __all__ = ["evaluate_policy", "headline_success"]

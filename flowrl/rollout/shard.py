@@ -8,6 +8,9 @@ Two ways to collect:
 - ``collect``: T policy steps in every env, episodes running on across iterations (PPO);
 - ``collect_episodes``: every env resets (groups of ``group_size`` envs from one seed) and
   runs one episode, up to a step budget (GRPO); ``valid`` marks the steps of that episode.
+
+An env that raises in ``reset`` or ``step`` is an EnvError naming the env, the call and the
+exception (the collector that runs the shard adds what to do).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.env_step import EnvStep, VectorEnv
+from flowrl.errors import EnvError, FlowRLError, brief
 from flowrl.models.policy import Policy
 from flowrl.rollout.rollout import TIME_MAJOR, Rollout
 from flowrl.rollout.vector_env import GymVectorEnv
@@ -72,15 +76,28 @@ class EnvShard:
     def reset(self, epoch: int) -> None:
         base = derive_seed(self.seed, self.index, epoch)
         seeds = [base + i // self.group_size for i in range(self.num_envs)]
-        self._obs = self.envs.reset(seeds)
+        try:
+            self._obs = self.envs.reset(seeds)
+        except Exception as exc:
+            raise self._failed("reset", exc) from exc
         self.generator.manual_seed(derive_seed(self.seed, self.index, epoch, 1))
         self._returns[:] = 0.0
+
+    def _failed(self, call: str, exc: Exception) -> FlowRLError:
+        """What an exception of the env's ``call`` becomes: a FlowRLError stays (it is one line with
+        its fix already); anything else is an EnvError naming the env, the call and the exception."""
+        if isinstance(exc, FlowRLError):
+            return exc
+        return EnvError(f"env {self.env_id} raised in {call} (env shard {self.index}): {brief(exc, 200)}")
 
     def _step(self, policy: Policy, iteration: int):
         assert self._obs is not None
         obs = self._obs
         sample = policy.sample(obs, iteration, self.generator)
-        step = self.envs.step(sample.final)
+        try:
+            step = self.envs.step(sample.final)
+        except Exception as exc:
+            raise self._failed("step", exc) from exc
         self._obs = step.obs
         return obs, sample, step
 
