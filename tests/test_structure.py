@@ -10,7 +10,7 @@ and annotations may name types of any layer. ``from pkg import name`` points at 
 module it names, not at the packages above it (Python runs their ``__init__`` first, but a
 package importing its own submodules is not a circle).
 
-The layers, top to bottom (STYLE.md, "The house"; an import only ever points down):
+The layers, top to bottom (the house style; an import only ever points down):
 cli -> bench -> experiment -> algos -> rollout -> models -> config -> rewards -> envs ->
 runtime -> core / runlog / errors. ``envs/`` may import only ``flowrl.runtime``,
 ``flowrl.core``, ``flowrl.runlog``, ``flowrl.errors`` and other ``envs`` modules.
@@ -180,16 +180,17 @@ def shortest_cycle(graph: dict[str, set[str]], circle: list[str]) -> list[str]:
 def test_flowrl_and_envs_have_no_import_circle() -> None:
     graph = import_graph(ROOT)
     found = circles(graph)
-    assert not found, "import circles (move what the modules share to a lower module, STYLE.md's house):\n" + "\n".join(
-        f"{', '.join(c)}: e.g. {' -> '.join(shortest_cycle(graph, c))}" for c in found
+    assert not found, (
+        "import circles (move what the modules share to a lower layer: this file's docstring):\n"
+        + "\n".join(f"{', '.join(c)}: e.g. {' -> '.join(shortest_cycle(graph, c))}" for c in found)
     )
 
 
 def test_envs_import_nothing_of_flowrl_above_them() -> None:
     found = upward_from_envs(import_graph(ROOT))
     assert not found, (
-        f"envs/ may import only {', '.join(ENVS_MAY_IMPORT)} of flowrl (STYLE.md, the house); upward imports:\n"
-        + "\n".join(f"{a} imports {b}" for a, b in found)
+        f"envs/ may import only {', '.join(ENVS_MAY_IMPORT)} of flowrl (the layers: this file's docstring); upward "
+        "imports:\n" + "\n".join(f"{a} imports {b}" for a, b in found)
     )
 
 
