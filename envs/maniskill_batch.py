@@ -1,6 +1,6 @@
 """ManiSkill tasks simulated as one batch in the learner's process (``env.batched: true``).
 
-``ManiSkillBatchEnv`` implements flowrl's vector-env interface (flowrl.rollout.vector_env) on
+``ManiSkillBatchEnv`` implements flowrl's vector-env interface (flowrl.core.env_step) on
 ManiSkill's batched API: ``num_envs`` envs in one ManiSkill env, torch tensors on the simulator's
 device throughout (``physx_cuda`` on a GPU: hundreds of envs, no worker processes, no copies to
 numpy). On the CPU, ManiSkill's ``physx_cpu`` allows one env per process, so there it serves
@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from envs.maniskill import make_maniskill
+from flowrl.core.env_step import EnvStep
 from flowrl.errors import FlowRLError
-from flowrl.rollout.vector_env import EnvStep
 
 # ManiSkillEnv's constructor arguments a batch understands (envs/maniskill.py documents them).
 KWARGS = {"control_mode", "reward_mode", "terminate_on_success", "max_episode_steps"}

@@ -39,6 +39,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from flowrl.core.demos_file import save_demos
 from flowrl.errors import FlowRLError
 
 log = logging.getLogger("flowrl")
@@ -190,8 +191,6 @@ def motion_planning_demos(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Writes ``out`` (.npz) with ``episodes`` planned demonstrations of ``env_id``; returns a summary."""
-    from flowrl.rollout.demos import save_demos
-
     if episodes < 1:
         raise FlowRLError(f"flowrl demos: --episodes must be >= 1, got {episodes}")
     if seed < 0:

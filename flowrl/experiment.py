@@ -18,10 +18,9 @@ from tqdm import tqdm
 from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, check_demos, dataset_obs_stats, load_demos
 from flowrl.algos.trainer import Algorithm, Trainer
 from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
-from flowrl.errors import FlowRLError
+from flowrl.errors import CheckpointError, FlowRLError
 from flowrl.models.build import (
     Actor,
-    CheckpointError,
     actor_record,
     build_actor,
     build_critic,
@@ -32,8 +31,9 @@ from flowrl.models.build import (
     load_image_network,
 )
 from flowrl.models.policy import Policy
-from flowrl.rollout.collector import evaluate_policy, headline_success, make_collector
+from flowrl.rollout.build import make_collector
 from flowrl.rollout.demos import Actions
+from flowrl.rollout.evaluation import evaluate_policy, headline_success
 from flowrl.rollout.video import Recording, record_episodes
 from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
 from flowrl.runtime import graceful_stop, resolve_device, seed_everything
@@ -390,7 +390,8 @@ def collect(
     flowrl.rollout.demos); ``actions``: the policy's deterministic actions or draws from its
     own stochastic policy. The file records its provenance (env, policy, its training
     iterations, these settings); returns the dataset's return statistics."""
-    from flowrl.rollout.demos import collect_demos, save_demos
+    from flowrl.core.demos_file import save_demos
+    from flowrl.rollout.demos import collect_demos
 
     cfg = load_run_config(run_dir, [])
     path = Path(checkpoint) if checkpoint else Path(run_dir) / "policy.pt"

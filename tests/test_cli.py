@@ -395,7 +395,7 @@ def test_collect_from_a_trained_run_then_pretrain_on_the_dataset(tmp_path, capsy
 
     from flowrl.algos.bc import load_demos
     from flowrl.config import DemosConfig
-    from flowrl.rollout.demos import read_metadata
+    from flowrl.core.demos_file import read_metadata
 
     train = ["train", QUICKSTART, *TINY, "algo.iterations=1", f"runs_dir={tmp_path / 'train'}", "--no-progress"]
     assert main(train) == 0
@@ -460,8 +460,9 @@ def test_a_dataset_of_another_env_stops_before_a_run_folder_and_locomotion_print
     env id the dataset records tells their data apart. Then, with Walker2d data, the run's
     summary has no success rate (MuJoCo locomotion reports none)."""
     from flowrl.config import build_config
+    from flowrl.core.demos_file import save_demos
     from flowrl.models.build import build_actor, build_policy
-    from flowrl.rollout.demos import collect_demos, save_demos
+    from flowrl.rollout.demos import collect_demos
 
     cfg = build_config({"name": "d", "policy": {"type": "gaussian", "horizon": 1, "hidden_dims": [8]}})
     policy = build_policy(cfg, build_actor(cfg.policy, 17, 6))

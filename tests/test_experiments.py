@@ -20,9 +20,10 @@ import yaml
 from flowrl.bench.tasks import DEFAULT_TASKS_DIR, METHODS, Task, load_tasks
 from flowrl.cli import main
 from flowrl.config import GymEnvConfig, build_config, load_config
+from flowrl.core.demos_file import save_demos
 from flowrl.experiment import env_dims
 from flowrl.models.build import build_actor, build_policy
-from flowrl.rollout.demos import collect_demos, save_demos
+from flowrl.rollout.demos import collect_demos
 from flowrl.runlog import read_metrics
 from tests.image_setup import TINY_OVERRIDES
 

@@ -27,9 +27,10 @@ from flowrl.config import (
     DemosConfig,
     load_config,
 )
+from flowrl.errors import DatasetError
 from flowrl.experiment import preflight
 from flowrl.models.build import CheckpointError, actor_record, build_actor, check_checkpoint, load_actor
-from flowrl.rollout.demos import DatasetError, check_demos, load_demos
+from flowrl.rollout.demos import check_demos, load_demos
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")

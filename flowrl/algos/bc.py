@@ -1,6 +1,6 @@
 """Behaviour cloning of any policy family from demonstrations, with EMA weights.
 
-Demonstrations (flowrl.rollout.demos reads and checks them: observations ``[N, O]``,
+Demonstrations (flowrl.core.demos_file reads and checks them: observations ``[N, O]``,
 actions ``[N, Da]``, episode_ends ``[E]``) are cut into (observation, next Ta actions) pairs. The family's loss:
 rectified flow, shortcut and MeanFlow in ``flow_bc``, DDPM in ``diffusion_bc``, and for a
 Gaussian policy the squared error of its mean. The actor's observation normaliser takes the
@@ -22,9 +22,10 @@ from tqdm import tqdm
 from flowrl.algos.diffusion_bc import diffusion_loss
 from flowrl.algos.flow_bc import flow_matching_loss, meanflow_loss, shortcut_loss
 from flowrl.config import PolicyConfig, PretrainConfig
-from flowrl.errors import FlowRLError, Interrupted
+from flowrl.core.demos_file import DEMO_KEYS
+from flowrl.errors import DatasetError, FlowRLError, Interrupted
 from flowrl.models.diffusion_policy import cosine_alphas_cumprod
-from flowrl.rollout.demos import DEMO_KEYS, DatasetError, check_demos, load_demos
+from flowrl.rollout.demos import check_demos, load_demos
 from flowrl.runlog import RunLog, atomic_save
 from flowrl.runtime import progress as progress_bar
 from flowrl.runtime import stop_requested

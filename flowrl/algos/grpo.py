@@ -28,7 +28,7 @@ from flowrl.core.steps import gaussian_kl
 from flowrl.core.transitions import unit_values
 from flowrl.models.policy import Evaluation, Policy, frozen_copy
 from flowrl.rewards.multi import combined_group_advantages
-from flowrl.rollout.collector import Collector, Rollout
+from flowrl.rollout.rollout import Collector, Rollout
 from flowrl.runtime import derive_seed
 
 

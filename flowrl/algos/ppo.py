@@ -25,7 +25,7 @@ from flowrl.core.batch import TensorBatch
 from flowrl.core.losses import clipped_surrogate, value_loss
 from flowrl.models.networks import ObsNormalizer
 from flowrl.models.policy import Policy, frozen_copy
-from flowrl.rollout.collector import Collector, Rollout
+from flowrl.rollout.rollout import Collector, Rollout
 from flowrl.runtime import derive_seed
 
 

@@ -23,10 +23,11 @@ import envs as flowrl_envs
 from flowrl.algos.policy_gradient import NumericalError, check_ratio
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
-from flowrl.errors import FlowRLError, Interrupted
-from flowrl.models.build import CheckpointError, actor_record
+from flowrl.errors import CheckpointError, FlowRLError, Interrupted
+from flowrl.models.build import actor_record
 from flowrl.models.policy import Policy
-from flowrl.rollout.collector import Collector, Rollout, evaluate_policy, headline_success
+from flowrl.rollout.evaluation import evaluate_policy, headline_success
+from flowrl.rollout.rollout import Collector, Rollout
 from flowrl.runlog import RunLog, atomic_save
 from flowrl.runtime import progress as progress_bar
 from flowrl.runtime import stop_requested

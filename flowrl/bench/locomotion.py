@@ -40,8 +40,8 @@ from flowrl import experiment as ex
 from flowrl.bench.common import seed_curves_chart, tensorboard_curves, write_json
 from flowrl.bench.tasks import BENCH_DATASET, DatasetRecipe, Task, TaskError, select_tasks
 from flowrl.config import ExperimentConfig, load_config
+from flowrl.core.demos_file import read_metadata
 from flowrl.errors import FlowRLError
-from flowrl.rollout.demos import read_metadata
 from flowrl.runlog import read_metrics
 
 

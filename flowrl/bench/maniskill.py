@@ -22,7 +22,7 @@ step (``time/update_s``, mean over iterations) and its ratio to Flow-Noise PPO's
 throughput (``time/env_steps_per_s``: env steps per collection + update) and the collection's
 own env steps/s, per env worker as a ratio of the raw stepping; and the issue's targets, hit or
 missed. Held out: the demonstrations use reset seeds 0, 1, ... (``meta_seeds``), evaluation the
-31-bit seeds ``derive_seed(seed, 10**6) + i`` (flowrl.rollout.collector.evaluate_policy); the
+31-bit seeds ``derive_seed(seed, 10**6) + i`` (flowrl.rollout.evaluation.evaluate_policy); the
 JSON records both and the bench refuses seeds whose evaluation would meet a demonstration.
 
 Results: ``maniskill.json`` (table, learning curves, commands), ``maniskill.png`` (eval
@@ -56,8 +56,8 @@ from flowrl.bench.common import (
 )
 from flowrl.bench.rollout import raw_env_rate
 from flowrl.config import ExperimentConfig, load_config
+from flowrl.core.demos_file import read_metadata
 from flowrl.errors import FlowRLError
-from flowrl.rollout.demos import read_metadata
 from flowrl.runlog import read_metrics
 from flowrl.runtime import derive_seed
 
@@ -267,7 +267,7 @@ def _prepare_demos(cfg: ExperimentConfig, progress: bool) -> tuple[Path, float |
 
 def evaluation_seeds(seed: int, episodes: int) -> range:
     """The reset seeds of a run's evaluations: ``episodes`` consecutive seeds from a 31-bit
-    seed derived from the run's seed (flowrl.rollout.collector.evaluate_policy draws them so)."""
+    seed derived from the run's seed (flowrl.rollout.evaluation.evaluate_policy draws them so)."""
     base = derive_seed(seed, 10**6)
     return range(base, base + episodes)
 

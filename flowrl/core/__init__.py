@@ -1,7 +1,9 @@
 """Pure tensor math: time grids, stochastic steps, ODE solvers, windows, transitions,
-advantages and losses.
+advantages and losses; and the two record formats that ``envs/`` and the library share, kept in
+this lowest layer so that both import them without an upward arrow: the vector-env interface
+(env_step.py) and the demonstrations file (demos_file.py).
 
-Nothing here knows about environments, Ray or configs; every function documents its shapes.
+Nothing here imports an env, Ray or a config; every function documents its shapes.
 """
 
 from flowrl.core.advantages import gae, group_advantages

@@ -26,7 +26,7 @@ from flowrl.config import (
     TextImagePolicyConfig,
 )
 from flowrl.core.windows import AllSteps, OneRandomStep, SlidingWindow, StepWindow
-from flowrl.errors import FlowRLError
+from flowrl.errors import CheckpointError
 from flowrl.models.diffusion_policy import DiffusionPolicy
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
@@ -35,11 +35,6 @@ from flowrl.models.networks import GaussianActor, ReinFlowNoiseNet, ValueMLP, Ve
 from flowrl.models.policy import Policy
 from flowrl.models.sampler import ChainSampler, Converter, CPSConverter, FlowSDEConverter, ReinFlowConverter
 from flowrl.models.text_image import TextImageVelocity
-
-
-class CheckpointError(FlowRLError, ValueError):
-    """A checkpoint that is missing or does not fit the experiment."""
-
 
 Actor = VelocityMLP | GaussianActor | TextImageVelocity
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from flowrl.errors import FlowRLError
+from flowrl.errors import RewardError
 
 
 @dataclass
@@ -66,10 +66,6 @@ class RewardModel(Protocol):
 
 
 RewardFactory = Callable[[], RewardModel]
-
-
-class RewardError(FlowRLError):
-    """A reward model failed or returned unusable scores; never replaced by a default score."""
 
 
 def check_scores(scores: Any, batch_size: int | None, source: str) -> Any:

@@ -34,7 +34,7 @@ from flowrl.errors import FlowRLError
 from flowrl.models.image_policy import to_pixels
 from flowrl.models.policy import Policy
 from flowrl.rewards import ImageBatch, RewardError, RewardOutput
-from flowrl.rollout.collector import Rollout
+from flowrl.rollout.rollout import Rollout
 from flowrl.runtime import derive_seed
 
 if TYPE_CHECKING:

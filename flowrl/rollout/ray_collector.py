@@ -23,8 +23,9 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy, worker_state
-from flowrl.rollout.collector import EnvShard, Rollout
 from flowrl.rollout.ray_runtime import describe_failure
+from flowrl.rollout.rollout import Rollout
+from flowrl.rollout.shard import EnvShard
 
 log = logging.getLogger("flowrl")
 

@@ -1,5 +1,5 @@
-"""One vector-env interface for every env family: torch tensors in, torch tensors out, on the
-env's device.
+"""``GymVectorEnv``: gymnasium tasks behind flowrl's vector-env interface (flowrl/core/env_step.py:
+torch tensors in, torch tensors out, on the env's device).
 
 ``GymVectorEnv`` adapts gymnasium tasks (stepped on the CPU, same-step autoreset). A batched
 GPU simulator (ManiSkill's ``physx_cuda``, envs/maniskill_batch.py) implements the same
@@ -8,8 +8,7 @@ interface with its tensors on the GPU, so the collector never converts to numpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,42 +16,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import Tensor
 
 import envs as flowrl_envs
-
-
-@dataclass
-class EnvStep:
-    """What one vector step returns, every field ``[N, ...]`` on the env's device.
-
-    obs: the observation to act on next (the new episode's first one where an episode ended).
-    reached: the state the step reached (the episode's final observation where it ended),
-        for bootstrapping.
-    reward: summed over the action chunk, in the env's own precision (float64 for gymnasium).
-    terminated, truncated: bool.
-    success: bool, meaningful where the episode ended. env_steps: primitive steps taken.
-    """
-
-    obs: Tensor
-    reached: Tensor
-    reward: Tensor
-    terminated: Tensor
-    truncated: Tensor
-    success: Tensor
-    env_steps: Tensor
-
-
-class VectorEnv(Protocol):
-    num_envs: int
-    device: torch.device
-
-    def reset(self, seeds: list[int]) -> Tensor:
-        """Reset env i with ``seeds[i]``; returns the observations ``[N, O]``."""
-        ...
-
-    def step(self, actions: Tensor) -> EnvStep:
-        """One policy step (an action chunk ``[N, Ta, Da]``) in every env, auto-resetting ended ones."""
-        ...
-
-    def close(self) -> None: ...
+from flowrl.core.env_step import EnvStep
 
 
 def _per_env(info: dict, key: str, num_envs: int, default) -> np.ndarray:

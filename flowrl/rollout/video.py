@@ -28,7 +28,7 @@ import numpy as np
 
 from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy
-from flowrl.rollout.collector import evaluate_policy
+from flowrl.rollout.evaluation import evaluate_policy
 
 DEFAULT_FPS = 30.0  # for an env whose metadata gives no render_fps
 STRIP_GAP = 4  # white pixels between the frames of a strip

@@ -13,7 +13,7 @@ from flowrl.algos.grpo import GRPO, episode_advantages, step_kl
 from flowrl.config import GRPOConfig, build_config
 from flowrl.core.steps import gaussian_kl
 from flowrl.models.policy import Evaluation
-from flowrl.rollout.collector import Rollout
+from flowrl.rollout.rollout import Rollout
 
 
 def test_group_advantages_by_hand_with_tied_groups_dropped() -> None:

@@ -14,8 +14,9 @@ from scipy.stats import trim_mean
 from flowrl.bench.locomotion import iqm, summarise
 from flowrl.cli import main
 from flowrl.config import build_config
+from flowrl.core.demos_file import save_demos
 from flowrl.models.build import build_actor, build_policy
-from flowrl.rollout.demos import collect_demos, save_demos
+from flowrl.rollout.demos import collect_demos
 
 TINY = [
     "ray.enabled=false",

@@ -17,7 +17,7 @@ import yaml
 from flowrl.bench.locomotion import VARIANTS
 from flowrl.bench.tasks import DEFAULT_TASKS_DIR, METHODS, TASKS_DIR_VAR, TaskError, load_task, load_tasks, select_tasks
 from flowrl.cli import main
-from flowrl.rollout.demos import read_metadata
+from flowrl.core.demos_file import read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,8 +22,8 @@ from PIL import Image
 
 from flowrl.bench import maniskill
 from flowrl.cli import main
+from flowrl.core.demos_file import read_metadata
 from flowrl.errors import FlowRLError
-from flowrl.rollout.demos import read_metadata
 from flowrl.runlog import read_metrics
 from flowrl.runtime import derive_seed
 
@@ -213,7 +213,7 @@ def test_bad_input_is_a_one_line_error_before_any_folder(tmp_path, monkeypatch, 
 
 def test_evaluation_on_a_demonstration_seed_is_refused(tmp_path):
     """The held-out check against a dataset that (by construction) holds seed 1's evaluation seeds."""
-    from flowrl.rollout.demos import save_demos
+    from flowrl.core.demos_file import save_demos
 
     met = maniskill.evaluation_seeds(1, 3)
     assert len(met) == 3 and met[0] == derive_seed(1, 10**6) and met[-1] < 2**31

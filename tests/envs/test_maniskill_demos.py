@@ -16,8 +16,8 @@ import pytest
 
 from envs.maniskill import ManiSkillUnavailable
 from envs.maniskill_demos import motion_planning_demos
-from flowrl.errors import FlowRLError
-from flowrl.rollout.demos import DatasetError, read_demos, read_metadata
+from flowrl.core.demos_file import read_demos, read_metadata
+from flowrl.errors import DatasetError, FlowRLError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -1,4 +1,4 @@
-"""Tests of flowrl.rollout.collector with tiny policies on TwoGoal.
+"""Tests of the collectors (flowrl.rollout: rollout, shard, collector, evaluation) with tiny policies on TwoGoal.
 
 Oracles: a hand replay of the point-mass dynamics (x += 0.1 clip(a), goal radius 0.12,
 30-step time limit) from the recorded observations and actions; separately built EnvShards;
@@ -22,7 +22,10 @@ from flowrl.core.windows import OneRandomStep
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
 from flowrl.models.sampler import ChainSampler, ReinFlowConverter
-from flowrl.rollout.collector import EnvShard, InProcessCollector, Rollout, evaluate_policy, headline_success
+from flowrl.rollout.collector import InProcessCollector
+from flowrl.rollout.evaluation import evaluate_policy, headline_success
+from flowrl.rollout.rollout import Rollout
+from flowrl.rollout.shard import EnvShard
 
 ENV_ID = "flowrl/TwoGoal-v0"
 O, DA, K = 2, 2, 2

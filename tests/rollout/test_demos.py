@@ -1,4 +1,4 @@
-"""Tests of flowrl.rollout.demos (``flowrl collect``) on TwoGoal.
+"""Tests of flowrl.rollout.demos (``flowrl collect``) and of the file format (flowrl.core.demos_file) on TwoGoal.
 
 Oracles: a replay of every recorded episode in a fresh env reset with the documented seed
 (derive_seed(seed, 7) + i): it must see the recorded observations, end exactly at the
@@ -19,11 +19,13 @@ import torch
 import envs  # noqa: F401  (registers the envs)
 from flowrl.algos.bc import load_demos
 from flowrl.config import DemosConfig
+from flowrl.core.demos_file import read_demos, read_metadata, save_demos
+from flowrl.errors import DatasetError
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.gaussian_policy import GaussianPolicy
 from flowrl.models.networks import GaussianActor, VelocityMLP
 from flowrl.models.sampler import ChainSampler
-from flowrl.rollout.demos import DatasetError, check_demos, collect_demos, read_demos, read_metadata, save_demos
+from flowrl.rollout.demos import check_demos, collect_demos
 from flowrl.runtime import derive_seed
 
 ENV_ID = "flowrl/TwoGoal-v0"

@@ -27,7 +27,7 @@ from flowrl.cli import main
 from flowrl.config import build_config, save_config
 from flowrl.errors import FlowRLError
 from flowrl.models.build import actor_record, build_actor, build_policy
-from flowrl.rollout.collector import evaluate_policy
+from flowrl.rollout.evaluation import evaluate_policy
 from flowrl.rollout.video import STRIP_GAP, Recording, chosen_episodes, parse_episodes, record_episodes
 from flowrl.runlog import atomic_save
 

@@ -1,0 +1,173 @@
+"""EnvShard: a vector of envs and the seeded noise generator of the policy that acts in them.
+
+An EnvShard is the unit an env worker owns: the in-process collector (collector.py) runs its
+shards one after the other, the Ray collector (ray_collector.py) one per actor. Shard i is seeded
+from (seed, i) either way, so both return identical rollouts.
+
+Two ways to collect:
+- ``collect``: T policy steps in every env, episodes running on across iterations (PPO);
+- ``collect_episodes``: every env resets (groups of ``group_size`` envs from one seed) and
+  runs one episode, up to a step budget (GRPO); ``valid`` marks the steps of that episode.
+
+An env that raises in ``reset`` or ``step`` is an EnvError naming the env, the call and the
+exception (the collector that runs the shard adds what to do).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowrl.core.env_step import EnvStep, VectorEnv
+from flowrl.errors import EnvError, FlowRLError, brief
+from flowrl.models.policy import Policy
+from flowrl.rollout.rollout import TIME_MAJOR, Rollout
+from flowrl.rollout.vector_env import GymVectorEnv
+from flowrl.runtime import derive_seed
+
+
+def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Tensor) -> None:
+    """Append one policy step of every env to the time-major lists of a Rollout."""
+    for key, value in (
+        ("obs", obs),
+        ("next_obs", step.reached),
+        ("rewards", step.reward.to(torch.float32)),
+        ("terminated", step.terminated),
+        ("truncated", step.truncated),
+        ("valid", valid),
+    ):
+        rows[key].append(value)
+
+
+class EnvShard:
+    """A vector of ``num_envs`` envs and the noise generator of the policy sampling for it.
+
+    ``group_size``: every group_size consecutive envs reset from the same seed, so a group
+    starts from the same state (GRPO); 1 = every env its own seed.
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        horizon: int,
+        num_envs: int,
+        seed: int,
+        index: int,
+        env_kwargs: dict | None = None,
+        group_size: int = 1,
+        batched_device: torch.device | None = None,
+    ) -> None:
+        if num_envs % group_size:
+            raise ValueError(f"an env shard of {num_envs} envs cannot hold whole groups of {group_size}")
+        self.env_id, self.num_envs, self.seed, self.index, self.group_size = env_id, num_envs, seed, index, group_size
+        self.envs: VectorEnv
+        if batched_device is not None:  # env.batched: one ManiSkill batch on that device
+            from envs.maniskill_batch import ManiSkillBatchEnv
+
+            self.envs = ManiSkillBatchEnv(env_id, horizon, num_envs, env_kwargs, batched_device)
+        else:
+            self.envs = GymVectorEnv(env_id, horizon, num_envs, env_kwargs)
+        self.generator = torch.Generator(device=self.envs.device)  # the policy samples where the envs are
+        self.group = (index * num_envs + torch.arange(num_envs)) // group_size
+        self._obs: Tensor | None = None
+        self._returns = np.zeros(num_envs)
+
+    def reset(self, epoch: int) -> None:
+        base = derive_seed(self.seed, self.index, epoch)
+        seeds = [base + i // self.group_size for i in range(self.num_envs)]
+        try:
+            self._obs = self.envs.reset(seeds)
+        except Exception as exc:
+            raise self._failed("reset", exc) from exc
+        self.generator.manual_seed(derive_seed(self.seed, self.index, epoch, 1))
+        self._returns[:] = 0.0
+
+    def _failed(self, call: str, exc: Exception) -> FlowRLError:
+        """What an exception of the env's ``call`` becomes: a FlowRLError stays (it is one line with
+        its fix already); anything else is an EnvError naming the env, the call and the exception."""
+        if isinstance(exc, FlowRLError):
+            return exc
+        return EnvError(f"env {self.env_id} raised in {call} (env shard {self.index}): {brief(exc, 200)}")
+
+    def _step(self, policy: Policy, iteration: int):
+        assert self._obs is not None
+        obs = self._obs
+        sample = policy.sample(obs, iteration, self.generator)
+        try:
+            step = self.envs.step(sample.final)
+        except Exception as exc:
+            raise self._failed("step", exc) from exc
+        self._obs = step.obs
+        return obs, sample, step
+
+    def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
+        if self._obs is None:
+            self.reset(0)
+        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
+        samples = []
+        # all steps count (stacking copies it)
+        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)
+        env_steps = 0
+        ep_returns: list[float] = []
+        ep_successes: list[float] = []
+        for _ in range(num_steps):
+            obs, sample, step = self._step(policy, iteration)
+            done = (step.terminated | step.truncated).cpu().numpy()
+            self._returns += step.reward.cpu().numpy()
+            for i in np.flatnonzero(done):
+                ep_returns.append(float(self._returns[i]))
+                ep_successes.append(float(bool(step.success[i])))
+                self._returns[i] = 0.0
+            env_steps += int(step.env_steps.sum())
+            _record(rows, obs, step, every)
+            samples.append(sample)
+        return Rollout(
+            **{k: torch.stack(v) for k, v in rows.items()},
+            samples=type(samples[0]).stack(samples),
+            group=self.group.clone(),
+            env_steps=env_steps,
+            episode_returns=ep_returns,
+            episode_successes=ep_successes,
+        )
+
+    def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
+        self.reset(iteration)
+        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
+        samples = []
+        device = self.envs.device
+        active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
+        returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
+        success = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
+        env_steps = 0
+        for _ in range(max_steps):
+            if not bool(active.any()):
+                break
+            obs, sample, step = self._step(policy, iteration)
+            valid = active.clone()
+            returns += torch.where(valid, step.reward.double(), torch.zeros_like(returns))
+            ended = valid & (step.terminated | step.truncated)
+            success |= ended & step.success
+            active &= ~ended
+            env_steps += int(step.env_steps[valid].sum())
+            _record(rows, obs, step, valid)
+            samples.append(sample)
+        done = ~active
+        self._obs = None  # the next collection resets
+        return Rollout(
+            **{k: torch.stack(v) for k, v in rows.items()},
+            samples=type(samples[0]).stack(samples),
+            group=self.group.clone(),
+            env_steps=env_steps,
+            episode_returns=returns[done].tolist(),
+            episode_successes=success[done].float().tolist(),
+            episode_return=returns.float(),
+            episode_success=success,
+            episode_done=done,
+        )
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+__all__ = ["EnvShard"]
