@@ -22,10 +22,6 @@ class Interrupted(Exception):
     """The run stopped at a safe point after SIGINT/SIGTERM; the message says how to resume."""
 
 
-class ConfigError(FlowRLError, ValueError):
-    """A bad experiment file or override; the message names the key and the fix."""
-
-
 class CheckpointError(FlowRLError, ValueError):
     """A checkpoint that is missing or does not fit the experiment."""
 
