@@ -49,16 +49,17 @@ class EnvWorker:
         self.shard.reset(epoch)
 
     def collect(self, weights: dict[str, torch.Tensor], num_steps: int, iteration: int) -> Rollout:
-        if self.policy is None:
-            raise RuntimeError("EnvWorker.collect before set_policy")
-        self.policy.load_state_dict(weights)
-        return self.shard.collect(self.policy, num_steps, iteration)
+        return self.shard.collect(self._policy_with(weights, "collect"), num_steps, iteration)
 
     def collect_episodes(self, weights: dict[str, torch.Tensor], max_steps: int, iteration: int) -> Rollout:
+        return self.shard.collect_episodes(self._policy_with(weights, "collect_episodes"), max_steps, iteration)
+
+    def _policy_with(self, weights: dict[str, torch.Tensor], call: str) -> Policy:
+        """The policy sent once (``set_policy``), with this iteration's ``weights``."""
         if self.policy is None:
-            raise RuntimeError("EnvWorker.collect_episodes before set_policy")
+            raise RuntimeError(f"EnvWorker.{call} before set_policy")
         self.policy.load_state_dict(weights)
-        return self.shard.collect_episodes(self.policy, max_steps, iteration)
+        return self.policy
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}

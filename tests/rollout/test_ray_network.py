@@ -188,7 +188,7 @@ DRIVER = textwrap.dedent(
     import time
     from flowrl.rollout.ray_collector import RayCollector
     from flowrl.rollout.ray_runtime import ray_session
-from flowrl.rollout.shard import EnvSpec
+    from flowrl.rollout.shard import EnvSpec
 
     with ray_session(None, num_cpus=2):
         collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=2)
