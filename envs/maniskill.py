@@ -42,6 +42,10 @@ import numpy as np
 
 from flowrl.errors import FlowRLError
 
+# flowrl's defaults (ManiSkillEnv's and the batch's): the end effector's position delta and the
+# gripper, and the dense reward scaled to [0, 1] per step.
+CONTROL_MODE, REWARD_MODE = "pd_ee_delta_pos", "normalized_dense"
+
 FIX = "install ManiSkill and a Vulkan driver with the README's set-up command (bash scripts/install_system.sh)"
 
 # What SAPIEN raises when it finds no usable Vulkan device: no driver at all
@@ -72,15 +76,33 @@ def _scalar(value: Any) -> Any:
     return None
 
 
-def make_maniskill(task: str, **kwargs: Any) -> Any:
-    """ManiSkill's env class for ``task`` (state observations), made with ``kwargs``, without
-    ManiSkill's TimeLimit (flowrl's registration rules the limit). Bad kwargs and a missing
-    Vulkan driver are one-line errors naming the fix."""
+def make_maniskill(
+    task: str,
+    num_envs: int = 1,
+    control_mode: str = CONTROL_MODE,
+    reward_mode: str = REWARD_MODE,
+    sim_backend: str = "physx_cpu",
+    render_backend: str = "cpu",
+    **kwargs: Any,
+) -> Any:
+    """ManiSkill's env class for ``task`` (state observations): ``num_envs`` envs in one, simulated
+    by ``sim_backend``, flowrl's default controller and reward unless given, made with ``kwargs``
+    (ManiSkill's other arguments), without ManiSkill's TimeLimit (flowrl's registration rules the
+    limit). The one place both env families (``ManiSkillEnv``, envs/maniskill_batch.py) make
+    theirs. Bad kwargs and a missing Vulkan driver are one-line errors naming the fix."""
     registered = _import_maniskill()
     if task not in registered:
         raise FlowRLError(f"ManiSkill has no task {task!r} (the task of a ManiSkillEnv, e.g. PickCube-v1)")
     try:
-        return registered[task].make(obs_mode="state", **kwargs)
+        return registered[task].make(
+            obs_mode="state",
+            num_envs=num_envs,
+            control_mode=control_mode,
+            reward_mode=reward_mode,
+            sim_backend=sim_backend,
+            render_backend=render_backend,
+            **kwargs,
+        )
     except AssertionError as exc:  # how ManiSkill rejects an unknown control_mode, reward_mode, ...
         raise FlowRLError(f"{task}: ManiSkill refused the env's kwargs (env.kwargs): {exc}") from None
     except RuntimeError as exc:
@@ -127,8 +149,8 @@ class ManiSkillEnv(gym.Env):
     def __init__(
         self,
         task: str,
-        control_mode: str = "pd_ee_delta_pos",
-        reward_mode: str = "normalized_dense",
+        control_mode: str = CONTROL_MODE,
+        reward_mode: str = REWARD_MODE,
         reconfiguration_freq: int | None = None,
         sim_backend: str = "physx_cpu",
         render_backend: str = "cpu",
@@ -141,7 +163,6 @@ class ManiSkillEnv(gym.Env):
         camera = {} if render_size is None else {"width": render_size, "height": render_size}
         self._env = make_maniskill(
             task,
-            num_envs=1,
             control_mode=control_mode,
             reward_mode=reward_mode,
             sim_backend=sim_backend,
@@ -232,4 +253,4 @@ class ManiSkillEnv(gym.Env):
             self._env = None
 
 
-__all__ = ["FIX", "ManiSkillEnv", "ManiSkillUnavailable", "make_maniskill"]
+__all__ = ["CONTROL_MODE", "FIX", "REWARD_MODE", "ManiSkillEnv", "ManiSkillUnavailable", "make_maniskill"]

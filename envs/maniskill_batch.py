@@ -83,13 +83,12 @@ class ManiSkillBatchEnv:
         self.limit = int(kwargs.pop("max_episode_steps", spec.max_episode_steps))
         self.terminate_on_success = bool(kwargs.pop("terminate_on_success", True))
         cuda = device.type == "cuda"
-        self._env = make_maniskill(
+        self._env = make_maniskill(  # kwargs: control_mode and reward_mode, if given (KWARGS, the rest popped above)
             spec.kwargs["task"],
-            num_envs=num_envs,
-            control_mode=kwargs.get("control_mode", "pd_ee_delta_pos"),
-            reward_mode=kwargs.get("reward_mode", "normalized_dense"),
+            num_envs,
             sim_backend="physx_cuda" if cuda else "physx_cpu",
             render_backend="gpu" if cuda else "cpu",
+            **kwargs,
         )
         self.num_envs, self.horizon = num_envs, horizon
         self.device = torch.device(self._env.device)

@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from flowrl import experiment as ex
 from flowrl.config import load_config
@@ -38,6 +39,32 @@ def select_methods(names: list[str] | None, methods: Sequence[Any], bench: str) 
         keys = ", ".join(m.key for m in methods)
         raise FlowRLError(f"flowrl bench {bench}: unknown method(s) {unknown or names}; choose from {keys}")
     return [m for m in methods if m.key in names or m.label in names]
+
+
+def check_bench_args(bench: str, seeds: Sequence[int], size: str, sizes: Collection[str]) -> None:
+    """A fine-tuning bench's seeds (at least one) and ``--size`` (one of ``sizes``), checked first."""
+    if not seeds:
+        raise FlowRLError(f"flowrl bench {bench}: give at least one seed (--seeds 0)")
+    if size not in sizes:
+        raise FlowRLError(f"flowrl bench {bench}: --size is one of {', '.join(sizes)}, got {size!r}")
+
+
+def bench_overrides(overrides: list[str] | None, iterations: int | None) -> tuple[list[str], list[str]]:
+    """The bench's ``overrides`` (``--set``: the pretraining and every run get them) and those of
+    its fine-tuning runs: the same plus ``algo.iterations`` when ``--iterations`` is given."""
+    overrides = list(overrides or [])
+    return overrides, [*overrides, *([f"algo.iterations={iterations}"] if iterations is not None else [])]
+
+
+def results_header(size: str, seeds: Sequence[int], iterations: int | None, overrides: list[str]) -> dict[str, Any]:
+    """What a fine-tuning bench's results start with: the machine and the bench's settings."""
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "size": size,
+        "seeds": list(seeds),
+        "iterations": iterations,
+        "overrides": overrides,
+    }
 
 
 def prepare_pretrained(
@@ -132,8 +159,11 @@ def tensorboard_curves(folder: Path, curves: dict[str, list[tuple[float, float]]
 
 __all__ = [
     "ROOT",
+    "bench_overrides",
+    "check_bench_args",
     "plot_seeds",
     "prepare_pretrained",
+    "results_header",
     "save_figure",
     "seed_curves_chart",
     "select_methods",

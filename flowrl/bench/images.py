@@ -31,7 +31,6 @@ and that grid).
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -96,24 +95,16 @@ def run_images_bench(
     results to ``out_dir`` after every run (a stopped bench keeps what it measured) and
     returns them."""
     chosen = select_methods(methods)
-    if not seeds:
-        raise FlowRLError("flowrl bench images: give at least one seed (--seeds 0)")
-    if size not in SIZES:
-        raise FlowRLError(f"flowrl bench images: --size is one of {', '.join(SIZES)}, got {size!r}")
+    common.check_bench_args("images", seeds, size, SIZES)
     folder, pretrained = SIZES[size], Path(pretrained or DEFAULT_PRETRAINED[size])
     pretrain_file = folder / "shapes_pretrain.yaml"
-    overrides = list(overrides or [])
-    extra = [*overrides, *([f"algo.iterations={iterations}"] if iterations is not None else [])]
+    overrides, extra = common.bench_overrides(overrides, iterations)
     for method in chosen:  # every file and override checked before any work
         load_config(folder / method.file, extra)
     out = Path(out_dir)
     checkpoint, pretrain_s = prepare_pretrained(pretrained, pretrain_file, overrides, progress)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "size": size,
-        "seeds": list(seeds),
-        "iterations": iterations,
-        "overrides": overrides,
+        **common.results_header(size, seeds, iterations, overrides),
         "pretrained": str(checkpoint),
         "pretrain_s": pretrain_s,
         "commands": {"bench": _bench_command(out, chosen, iterations, seeds, overrides, pretrained, size)},
@@ -122,11 +113,28 @@ def run_images_bench(
     if pretrain_s is not None:
         pretrain = ["flowrl", "pretrain", shown(pretrain_file), *overrides, "--run-dir", str(checkpoint.parent)]
         results["commands"]["pretrain"] = shlex.join(pretrain)
+    _fine_tune_all(results, chosen, folder, extra, checkpoint, out, progress)
+    results["grid"] = _grid(results["rows"], checkpoint, out)
+    _write(results, out)
+    return results
+
+
+def _fine_tune_all(
+    results: dict[str, Any],
+    chosen: list[Method],
+    folder: Path,
+    extra: list[str],
+    checkpoint: Path,
+    out: Path,
+    progress: bool,
+) -> None:
+    """Step 2: every chosen method fine-tunes ``checkpoint`` once per seed (``extra``: the runs'
+    overrides); the rows of ``results`` are updated and written after every run."""
     run_overrides = [*extra, f"policy.pretrained={checkpoint}", f"runs_dir={out / 'runs'}"]
     for method in chosen:
         ex.preflight(load_config(folder / method.file, run_overrides))  # the checkpoint fits every method's network
     runs: dict[str, list[dict[str, Any]]] = {}
-    for seed in seeds:  # every method once per seed, so a stopped bench has whole seeds
+    for seed in results["seeds"]:  # every method once per seed, so a stopped bench has whole seeds
         for method in chosen:
             file = folder / method.file
             cfg = load_config(file, [*run_overrides, f"seed={seed}"])
@@ -137,9 +145,6 @@ def run_images_bench(
             results["rows"] = [summarise(m.label, runs[m.label]) for m in chosen if m.label in runs]
             _ratios(results["rows"])
             _write(results, out)
-    results["grid"] = _grid(results["rows"], checkpoint, out)
-    _write(results, out)
-    return results
 
 
 def _fine_tune(cfg: ExperimentConfig, seed: int, command: str, progress: bool) -> dict[str, Any]:

@@ -33,7 +33,6 @@ success_once against env steps, one panel per task) and TensorBoard scalars in
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 import time
@@ -42,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from flowrl import experiment as ex
 from flowrl.bench.common import (
     ROOT,
+    bench_overrides,
+    check_bench_args,
     prepare_pretrained,
+    results_header,
     seed_curves_chart,
     select_methods,
     shown,
@@ -169,10 +170,7 @@ def run_maniskill_bench(
     (default: the size's). Writes the results to ``out_dir`` after every run (a stopped bench
     keeps what it measured) and returns them."""
     chosen = select_methods(methods, METHODS, "maniskill")
-    if not seeds:
-        raise FlowRLError("flowrl bench maniskill: give at least one seed (--seeds 0)")
-    if size not in SIZES:
-        raise FlowRLError(f"flowrl bench maniskill: --size is one of {', '.join(SIZES)}, got {size!r}")
+    check_bench_args("maniskill", seeds, size, SIZES)
     folder = Path(folder) if folder is not None else SIZES[size]
     known = task_names(folder)
     unknown = [t for t in tasks or [] if t not in known]
@@ -181,16 +179,11 @@ def run_maniskill_bench(
             f"flowrl bench maniskill: unknown task(s) {unknown or tasks}; choose from {', '.join(known) or 'none'} "
             f"(TASK_METHOD.yaml files in {shown(folder)})"
         )
-    overrides = list(overrides or [])
-    extra = [*overrides, *([f"algo.iterations={iterations}"] if iterations is not None else [])]
+    overrides, extra = bench_overrides(overrides, iterations)
     plans = [_plan(t, folder, chosen, extra) for t in (tasks or known)]  # every file checked before any work
     out, cache = Path(out_dir), Path(cache)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "size": size,
-        "seeds": list(seeds),
-        "iterations": iterations,
-        "overrides": overrides,
+        **results_header(size, seeds, iterations, overrides),
         "commands": {"bench": _bench_command(out, plans, chosen, iterations, seeds, overrides, size)},
         "tasks": {},
     }

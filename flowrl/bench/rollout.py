@@ -23,6 +23,7 @@ import envs as flowrl_envs
 from flowrl.config import build_config
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
+from flowrl.rollout.shard import EnvSpec
 
 TASKS = {"toy": "flowrl/TwoGoal-v0", "mujoco": "HalfCheetah-v5"}
 
@@ -111,10 +112,11 @@ def run_rollout_bench(
             env_id = TASKS.get(task, task)
             policy = _policy(env_id, horizon, denoising_steps)
             row: dict[str, float] = {"raw_env": raw_env_rate(env_id, horizon, num_envs, steps, repeats)}
-            local = InProcessCollector(env_id, horizon, num_envs, seed=0)
+            spec = EnvSpec(env_id, horizon, num_envs, seed=0)
+            local = InProcessCollector(spec)
             row["in_process"] = _collector_rate(local, policy, steps, repeats)
             for w in worker_counts:
-                remote = RayCollector(env_id, horizon, num_envs, seed=0, num_workers=w)
+                remote = RayCollector(spec, num_workers=w)
                 row[f"ray_{w}"] = _collector_rate(remote, policy, steps, repeats)
             ray1 = row[f"ray_{worker_counts[0]}"]
             ratios = {f"ray_{w}_vs_raw": row[f"ray_{w}"] / row["raw_env"] for w in worker_counts}

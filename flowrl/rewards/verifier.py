@@ -24,7 +24,7 @@ index in ``envs.shapes.CATEGORIES``, ``details["num_objects"]`` = objects detect
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,66 +79,108 @@ def _min_pool3x3(x: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.minimum(torch.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
 
 
+class Moments(NamedTuple):
+    """Step 3's measurements of each component, alpha-weighted, in pixels (tensors ``[m]`` float64,
+    or one component's floats): centroid, mass (summed alpha), spread E[dx² + dy²], anisotropy
+    E[dx²] / E[dy²], y-skew and the diagonals' kurtosis minus the axes'."""
+
+    cx: Any
+    cy: Any
+    mass: Any
+    spread: Any
+    anisotropy: Any
+    skew_y: Any
+    kurtosis_gap: Any
+
+
 def detect_objects(images: torch.Tensor) -> list[list[SceneObject]]:
     """The objects in each image of ``images`` ``[B, 3, H, W]``: shape (None if the component
     is no clean shape), colour (None if none of the palette's), centre and half-extent as
-    fractions of the image side, like the scenes the world renders."""
+    fractions of the image side, like the scenes the world renders (steps 1-5 of the module doc)."""
     b, _, h, w = images.shape
+    alpha, offset, directions = _colour_strength(images)
+    foreground = alpha > FOREGROUND
+    labels = _grown_components(foreground)
+    inside = labels > 0
+    keys, component = torch.unique((torch.arange(b).view(b, 1, 1) * (h * w + 1) + labels)[inside], return_inverse=True)
+    m = len(keys)
+    weight = alpha[inside].clamp(0.0, 1.0).double()
+    moments = _moments(component, m, inside, weight)
+    pixels = torch.bincount(component, foreground[inside].double(), minlength=m)
+    tint = torch.zeros(m, 3, dtype=torch.float64).index_add_(
+        0, component, weight[:, None] * offset.permute(0, 2, 3, 1)[inside].double()
+    )
+    cosine = F.normalize(tint, dim=1) @ F.normalize(directions.double(), dim=1).T  # [m, C]
+    best_cosine, best_colour = cosine.max(dim=1)
+
+    found: list[list[SceneObject]] = [[] for _ in range(b)]
+    columns = (keys // (h * w + 1), pixels, best_cosine, best_colour, *moments)
+    for image, n_pixels, cos, colour, *measured in zip(*(c.tolist() for c in columns), strict=True):
+        if n_pixels < MIN_AREA * h * w:
+            continue  # a speck of noise
+        shape, x, y, r = _classify(Moments(*measured))
+        found[image].append(SceneObject(shape, COLOURS[colour] if cos >= COLOUR_COSINE else None, x / w, y / h, r / w))
+    return found
+
+
+def _colour_strength(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1: ``alpha`` ``[B, H, W]``, each pixel's strength along its strongest palette colour;
+    the offsets ``p - bg`` ``[B, 3, H, W]``; the palette's directions ``[C, 3]``."""
     background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     directions = torch.tensor([PALETTE[c] for c in COLOURS]) - background.view(1, 3)  # [C, 3]
     offset = images.clamp(0.0, 1.0) - background
     alpha = torch.einsum("bchw,kc->bkhw", offset, directions / directions.square().sum(1, keepdim=True)).amax(1)
-    foreground = alpha > FOREGROUND
+    return alpha, offset, directions
+
+
+def _grown_components(foreground: torch.Tensor) -> torch.Tensor:
+    """Step 2: the labels of ``label_components`` ``[B, H, W]``, each component grown by one pixel
+    so its soft edge is measured too (objects are >= 2 px apart)."""
     labels = label_components(foreground).float()
-    area = torch.zeros_like(labels).masked_fill_(foreground, 1.0)
-    # grow each component by one pixel so its soft edge is measured too (objects are >= 2 px apart)
-    labels = torch.where(labels > 0, labels, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]).long()
-    inside = labels > 0
-    keys, component = torch.unique((torch.arange(b).view(b, 1, 1) * (h * w + 1) + labels)[inside], return_inverse=True)
-    m = len(keys)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    xs, ys = xs.expand(b, h, w)[inside] + 0.5, ys.expand(b, h, w)[inside] + 0.5
-    weight = alpha[inside].clamp(0.0, 1.0).double()
+    return torch.where(labels > 0, labels, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]).long()
+
+
+def _moments(component: torch.Tensor, m: int, inside: torch.Tensor, weight: torch.Tensor) -> Moments:
+    """Step 3: the Moments ``[m]`` of the ``m`` components; ``component`` and ``weight`` (alpha) are
+    those of the pixels ``inside`` ``[B, H, W]`` a component, in that mask's order."""
+    b, h, w = inside.shape
     mass = torch.bincount(component, weight, minlength=m)
 
     def mean(values: torch.Tensor) -> torch.Tensor:  # alpha-weighted mean per component [m]
         return torch.bincount(component, weight * values, minlength=m) / mass
 
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    xs, ys = xs.expand(b, h, w)[inside] + 0.5, ys.expand(b, h, w)[inside] + 0.5
     cx, cy = mean(xs), mean(ys)
     dx, dy = xs - cx[component], ys - cy[component]
     u, v = (dx + dy) / math.sqrt(2), (dx - dy) / math.sqrt(2)
     var = {name: mean(d.square()) for name, d in (("x", dx), ("y", dy), ("u", u), ("v", v))}
     kurtosis = {name: mean(d**4) / var[name].square() for name, d in (("x", dx), ("y", dy), ("u", u), ("v", v))}
-    diagonal_minus_axis = (kurtosis["u"] + kurtosis["v"] - kurtosis["x"] - kurtosis["y"]) / 2
-    skew_y = mean(dy**3) / var["y"] ** 1.5
-    spread = var["x"] + var["y"]
-    tint = torch.zeros(m, 3, dtype=torch.float64).index_add_(
-        0, component, weight[:, None] * offset.permute(0, 2, 3, 1)[inside].double()
+    return Moments(
+        cx=cx,
+        cy=cy,
+        mass=mass,
+        spread=var["x"] + var["y"],
+        anisotropy=var["x"] / var["y"],
+        skew_y=mean(dy**3) / var["y"] ** 1.5,
+        kurtosis_gap=(kurtosis["u"] + kurtosis["v"] - kurtosis["x"] - kurtosis["y"]) / 2,
     )
-    cosine = F.normalize(tint, dim=1) @ F.normalize(directions.double(), dim=1).T  # [m, C]
-    pixels = torch.bincount(component, area[inside].double(), minlength=m)
-    best_cosine, best_colour = cosine.max(dim=1)
 
-    found: list[list[SceneObject]] = [[] for _ in range(b)]
-    columns = (keys // (h * w + 1), pixels, skew_y, diagonal_minus_axis, spread, mass, var["x"] / var["y"], cx, cy)
-    rows = zip(*(c.tolist() for c in (*columns, best_cosine, best_colour)), strict=True)
-    for image, n_pixels, skew, kurtosis_gap, spread_i, mass_i, anisotropy, x, y, cos, colour in rows:
-        if n_pixels < MIN_AREA * h * w:
-            continue  # a speck of noise
-        if skew < TRIANGLE_SKEW:
-            shape = "triangle"
-        elif abs(kurtosis_gap) <= KURTOSIS_GAP:
-            shape = "circle"
-        else:
-            shape = "square" if kurtosis_gap > 0 else "diamond"
-        r = math.sqrt(spread_i / SPREAD[shape])  # pixels
-        fits = abs(mass_i / (AREA[shape] * r * r) - 1.0) <= MASS_TOLERANCE
-        fits &= 1 / MAX_ANISOTROPY <= anisotropy <= MAX_ANISOTROPY
-        y -= r / 3 if shape == "triangle" else 0.0  # a triangle's centroid sits r/3 below its box centre
-        found[image].append(
-            SceneObject(shape if fits else None, COLOURS[colour] if cos >= COLOUR_COSINE else None, x / w, y / h, r / w)
-        )
-    return found
+
+def _classify(c: Moments) -> tuple[str | None, float, float, float]:
+    """Step 5 for one component: its shape (None when its mass or anisotropy does not fit the
+    chosen shape's: a smear, two merged shapes), then its centre x, y and half-extent r in pixels."""
+    if c.skew_y < TRIANGLE_SKEW:
+        shape = "triangle"
+    elif abs(c.kurtosis_gap) <= KURTOSIS_GAP:
+        shape = "circle"
+    else:
+        shape = "square" if c.kurtosis_gap > 0 else "diamond"
+    r = math.sqrt(c.spread / SPREAD[shape])  # pixels
+    fits = abs(c.mass / (AREA[shape] * r * r) - 1.0) <= MASS_TOLERANCE
+    fits &= 1 / MAX_ANISOTROPY <= c.anisotropy <= MAX_ANISOTROPY
+    y = c.cy - r / 3 if shape == "triangle" else c.cy  # a triangle's centroid sits r/3 below its box centre
+    return shape if fits else None, c.cx, y, r
 
 
 class ShapesVerifier:

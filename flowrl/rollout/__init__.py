@@ -5,12 +5,13 @@ from flowrl.rollout.build import make_collector
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.evaluation import evaluate_policy
 from flowrl.rollout.rollout import Collector, Rollout
-from flowrl.rollout.shard import EnvShard
+from flowrl.rollout.shard import EnvShard, EnvSpec
 from flowrl.rollout.vector_env import GymVectorEnv
 
 __all__ = [
     "Collector",
     "EnvShard",
+    "EnvSpec",
     "EnvStep",
     "GymVectorEnv",
     "InProcessCollector",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.rollout import Collector
+from flowrl.rollout.shard import EnvSpec
 
 if TYPE_CHECKING:
     from flowrl.config import ExperimentConfig
@@ -21,27 +22,16 @@ def make_collector(cfg: ExperimentConfig) -> Collector:
         from flowrl.rollout.prompts import make_prompt_collector
 
         return make_prompt_collector(cfg)
-    env, horizon = cfg.env, cfg.policy.horizon
-    if env.batched:  # one batch in this process, on the learner's device (no env workers)
+    spec = EnvSpec.from_config(cfg)
+    if cfg.env.batched:  # one batch in this process, on the learner's device (no env workers)
         from flowrl.runtime import resolve_device
 
-        device = resolve_device(cfg.device)
-        return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, 1, env.kwargs, env.group_size, device)
+        return InProcessCollector(spec, 1, resolve_device(cfg.device))
     if cfg.ray.enabled:
         from flowrl.rollout.ray_collector import RayCollector  # Ray is imported only when used
 
-        return RayCollector(
-            env.id,
-            horizon,
-            env.num_envs,
-            cfg.seed,
-            env.num_workers,
-            cfg.ray.cpus_per_worker,
-            cfg.ray.max_restarts,
-            env.kwargs,
-            env.group_size,
-        )
-    return InProcessCollector(env.id, horizon, env.num_envs, cfg.seed, env.num_workers, env.kwargs, env.group_size)
+        return RayCollector(spec, cfg.env.num_workers, cfg.ray.cpus_per_worker, cfg.ray.max_restarts)
+    return InProcessCollector(spec, cfg.env.num_workers)
 
 
 __all__ = ["make_collector"]

@@ -1,8 +1,9 @@
 """InProcessCollector: the experiment's env shards run one after the other in this process.
 
-The Collector interface and the Rollout it returns are in rollout.py; the env shard in
-shard.py; ``RayCollector`` (ray_collector.py) runs the same shards in Ray actors, seeded alike,
-so ``ray.enabled`` true and false give identical rollouts. ``make_collector`` (build.py) picks one.
+The Collector interface and the Rollout it returns are in rollout.py; the env shard and the
+EnvSpec it is built from in shard.py; ``RayCollector`` (ray_collector.py) runs the same shards in
+Ray actors, seeded alike, so ``ray.enabled`` true and false give identical rollouts.
+``make_collector`` (build.py) picks one.
 """
 
 from __future__ import annotations
@@ -15,32 +16,17 @@ import torch
 from flowrl.errors import EnvError
 from flowrl.models.policy import Policy
 from flowrl.rollout.rollout import Rollout
-from flowrl.rollout.shard import EnvShard
+from flowrl.rollout.shard import EnvShard, EnvSpec
 
 T = TypeVar("T")
 
 
 class InProcessCollector:
-    """Collector running its env shards one after the other in this process."""
+    """Collector running the envs of ``spec`` as ``num_workers`` env shards, one after the other
+    in this process (``batched_device``: see EnvShard)."""
 
-    def __init__(
-        self,
-        env_id: str,
-        horizon: int,
-        num_envs: int,
-        seed: int,
-        num_workers: int = 1,
-        env_kwargs: dict | None = None,
-        group_size: int = 1,
-        batched_device: torch.device | None = None,
-    ) -> None:
-        if num_envs % num_workers:
-            raise ValueError(f"num_envs={num_envs} must be divisible by the number of env workers ({num_workers})")
-        per_shard = num_envs // num_workers
-        self.shards = [
-            EnvShard(env_id, horizon, per_shard, seed, i, env_kwargs, group_size, batched_device)
-            for i in range(num_workers)
-        ]
+    def __init__(self, spec: EnvSpec, num_workers: int = 1, batched_device: torch.device | None = None) -> None:
+        self.shards = [EnvShard(shard, batched_device) for shard in spec.shards(num_workers)]
         # What to do when an env raises: no worker restarts here (Ray's env workers have them).
         self._fix = (
             "fix the env (the batched simulator runs in this process, without worker restarts)"

@@ -94,51 +94,71 @@ def collect_demos(
     Returns observations ``[N, O]``, actions ``[N, Da]``, episode_ends ``[E]`` (cumulative
     lengths), episode_returns ``[E]``.
     """
+    _check_collect_args(episodes, action_noise, actions)
+    recording = _Recording([gym.make(env_id, **(env_kwargs or {})) for _ in range(episodes)], derive_seed(seed, 7))
+    generator = torch.Generator().manual_seed(derive_seed(seed, 7, 1))
+    noise_rng = np.random.default_rng(derive_seed(seed, 7, 2))
+    horizon = policy.event_shape[0]
+    bar = progress_bar(None, "collect", progress, total=episodes, unit="episode")
+    while recording.active.any():
+        cond = torch.as_tensor(recording.obs)  # every env, ended ones too: common random numbers
+        chunk = policy.sample(cond, generator=generator).final if actions == "sample" else policy.act(cond, generator)
+        chunks = chunk.numpy()
+        for j in range(horizon):
+            noise = noise_rng.normal(0.0, action_noise, chunks[:, j].shape) if action_noise > 0 else 0.0
+            recording.step(chunks[:, j] + noise, bar)
+            if not recording.active.any():
+                break
+    bar.close()
+    return recording.close()
+
+
+def _check_collect_args(episodes: int, action_noise: float, actions: str) -> None:
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if action_noise < 0:
         raise ValueError(f"action noise must be >= 0, got {action_noise}")
     if actions not in ("deterministic", "sample"):
         raise ValueError(f"actions must be 'deterministic' or 'sample', got {actions!r}")
-    env_list = [gym.make(env_id, **(env_kwargs or {})) for _ in range(episodes)]
-    low, high = env_list[0].action_space.low, env_list[0].action_space.high
-    base = derive_seed(seed, 7)
-    obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
-    generator = torch.Generator().manual_seed(derive_seed(seed, 7, 1))
-    noise_rng = np.random.default_rng(derive_seed(seed, 7, 2))
-    horizon = policy.event_shape[0]
-    records: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(episodes)]
-    returns = np.zeros(episodes)
-    active = np.ones(episodes, dtype=bool)
-    bar = progress_bar(None, "collect", progress, total=episodes, unit="episode")
-    while active.any():
-        cond = torch.as_tensor(obs)  # every env, ended ones too: common random numbers
-        chunk = policy.sample(cond, generator=generator).final if actions == "sample" else policy.act(cond, generator)
-        chunks = chunk.numpy()
-        for j in range(horizon):
-            noise = noise_rng.normal(0.0, action_noise, chunks[:, j].shape) if action_noise > 0 else 0.0
-            executed = np.clip(chunks[:, j] + noise, low, high).astype(np.float32)
-            for i in np.flatnonzero(active):
-                records[i][0].append(obs[i].copy())
-                records[i][1].append(executed[i])
-                o, r, term, trunc, _ = env_list[i].step(executed[i])
-                obs[i] = o
-                returns[i] += r
-                if term or trunc:
-                    active[i] = False
-                    bar.update(1)
-            if not active.any():
-                break
-    bar.close()
-    for env in env_list:
-        env.close()
-    lengths = np.array([len(r[0]) for r in records])
-    return {
-        "observations": np.concatenate([np.stack(r[0]) for r in records]).astype(np.float32),
-        "actions": np.concatenate([np.stack(r[1]) for r in records]).astype(np.float32),
-        "episode_ends": np.cumsum(lengths),
-        "episode_returns": returns,
-    }
+
+
+class _Recording:
+    """Episodes recorded side by side, one per env, env i reset with seed ``base + i``: each
+    episode's observations and executed actions so far, its return, whether it still runs."""
+
+    def __init__(self, env_list: list[gym.Env], base: int) -> None:
+        self.envs = env_list
+        self.low, self.high = env_list[0].action_space.low, env_list[0].action_space.high
+        self.obs = np.stack([env.reset(seed=base + i)[0] for i, env in enumerate(env_list)]).astype(np.float32)
+        self.records: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in env_list]
+        self.returns = np.zeros(len(env_list))
+        self.active = np.ones(len(env_list), dtype=bool)
+
+    def step(self, actions: np.ndarray, bar: Any) -> None:
+        """One primitive action ``[E, Da]``, clipped to the env's bounds, in every env still running
+        (the executed action is the one recorded); ``bar`` counts the episodes that end."""
+        executed = np.clip(actions, self.low, self.high).astype(np.float32)
+        for i in np.flatnonzero(self.active):
+            self.records[i][0].append(self.obs[i].copy())
+            self.records[i][1].append(executed[i])
+            o, r, term, trunc, _ = self.envs[i].step(executed[i])
+            self.obs[i] = o
+            self.returns[i] += r
+            if term or trunc:
+                self.active[i] = False
+                bar.update(1)
+
+    def close(self) -> dict[str, np.ndarray]:
+        """Closes the envs; returns the demonstrations (see ``collect_demos``)."""
+        for env in self.envs:
+            env.close()
+        lengths = np.array([len(r[0]) for r in self.records])
+        return {
+            "observations": np.concatenate([np.stack(r[0]) for r in self.records]).astype(np.float32),
+            "actions": np.concatenate([np.stack(r[1]) for r in self.records]).astype(np.float32),
+            "episode_ends": np.cumsum(lengths),
+            "episode_returns": self.returns,
+        }
 
 
 __all__ = ["Actions", "check_demos", "collect_demos", "load_demos"]

@@ -56,12 +56,23 @@ def evaluate_policy(
     try:  # the envs made so far are closed however the evaluation ends (ManiSkill's hold ~0.5 GB each)
         for i in range(episodes):
             env_list.append(flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)))
-        returns, lengths, success, success_once = _run_episodes(policy, env_list, env_id, seed)
+        returns, lengths, final = _run_episodes(policy, env_list, env_id, seed)
     finally:
         for env in env_list:
             env.close()
+    return _eval_metrics(returns, lengths, final)
+
+
+def _eval_metrics(returns: np.ndarray, lengths: np.ndarray, final: list[dict[str, Any]]) -> dict[str, float]:
+    """The ``eval/*`` metrics of episodes with ``returns`` and ``lengths`` ``[E]`` whose last step's
+    info is ``final[i]``: ``eval/success_once`` only where an env reports it (ManiSkill)."""
+    episodes = len(returns)
     middle = np.sort(returns)[episodes // 4 : episodes - episodes // 4]  # the interquartile mean's half
-    once = {} if success_once is None else {"eval/success_once": float(success_once.mean())}
+    success = np.array([bool(info.get("success", False)) for info in final], dtype=bool)
+    once = {}
+    if any("success_once" in info for info in final):
+        success_once = np.array([bool(info.get("success_once", False)) for info in final], dtype=bool)
+        once = {"eval/success_once": float(success_once.mean())}
     return {
         **once,
         "eval/return": float(returns.mean()),
@@ -74,38 +85,40 @@ def evaluate_policy(
 
 def _run_episodes(
     policy: Policy, env_list: list[Any], env_id: str, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """One episode in each env, all side by side: returns, lengths (primitive steps), success at
-    the end, and success at any step (None unless the env reports ``success_once``), each ``[E]``."""
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """One episode in each env, all side by side: returns and lengths (primitive steps) ``[E]``,
+    and each episode's last info (its success at the end, and ManiSkill's ``success_once``)."""
     episodes = len(env_list)
     base = derive_seed(seed, 10**6)
     obs = np.stack([_call(env_id, "reset", i, env.reset, seed=base + i)[0] for i, env in enumerate(env_list)])
     obs = obs.astype(np.float32)
     generator = torch.Generator().manual_seed(derive_seed(seed, 10**6, 1))
     returns, lengths = np.zeros(episodes), np.zeros(episodes)
-    success = np.zeros(episodes, dtype=bool)
-    success_once: np.ndarray | None = None  # envs whose info says whether any step succeeded (ManiSkill)
+    final: list[dict[str, Any]] = [{} for _ in range(episodes)]
     active = np.ones(episodes, dtype=bool)
     while active.any():
         actions = policy.act(torch.as_tensor(obs), generator).numpy()
         for i in np.flatnonzero(active):
-            o, r, term, trunc, info = _call(env_id, "step", i, env_list[i].step, actions[i])
-            if not (np.isfinite(r) and np.isfinite(o).all()):
-                what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
-                raise FlowRLError(
-                    f"evaluation: {env_id} returned {what} in episode {i}; fix the env (flowrl does not replace "
-                    "bad values)"
-                )
-            obs[i] = o
-            returns[i] += r
+            obs[i], reward, ended, info = _step(env_id, i, env_list[i], actions[i])
+            returns[i] += reward
             lengths[i] += info["chunk_steps"]
-            if term or trunc:
+            if ended:
                 active[i] = False
-                success[i] = bool(info.get("success", False))
-                if "success_once" in info:
-                    success_once = np.zeros(episodes, dtype=bool) if success_once is None else success_once
-                    success_once[i] = bool(info["success_once"])
-    return returns, lengths, success, success_once
+                final[i] = info
+    return returns, lengths, final
+
+
+def _step(env_id: str, episode: int, env: Any, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict[str, Any]]:
+    """One step of an evaluation env: its observation, reward, whether the episode ended, its
+    info. A non-finite reward or observation is a FlowRLError (flowrl does not replace bad values)."""
+    o, r, term, trunc, info = _call(env_id, "step", episode, env.step, action)
+    if not (np.isfinite(r) and np.isfinite(o).all()):
+        what = f"reward {r}" if not np.isfinite(r) else "a non-finite observation"
+        raise FlowRLError(
+            f"evaluation: {env_id} returned {what} in episode {episode}; fix the env (flowrl does not replace "
+            "bad values)"
+        )
+    return o, r, term or trunc, info
 
 
 def _call(env_id: str, call: str, episode: int, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:

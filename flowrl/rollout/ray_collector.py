@@ -25,7 +25,7 @@ from flowrl.errors import FlowRLError
 from flowrl.models.policy import Policy, worker_state
 from flowrl.rollout.ray_runtime import describe_failure
 from flowrl.rollout.rollout import Rollout
-from flowrl.rollout.shard import EnvShard
+from flowrl.rollout.shard import EnvShard, EnvSpec
 
 log = logging.getLogger("flowrl")
 
@@ -35,20 +35,11 @@ class WorkerError(FlowRLError):
 
 
 class EnvWorker:
-    """Body of the env-worker actor (``ray.remote(EnvWorker)``)."""
+    """Body of the env-worker actor (``ray.remote(EnvWorker)``): the env shard of ``spec``."""
 
-    def __init__(
-        self,
-        env_id: str,
-        horizon: int,
-        num_envs: int,
-        seed: int,
-        index: int,
-        env_kwargs: dict | None,
-        group_size: int = 1,
-    ):
+    def __init__(self, spec: EnvSpec) -> None:
         torch.set_num_threads(1)  # small policies; more threads would fight the other workers
-        self.shard = EnvShard(env_id, horizon, num_envs, seed, index, env_kwargs, group_size)
+        self.shard = EnvShard(spec)
         self.policy: Policy | None = None
 
     def set_policy(self, policy: Policy) -> None:
@@ -58,38 +49,28 @@ class EnvWorker:
         self.shard.reset(epoch)
 
     def collect(self, weights: dict[str, torch.Tensor], num_steps: int, iteration: int) -> Rollout:
-        if self.policy is None:
-            raise RuntimeError("EnvWorker.collect before set_policy")
-        self.policy.load_state_dict(weights)
-        return self.shard.collect(self.policy, num_steps, iteration)
+        return self.shard.collect(self._policy_with(weights, "collect"), num_steps, iteration)
 
     def collect_episodes(self, weights: dict[str, torch.Tensor], max_steps: int, iteration: int) -> Rollout:
+        return self.shard.collect_episodes(self._policy_with(weights, "collect_episodes"), max_steps, iteration)
+
+    def _policy_with(self, weights: dict[str, torch.Tensor], call: str) -> Policy:
+        """The policy sent once (``set_policy``), with this iteration's ``weights``."""
         if self.policy is None:
-            raise RuntimeError("EnvWorker.collect_episodes before set_policy")
+            raise RuntimeError(f"EnvWorker.{call} before set_policy")
         self.policy.load_state_dict(weights)
-        return self.shard.collect_episodes(self.policy, max_steps, iteration)
+        return self.policy
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 class RayCollector:
-    """Collector over ``num_workers`` EnvWorker actors, spread over the cluster's nodes."""
+    """Collector running the envs of ``spec`` in ``num_workers`` EnvWorker actors, spread over
+    the cluster's nodes; worker i owns shard i of ``spec.shards(num_workers)``."""
 
-    def __init__(
-        self,
-        env_id: str,
-        horizon: int,
-        num_envs: int,
-        seed: int,
-        num_workers: int,
-        cpus_per_worker: float = 1.0,
-        max_restarts: int = 3,
-        env_kwargs: dict | None = None,
-        group_size: int = 1,
-    ) -> None:
-        if num_envs % num_workers:
-            raise ValueError(f"num_envs={num_envs} must be divisible by num_workers={num_workers}")
+    def __init__(self, spec: EnvSpec, num_workers: int, cpus_per_worker: float = 1.0, max_restarts: int = 3) -> None:
+        self._specs = spec.shards(num_workers)
         if not ray.is_initialized():
             raise RuntimeError("RayCollector needs a running Ray (flowrl.rollout.ray_runtime.ray_session)")
         need, have = num_workers * cpus_per_worker, ray.cluster_resources().get("CPU", 0.0)
@@ -99,9 +80,6 @@ class RayCollector:
                 f"{have:g}: lower env.num_workers or ray.cpus_per_worker, or add nodes"
             )
         self._actor = ray.remote(EnvWorker).options(num_cpus=cpus_per_worker, scheduling_strategy="SPREAD")
-        self._args = (env_id, horizon, num_envs // num_workers, seed)
-        self._env_kwargs = env_kwargs
-        self._group_size = group_size
         self.max_restarts = max_restarts
         self.restarts = 0
         self._policy_ref: ray.ObjectRef | None = None
@@ -114,7 +92,7 @@ class RayCollector:
             raise
 
     def _start(self, index: int):
-        return self._actor.remote(*self._args, index, self._env_kwargs, self._group_size)
+        return self._actor.remote(self._specs[index])
 
     def _run(self, method: str, args: tuple, iteration: int | None = None) -> list[Any]:
         """Call ``method`` on every worker in parallel; results in worker order."""

@@ -1,8 +1,10 @@
-"""EnvShard: a vector of envs and the seeded noise generator of the policy that acts in them.
+"""EnvShard: a vector of envs and the seeded noise generator of the policy that acts in them,
+built from an EnvSpec (which envs, how many, how seeded).
 
 An EnvShard is the unit an env worker owns: the in-process collector (collector.py) runs its
-shards one after the other, the Ray collector (ray_collector.py) one per actor. Shard i is seeded
-from (seed, i) either way, so both return identical rollouts.
+shards one after the other, the Ray collector (ray_collector.py) one per actor. Both split the
+experiment's EnvSpec alike (``EnvSpec.shards``) and shard i is seeded from (seed, i) either way,
+so both return identical rollouts.
 
 Two ways to collect:
 - ``collect``: T policy steps in every env, episodes running on across iterations (PPO);
@@ -15,6 +17,9 @@ exception (the collector that runs the shard adds what to do).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,6 +30,49 @@ from flowrl.models.policy import Policy
 from flowrl.rollout.rollout import TIME_MAJOR, Rollout
 from flowrl.rollout.vector_env import GymVectorEnv
 from flowrl.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from flowrl.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Which envs a collector or an env shard runs and how it seeds them.
+
+    env_id: a registered env id (``flowrl/TwoGoal-v0``, ``Hopper-v5``); horizon: the policy's
+    action chunk Ta (one policy step = Ta env steps); num_envs: the envs of all shards (the
+    experiment's spec) or of one (a shard's); seed: the experiment's seed; index: the shard's
+    number (its envs and noise are seeded from (seed, index, epoch)), 0 for the experiment's
+    spec; env_kwargs: the env's constructor arguments (``env.kwargs``); group_size: every
+    group_size consecutive envs reset from the same seed, so a group starts from the same
+    state (GRPO); 1 = every env its own seed. ``env_kwargs`` is not copied: do not change it.
+    """
+
+    env_id: str
+    horizon: int
+    num_envs: int
+    seed: int
+    index: int = 0
+    env_kwargs: dict[str, Any] | None = None
+    group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_envs % self.group_size:
+            raise ValueError(f"{self.num_envs} envs cannot hold whole groups of group_size={self.group_size}")
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> EnvSpec:
+        """The experiment's envs: ``env.id``, ``policy.horizon``, ``env.num_envs``, ``seed``,
+        ``env.kwargs``, ``env.group_size``."""
+        env = cfg.env
+        return cls(env.id, cfg.policy.horizon, env.num_envs, cfg.seed, env_kwargs=env.kwargs, group_size=env.group_size)
+
+    def shards(self, count: int) -> list[EnvSpec]:
+        """The specs of ``count`` env shards sharing these envs: shard i holds num_envs / count
+        of them and has index i (the same split in this process and on Ray)."""
+        if self.num_envs % count:
+            raise ValueError(f"num_envs={self.num_envs} must be divisible by the number of env workers ({count})")
+        return [replace(self, num_envs=self.num_envs // count, index=i) for i in range(count)]
 
 
 def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Tensor) -> None:
@@ -41,46 +89,34 @@ def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Te
 
 
 class EnvShard:
-    """A vector of ``num_envs`` envs and the noise generator of the policy sampling for it.
+    """The ``spec.num_envs`` envs of ``spec`` (shard ``spec.index``) and the noise generator of the
+    policy sampling for them. ``batched_device``: simulate them as one ManiSkill batch on that
+    device (``env.batched``) instead of gymnasium envs on the CPU."""
 
-    ``group_size``: every group_size consecutive envs reset from the same seed, so a group
-    starts from the same state (GRPO); 1 = every env its own seed.
-    """
-
-    def __init__(
-        self,
-        env_id: str,
-        horizon: int,
-        num_envs: int,
-        seed: int,
-        index: int,
-        env_kwargs: dict | None = None,
-        group_size: int = 1,
-        batched_device: torch.device | None = None,
-    ) -> None:
-        if num_envs % group_size:
-            raise ValueError(f"an env shard of {num_envs} envs cannot hold whole groups of {group_size}")
-        self.env_id, self.num_envs, self.seed, self.index, self.group_size = env_id, num_envs, seed, index, group_size
+    def __init__(self, spec: EnvSpec, batched_device: torch.device | None = None) -> None:
+        self.spec = spec
+        self.num_envs = spec.num_envs
         self.envs: VectorEnv
         if batched_device is not None:  # env.batched: one ManiSkill batch on that device
             from envs.maniskill_batch import ManiSkillBatchEnv
 
-            self.envs = ManiSkillBatchEnv(env_id, horizon, num_envs, env_kwargs, batched_device)
+            self.envs = ManiSkillBatchEnv(spec.env_id, spec.horizon, spec.num_envs, spec.env_kwargs, batched_device)
         else:
-            self.envs = GymVectorEnv(env_id, horizon, num_envs, env_kwargs)
+            self.envs = GymVectorEnv(spec.env_id, spec.horizon, spec.num_envs, spec.env_kwargs)
         self.generator = torch.Generator(device=self.envs.device)  # the policy samples where the envs are
-        self.group = (index * num_envs + torch.arange(num_envs)) // group_size
+        self.group = (spec.index * spec.num_envs + torch.arange(spec.num_envs)) // spec.group_size
         self._obs: Tensor | None = None
-        self._returns = np.zeros(num_envs)
+        self._returns = np.zeros(spec.num_envs)
 
     def reset(self, epoch: int) -> None:
-        base = derive_seed(self.seed, self.index, epoch)
-        seeds = [base + i // self.group_size for i in range(self.num_envs)]
+        spec = self.spec
+        base = derive_seed(spec.seed, spec.index, epoch)
+        seeds = [base + i // spec.group_size for i in range(spec.num_envs)]
         try:
             self._obs = self.envs.reset(seeds)
         except Exception as exc:
             raise self._failed("reset", exc) from exc
-        self.generator.manual_seed(derive_seed(self.seed, self.index, epoch, 1))
+        self.generator.manual_seed(derive_seed(spec.seed, spec.index, epoch, 1))
         self._returns[:] = 0.0
 
     def _failed(self, call: str, exc: Exception) -> FlowRLError:
@@ -88,7 +124,7 @@ class EnvShard:
         its fix already); anything else is an EnvError naming the env, the call and the exception."""
         if isinstance(exc, FlowRLError):
             return exc
-        return EnvError(f"env {self.env_id} raised in {call} (env shard {self.index}): {brief(exc, 200)}")
+        return EnvError(f"env {self.spec.env_id} raised in {call} (env shard {self.spec.index}): {brief(exc, 200)}")
 
     def _step(self, policy: Policy, iteration: int):
         assert self._obs is not None
@@ -170,4 +206,4 @@ class EnvShard:
         self.envs.close()
 
 
-__all__ = ["EnvShard"]
+__all__ = ["EnvShard", "EnvSpec"]

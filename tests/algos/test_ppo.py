@@ -22,6 +22,7 @@ from flowrl.models.build import build_actor, build_critic, build_policy
 from flowrl.models.networks import ObsNormalizer, ValueMLP
 from flowrl.models.policy import Evaluation
 from flowrl.rollout.collector import InProcessCollector
+from flowrl.rollout.shard import EnvSpec
 
 
 def _setup(converter: dict, window: dict | None = None, **algo):
@@ -37,7 +38,7 @@ def _setup(converter: dict, window: dict | None = None, **algo):
     torch.manual_seed(0)
     policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
     ppo = PPO(policy, ValueMLP(2, (16,)), cfg.algo, torch.device("cpu"), seed=0)
-    collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
+    collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
     rollout = collector.collect(policy, 6, iteration=0)
     collector.close()
     return policy, ppo, rollout
@@ -220,7 +221,7 @@ def _gaussian_setup(running_obs_stats: bool = False, **algo):
     actor = build_actor(cfg.policy, 2, 2)
     policy, critic = build_policy(cfg, actor), build_critic(actor, (16,))
     ppo = PPO(policy, critic, cfg.algo, torch.device("cpu"), seed=0, running_obs_stats=running_obs_stats)
-    collector = InProcessCollector(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0)
+    collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
     return policy, ppo, collector
 
 

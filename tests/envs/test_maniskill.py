@@ -255,6 +255,7 @@ def test_ray_env_workers_match_in_process_collection() -> None:
     from flowrl.rollout.collector import InProcessCollector
     from flowrl.rollout.ray_collector import RayCollector
     from flowrl.rollout.ray_runtime import ray_session
+    from flowrl.rollout.shard import EnvSpec
 
     env_id, kwargs = "flowrl/PickCube-v1", {"max_episode_steps": 12}
     obs_dim = _make(env_id).observation_space.shape[0]
@@ -263,8 +264,8 @@ def test_ray_env_workers_match_in_process_collection() -> None:
     policy = build_policy(cfg, build_actor(cfg.policy, obs_dim, 4))
     ray.shutdown()
     with ray_session(None, num_cpus=2):
-        remote = RayCollector(env_id, 4, 2, seed=5, num_workers=2, env_kwargs=kwargs)
-        local = InProcessCollector(env_id, 4, 2, seed=5, num_workers=2, env_kwargs=kwargs)
+        remote = RayCollector(EnvSpec(env_id, 4, 2, seed=5, env_kwargs=kwargs), num_workers=2)
+        local = InProcessCollector(EnvSpec(env_id, 4, 2, seed=5, env_kwargs=kwargs), num_workers=2)
         try:
             for collector in (remote, local):
                 collector.reset(0)

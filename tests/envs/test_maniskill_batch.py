@@ -88,6 +88,7 @@ def test_in_process_collector_runs_on_a_batch() -> None:
     from flowrl.config import build_config
     from flowrl.models.build import build_actor, build_policy
     from flowrl.rollout.collector import InProcessCollector
+    from flowrl.rollout.shard import EnvSpec
 
     cfg = build_config(
         {
@@ -100,7 +101,7 @@ def test_in_process_collector_runs_on_a_batch() -> None:
     )
     policy = build_policy(cfg, build_actor(cfg.policy, 42, 4))
     try:
-        collector = InProcessCollector(ENV, 4, 1, 0, 1, cfg.env.kwargs, 1, torch.device("cpu"))
+        collector = InProcessCollector(EnvSpec(ENV, 4, 1, 0, env_kwargs=cfg.env.kwargs), 1, torch.device("cpu"))
     except ManiSkillUnavailable as exc:
         pytest.skip(f"ManiSkill cannot make an env on this machine: {exc}")
     try:

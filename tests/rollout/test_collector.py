@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from envs.toy import GOALS, REWARDED_GOAL
+from flowrl.config import build_config
 from flowrl.core.windows import OneRandomStep
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
 from flowrl.models.sampler import ChainSampler, ReinFlowConverter
+from flowrl.rollout.build import make_collector
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.evaluation import evaluate_policy, headline_success
 from flowrl.rollout.rollout import Rollout
-from flowrl.rollout.shard import EnvShard
+from flowrl.rollout.shard import EnvShard, EnvSpec
 
 ENV_ID = "flowrl/TwoGoal-v0"
 O, DA, K = 2, 2, 2
@@ -138,7 +140,7 @@ def _env_axis(name: str) -> int:
 
 
 def _collect(policy, horizon, num_envs, seed, steps, num_workers=1, iteration=0, group_size=1) -> Rollout:
-    collector = InProcessCollector(ENV_ID, horizon, num_envs, seed, num_workers, group_size=group_size)
+    collector = InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, seed, group_size=group_size), num_workers)
     try:
         collector.reset(0)
         return collector.collect(policy, steps, iteration)
@@ -196,7 +198,7 @@ def test_same_seed_same_rollout_other_seed_differs() -> None:
     assert bool(first.any())
     assert not torch.equal(a.samples.x_in[first], c.samples.x_in[first])
     # collecting again after reset(0) repeats the rollout; a new epoch gives a new one
-    collector = InProcessCollector(ENV_ID, 2, 3, 7)
+    collector = InProcessCollector(EnvSpec(ENV_ID, 2, 3, 7))
     collector.reset(0)
     _assert_rollouts_equal(collector.collect(policy, 4, 0), a)
     collector.reset(0)
@@ -264,7 +266,7 @@ def test_two_shards_are_two_separately_seeded_envshards() -> None:
     combined = _collect(policy, horizon, 4, seed=seed, steps=steps, num_workers=2)
     parts = []
     for index in (0, 1):
-        shard = EnvShard(ENV_ID, horizon, 2, seed, index)
+        shard = EnvShard(EnvSpec(ENV_ID, horizon, 2, seed, index))
         shard.reset(0)
         parts.append(shard.collect(policy, steps, 0))
         shard.close()
@@ -276,7 +278,29 @@ def test_two_shards_are_two_separately_seeded_envshards() -> None:
     assert combined.env_steps == parts[0].env_steps + parts[1].env_steps
     assert combined.episode_returns == parts[0].episode_returns + parts[1].episode_returns
     with pytest.raises(ValueError):
-        InProcessCollector(ENV_ID, horizon, 3, seed, num_workers=2)
+        InProcessCollector(EnvSpec(ENV_ID, horizon, 3, seed), num_workers=2)
+
+
+def test_env_spec_from_the_config_and_split_into_the_workers_shards() -> None:
+    cfg = build_config(
+        {
+            "name": "t",
+            "seed": 5,
+            "policy": {"horizon": 3},
+            "env": {"num_envs": 12, "num_workers": 3, "group_size": 2, "kwargs": {"start_noise": 0.5}},
+            "ray": {"enabled": False},
+            "algo": {"type": "grpo"},
+        }
+    )
+    spec = EnvSpec.from_config(cfg)
+    assert spec == EnvSpec(ENV_ID, 3, 12, 5, 0, {"start_noise": 0.5}, 2)
+    shards = [EnvSpec(ENV_ID, 3, 4, 5, i, {"start_noise": 0.5}, 2) for i in range(3)]
+    assert spec.shards(3) == shards
+    collector = make_collector(cfg)  # the experiment's collector runs exactly these shards
+    try:
+        assert [shard.spec for shard in collector.shards] == shards
+    finally:
+        collector.close()
 
 
 def test_evaluate_policy_range_and_determinism() -> None:
@@ -356,7 +380,7 @@ def test_evaluate_policy_closes_every_env_it_made_when_it_fails(failure, monkeyp
 def test_reset_groups_share_their_initial_observation(num_envs, num_workers, group_size, method) -> None:
     horizon = 2
     policy = tiny_policy(horizon)
-    collector = InProcessCollector(ENV_ID, horizon, num_envs, 3, num_workers, group_size=group_size)
+    collector = InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, 3, group_size=group_size), num_workers)
     try:
         if method == "collect":
             collector.reset(0)
@@ -379,9 +403,9 @@ def test_reset_groups_share_their_initial_observation(num_envs, num_workers, gro
 
 def test_group_that_does_not_fit_a_shard_is_refused() -> None:
     with pytest.raises(ValueError, match="whole groups"):
-        InProcessCollector(ENV_ID, 2, 4, 0, 2, group_size=4)  # shards of 2 envs, groups of 4
+        InProcessCollector(EnvSpec(ENV_ID, 2, 4, 0, group_size=4), 2)  # shards of 2 envs, groups of 4
     with pytest.raises(ValueError, match="whole groups"):
-        EnvShard(ENV_ID, 2, 6, 0, 0, group_size=4)
+        EnvShard(EnvSpec(ENV_ID, 2, 6, 0, group_size=4))
 
 
 # --------------------------------------------------------------------------- episode collection
@@ -421,13 +445,13 @@ def test_collect_episodes_matches_hand_replay(case) -> None:
         policy = steer_policy(horizon)
     else:
         policy = tiny_policy(horizon, seed, window=OneRandomStep())
-    collector = InProcessCollector(ENV_ID, horizon, num_envs, seed, num_workers, env_kwargs)
+    collector = InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, seed, env_kwargs=env_kwargs), num_workers)
     r = collector.collect_episodes(policy, max_steps, 0)
     collector.close()
     per_shard = num_envs // num_workers
     parts = []
     for index in range(num_workers):
-        shard = EnvShard(ENV_ID, horizon, per_shard, seed, index, env_kwargs)
+        shard = EnvShard(EnvSpec(ENV_ID, horizon, per_shard, seed, index, env_kwargs))
         parts.append(shard.collect_episodes(policy, max_steps, 0))
         shard.close()
 
@@ -500,7 +524,7 @@ def test_collect_episodes_same_seed_and_iteration_same_rollout() -> None:
 
     def episodes(iteration: int, collector=None) -> Rollout:
         own = collector is None
-        collector = collector or InProcessCollector(ENV_ID, horizon, num_envs, seed, 2, group_size=2)
+        collector = collector or InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, seed, group_size=2), 2)
         try:
             return collector.collect_episodes(policy, max_steps, iteration)
         finally:
@@ -510,7 +534,7 @@ def test_collect_episodes_same_seed_and_iteration_same_rollout() -> None:
     a, b = episodes(3), episodes(3)
     _assert_rollouts_equal(a, b)
     # the same collector resets at every call: collecting again repeats the rollout
-    collector = InProcessCollector(ENV_ID, horizon, num_envs, seed, 2, group_size=2)
+    collector = InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, seed, group_size=2), 2)
     _assert_rollouts_equal(episodes(3, collector), a)
     _assert_rollouts_equal(episodes(3, collector), a)
     # another iteration: other reset states for every env (still shared within each group)
@@ -520,7 +544,7 @@ def test_collect_episodes_same_seed_and_iteration_same_rollout() -> None:
         assert not torch.equal(c.obs[0, i], a.obs[0, i]), i
     assert torch.equal(c.obs[0, 0::2], c.obs[0, 1::2])
     # and a collection after a collect with the same iteration does not depend on that collect
-    collector = InProcessCollector(ENV_ID, horizon, num_envs, seed, 2, group_size=2)
+    collector = InProcessCollector(EnvSpec(ENV_ID, horizon, num_envs, seed, group_size=2), 2)
     collector.reset(0)
     collector.collect(policy, 5, 0)
     _assert_rollouts_equal(episodes(3, collector), a)

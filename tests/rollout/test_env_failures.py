@@ -23,6 +23,7 @@ from flowrl.models.networks import ReinFlowNoiseNet, VelocityMLP
 from flowrl.models.sampler import ChainSampler, ReinFlowConverter
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.evaluation import evaluate_policy
+from flowrl.rollout.shard import EnvSpec
 from flowrl.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def test_training_with_an_env_that_raises_stops_with_one_line_and_resumes_from_i
 
 
 def test_an_env_that_raises_in_reset_is_one_line_naming_it():
-    collector = InProcessCollector(FAULTY, 4, 4, seed=0, num_workers=2, env_kwargs={"fail_at_reset": 1})
+    collector = InProcessCollector(EnvSpec(FAULTY, 4, 4, seed=0, env_kwargs={"fail_at_reset": 1}), num_workers=2)
     try:
         with pytest.raises(EnvError) as err:
             collector.reset(0)
@@ -108,7 +109,7 @@ def test_a_policy_that_raises_is_not_blamed_on_the_env():
         raise ZeroDivisionError("a bug in the policy")
 
     policy.sample = broken
-    collector = InProcessCollector("flowrl/TwoGoal-v0", 4, 2, seed=0)
+    collector = InProcessCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 2, seed=0))
     try:
         collector.reset(0)
         with pytest.raises(ZeroDivisionError, match="a bug in the policy"):

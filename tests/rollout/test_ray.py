@@ -21,6 +21,7 @@ from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector, WorkerError
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.reward_workers import RewardPool
+from flowrl.rollout.shard import EnvSpec
 
 FIELDS = (
     "obs",
@@ -79,8 +80,8 @@ def _policy(converter="reinflow"):
 @pytest.mark.parametrize("converter", ["reinflow", "flow_sde"])
 def test_ray_and_in_process_collectors_return_identical_rollouts(local_ray, converter):
     policy = _policy(converter)
-    remote = RayCollector("flowrl/TwoGoal-v0", 4, 6, seed=11, num_workers=2)
-    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 6, seed=11, num_workers=2)
+    remote = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 6, seed=11), num_workers=2)
+    local = InProcessCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 6, seed=11), num_workers=2)
     try:
         for collector in (remote, local):
             collector.reset(0)
@@ -105,8 +106,8 @@ def test_ray_and_in_process_collectors_return_identical_episode_rollouts(local_r
     # groups of 2 envs (3 per worker), episodes ended in some envs and cut by max_steps in the others, new
     # reset states every iteration: the same rollout over Ray as in this process
     policy = _policy(converter)
-    remote = RayCollector("flowrl/TwoGoal-v0", 4, 12, seed=1, num_workers=2, env_kwargs=KWARGS, group_size=2)
-    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 12, 1, 2, KWARGS, group_size=2)
+    remote = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 12, seed=1, env_kwargs=KWARGS, group_size=2), num_workers=2)
+    local = InProcessCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 12, 1, env_kwargs=KWARGS, group_size=2), 2)
     try:
         for iteration in range(2):
             a, b = remote.collect_episodes(policy, 7, iteration), local.collect_episodes(policy, 7, iteration)
@@ -131,7 +132,7 @@ def test_ray_and_in_process_collectors_return_identical_episode_rollouts(local_r
 
 def test_killed_worker_is_restarted_and_its_share_redone(local_ray, flowrl_log, tmp_path):
     policy = _policy()
-    collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=0, num_workers=2)
+    collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=2)
     try:
         collector.reset(0)
         collector.collect(policy, 3, 0)
@@ -149,12 +150,14 @@ def test_killed_worker_is_restarted_and_its_share_redone(local_ray, flowrl_log, 
 def test_worker_dying_mid_collection_is_redone(local_ray, flowrl_log, tmp_path):
     marker = tmp_path / "fault-fired"
     collector = RayCollector(
-        "flowrl/FaultInjection-v0",
-        4,
-        4,
-        seed=0,
+        EnvSpec(
+            "flowrl/FaultInjection-v0",
+            4,
+            4,
+            seed=0,
+            env_kwargs={"fail_at_step": 6, "mode": "exit", "once_marker": str(marker)},
+        ),
         num_workers=2,
-        env_kwargs={"fail_at_step": 6, "mode": "exit", "once_marker": str(marker)},
     )
     try:
         collector.reset(0)
@@ -168,13 +171,9 @@ def test_worker_dying_mid_collection_is_redone(local_ray, flowrl_log, tmp_path):
 
 def test_env_that_keeps_raising_is_an_error_naming_worker_and_cause(local_ray):
     collector = RayCollector(
-        "flowrl/FaultInjection-v0",
-        4,
-        2,
-        seed=0,
+        EnvSpec("flowrl/FaultInjection-v0", 4, 2, seed=0, env_kwargs={"fail_at_step": 2, "mode": "raise"}),
         num_workers=2,
         max_restarts=1,
-        env_kwargs={"fail_at_step": 2, "mode": "raise"},
     )
     try:
         collector.reset(0)
@@ -186,9 +185,9 @@ def test_env_that_keeps_raising_is_an_error_naming_worker_and_cause(local_ray):
 
 def test_bad_env_kwargs_and_too_few_cpus_fail_at_set_up(local_ray):
     with pytest.raises(WorkerError, match="unexpected keyword argument 'nope'"):
-        RayCollector("flowrl/TwoGoal-v0", 4, 2, seed=0, num_workers=2, max_restarts=0, env_kwargs={"nope": 1})
+        RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 2, seed=0, env_kwargs={"nope": 1}), num_workers=2, max_restarts=0)
     with pytest.raises(FlowRLError, match="need 4 CPUs, the Ray cluster has 2"):
-        RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=0, num_workers=4)
+        RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=4)
 
 
 # ----------------------------------------------------------------------------- reward workers

@@ -12,6 +12,7 @@ from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
+from flowrl.rollout.shard import EnvSpec
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
         cfg = build_config({"name": "t", "policy": {"hidden_dims": [16], "time_embed_dim": 8}})
         torch.manual_seed(0)
         policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
-        collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_workers=2)
+        collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=3), num_workers=2)
         try:
             nodes = {w["node_id"] for w in collector.where()}
             assert len(nodes) == 2, "one worker per node"
@@ -42,7 +43,7 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
             rollout = collector.collect(policy, 4, 0)
         finally:
             collector.close()
-    local = InProcessCollector("flowrl/TwoGoal-v0", 4, 4, seed=3, num_workers=2)
+    local = InProcessCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=3), num_workers=2)
     local.reset(0)
     expected = local.collect(policy, 4, 0)
     local.close()

@@ -26,6 +26,7 @@ from flowrl.config import build_config
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
+from flowrl.rollout.shard import EnvSpec
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
@@ -159,7 +160,7 @@ def test_a_local_ray_listens_on_loopback_only_and_stops_with_its_session():
     before = _descendants(me)
     mine_before = {(s.proto, s.ip, s.port) for s in _listeners([me])}  # whatever this process had already
     with ray_session(None, num_cpus=2):
-        collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=0, num_workers=2)
+        collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=2)
         try:
             collector.reset(0)
             collector.collect(_policy(), 3, 0)
@@ -187,9 +188,10 @@ DRIVER = textwrap.dedent(
     import time
     from flowrl.rollout.ray_collector import RayCollector
     from flowrl.rollout.ray_runtime import ray_session
+    from flowrl.rollout.shard import EnvSpec
 
     with ray_session(None, num_cpus=2):
-        collector = RayCollector("flowrl/TwoGoal-v0", 4, 4, seed=0, num_workers=2)
+        collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=2)
         print(" ".join(str(w["pid"]) for w in collector.where()), flush=True)
         time.sleep(600)
     """

@@ -20,6 +20,7 @@ from flowrl.config import build_config
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
+from flowrl.rollout.shard import EnvSpec
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 
@@ -76,7 +77,7 @@ def _soak(iterations: int) -> None:
     policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))  # ~80k parameters: 320 kB of weights
     ray.shutdown()
     with ray_session(None, num_cpus=2):
-        collector = RayCollector("flowrl/TwoGoal-v0", 4, 8, seed=0, num_workers=2)
+        collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 8, seed=0), num_workers=2)
         samples: dict[str, list[float]] = {}
         at: list[int] = []
         store: list[tuple[int, int, int]] = []
