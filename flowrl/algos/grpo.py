@@ -14,12 +14,18 @@ when the stds agree (Flow-GRPO), minus an optional entropy bonus for a learned n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, event_numel, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import (
+    MetricHistory,
+    PolicyGradientAlgorithm,
+    PolicyOptimizer,
+    event_numel,
+    pg_samples,
+    update_obs_stats,
+)
 from flowrl.config import GRPOConfig
 from flowrl.core.advantages import group_advantages
 from flowrl.core.batch import TensorBatch
@@ -107,10 +113,12 @@ class GRPOBatch:
     advantages: Tensor
 
 
-class GRPO:
+class GRPO(PolicyGradientAlgorithm):
     """Policy + optimiser (+ a frozen reference when ``beta > 0``)."""
 
     name = "GRPO"
+    # the checkpoint's keys, in order (reference only with beta > 0)
+    checkpoint_state = ("policy", "actor_opt", "generator", "reference")
 
     def __init__(
         self,
@@ -137,26 +145,6 @@ class GRPO:
         size, step = batch.cond.shape[0], self.cfg.minibatch_size
         chunks = [(batch.cond[i : i + step], batch.samples[i : i + step]) for i in range(0, size, step)]
         return torch.cat([self.policy.evaluate(cond, samples).mean for cond, samples in chunks])
-
-    def set_progress(self, fraction_done: float) -> None:
-        self.optimizer.set_progress(fraction_done)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {
-            "policy": self.policy.state_dict(),
-            "actor_opt": self.optimizer.opt.state_dict(),
-            "generator": self.generator.get_state(),
-        }
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.opt.load_state_dict(state["actor_opt"])
-        self.generator.set_state(state["generator"])
-        if self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
 
     def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout:
         """One episode per env from its group's shared reset state."""

@@ -166,6 +166,46 @@ class PolicyOptimizer:
         return guarded_step(self.opt, self.policy.parameters(), loss, self.cfg.max_grad_norm, self.guard, iteration)
 
 
+class PolicyGradientAlgorithm:
+    """What PPO and GRPO share: the learning-rate schedule and the checkpoint.
+
+    An algorithm declares the names of its stateful members in ``checkpoint_state`` (Stable-
+    Baselines3's ``_get_torch_save_params``): modules, optimisers and ``torch.Generator``s.
+    ``state_dict`` saves each under its name, ``load_state_dict`` restores each; a member that
+    is None in this configuration (no reward scaler, no reference) is neither saved nor loaded.
+    """
+
+    checkpoint_state: tuple[str, ...] = ()
+    optimizer: PolicyOptimizer
+
+    @property
+    def actor_opt(self) -> torch.optim.Optimizer:
+        """The policy's optimiser (the checkpoint's ``actor_opt``)."""
+        return self.optimizer.opt
+
+    def set_progress(self, fraction_done: float) -> None:
+        self.optimizer.set_progress(fraction_done)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {}
+        for name in self.checkpoint_state:
+            member = getattr(self, name)
+            if isinstance(member, torch.Generator):
+                state[name] = member.get_state()
+            elif member is not None:
+                state[name] = member.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores every declared member; a missing one is a KeyError naming it."""
+        for name in self.checkpoint_state:
+            member = getattr(self, name)
+            if isinstance(member, torch.Generator):
+                member.set_state(state[name])
+            elif member is not None:
+                member.load_state_dict(state[name])
+
+
 def guarded_step(
     opt: torch.optim.Optimizer,
     params,

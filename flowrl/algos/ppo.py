@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, guarded_step, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import (
+    MetricHistory,
+    PolicyGradientAlgorithm,
+    PolicyOptimizer,
+    guarded_step,
+    pg_samples,
+    update_obs_stats,
+)
 from flowrl.config import PPOConfig
 from flowrl.core.advantages import gae
 from flowrl.core.batch import TensorBatch
@@ -69,10 +76,12 @@ class PPOBatch:
     values: Tensor
 
 
-class PPO:
+class PPO(PolicyGradientAlgorithm):
     """Policy + critic + optimisers. ``collect`` -> ``prepare`` (GAE) -> ``update`` (epochs)."""
 
     name = "PPO"
+    # the checkpoint's keys, in order (reward_scaler and reference only where configured)
+    checkpoint_state = ("policy", "critic", "actor_opt", "critic_opt", "generator", "reward_scaler", "reference")
 
     def __init__(
         self,
@@ -91,34 +100,6 @@ class PPO:
         self.reward_scaler = RewardScaler(cfg.gamma) if cfg.normalize_rewards else None
         # The policy fine-tuning started from, for the W2 regulariser.
         self.reference = frozen_copy(policy) if cfg.w2_coef > 0 else None
-
-    def set_progress(self, fraction_done: float) -> None:
-        self.optimizer.set_progress(fraction_done)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {
-            "policy": self.policy.state_dict(),
-            "critic": self.critic.state_dict(),
-            "actor_opt": self.optimizer.opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
-            "generator": self.generator.get_state(),
-        }
-        if self.reward_scaler is not None:
-            state["reward_scaler"] = self.reward_scaler.state_dict()
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.generator.set_state(state["generator"])
-        if self.reward_scaler is not None:
-            self.reward_scaler.load_state_dict(state["reward_scaler"])
-        if self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
 
     def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout:
         """``steps_per_iteration`` policy steps in every env; episodes run on across iterations."""
