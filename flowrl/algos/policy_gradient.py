@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +205,26 @@ class PolicyGradientAlgorithm:
                 member.set_state(state[name])
             elif member is not None:
                 member.load_state_dict(state[name])
+
+
+def run_epochs(
+    size: int,
+    cfg: PolicyGradientConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    minibatch_step: Callable[[Tensor], dict[str, float]],
+) -> int:
+    """``cfg.epochs`` passes over ``size`` samples, each in a fresh shuffle (drawn with
+    ``generator``) cut into minibatches of ``cfg.minibatch_size`` indices ``[m]`` for
+    ``minibatch_step``, which returns the minibatch's surrogate metrics. A minibatch whose
+    ``approx_kl`` exceeds ``cfg.target_kl`` ends the update. Returns the epochs begun."""
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(size, generator=generator).to(device)
+        for start in range(0, size, cfg.minibatch_size):
+            pg_metrics = minibatch_step(perm[start : start + cfg.minibatch_size])
+            if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
+                return epoch + 1
+    return cfg.epochs
 
 
 def guarded_step(

@@ -24,6 +24,7 @@ from flowrl.algos.policy_gradient import (
     PolicyOptimizer,
     guarded_step,
     pg_samples,
+    run_epochs,
     update_obs_stats,
 )
 from flowrl.config import PPOConfig
@@ -129,43 +130,15 @@ class PPO(PolicyGradientAlgorithm):
     def update(self, batch: PPOBatch, iteration: int) -> dict[str, float]:
         """Epochs of minibatch updates over env steps; the first ``critic_warmup_iterations``
         train only the critic (a fresh critic next to a pretrained actor)."""
-        cfg, dev = self.cfg, self.device
-        train_actor = iteration >= cfg.critic_warmup_iterations
-        size = batch.advantages.shape[0]
+        train_actor = iteration >= self.cfg.critic_warmup_iterations
         history = MetricHistory()
-        epochs_done = 0
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(size, generator=self.generator).to(dev)
-            kl_stop = False
-            for start in range(0, size, cfg.minibatch_size):
-                mb = perm[start : start + cfg.minibatch_size]
-                mb_adv = batch.advantages[mb]
-                if cfg.normalize_advantages and len(mb) > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
-                pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
-                entropy_mean = terms.evaluation.entropy.mean()
-                loss = pg_loss - cfg.entropy_coef * entropy_mean
-                logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
-                if self.reference is not None:
-                    w2 = self.w2_distance(batch.cond[mb])
-                    loss = loss + cfg.w2_coef * w2
-                    logged["losses/w2"] = w2.item()
-                grad_norm = self.optimizer.step(loss, iteration) if train_actor else 0.0
-
-                v_loss, _ = value_loss(self.critic(batch.cond[mb]), batch.returns[mb], batch.values[mb], cfg.value_clip)
-                guarded_step(
-                    self.critic_opt, self.critic.parameters(), v_loss, cfg.max_grad_norm, self.optimizer.guard,
-                    iteration, "value",
-                )  # fmt: skip
-
-                history.add({**logged, "losses/value": v_loss.item()}, grad_norm, pg_metrics)
-                if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
-                    kl_stop = True
-                    break
-            epochs_done += 1
-            if kl_stop:
-                break
+        epochs_done = run_epochs(
+            batch.advantages.shape[0],
+            self.cfg,
+            self.generator,
+            self.device,
+            lambda mb: self._minibatch(batch, mb, iteration, train_actor, history),
+        )
         metrics = history.summary()
         with torch.no_grad():
             _, v_metrics = value_loss(self.critic(batch.cond), batch.returns)
@@ -181,6 +154,35 @@ class PPO(PolicyGradientAlgorithm):
             }
         )
         return metrics
+
+    def _minibatch(
+        self, batch: PPOBatch, mb: Tensor, iteration: int, train_actor: bool, history: MetricHistory
+    ) -> dict[str, float]:
+        """An actor step (its loss computed, the step skipped while the critic warms up) and a
+        critic step on the env steps ``mb`` ``[m]``; returns the surrogate's metrics."""
+        cfg = self.cfg
+        mb_adv = batch.advantages[mb]
+        if cfg.normalize_advantages and len(mb) > 1:
+            mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+        terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
+        pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
+        entropy_mean = terms.evaluation.entropy.mean()
+        loss = pg_loss - cfg.entropy_coef * entropy_mean
+        logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
+        if self.reference is not None:
+            w2 = self.w2_distance(batch.cond[mb])
+            loss = loss + cfg.w2_coef * w2
+            logged["losses/w2"] = w2.item()
+        grad_norm = self.optimizer.step(loss, iteration) if train_actor else 0.0
+
+        v_loss, _ = value_loss(self.critic(batch.cond[mb]), batch.returns[mb], batch.values[mb], cfg.value_clip)
+        guarded_step(
+            self.critic_opt, self.critic.parameters(), v_loss, cfg.max_grad_norm, self.optimizer.guard,
+            iteration, "value",
+        )  # fmt: skip
+
+        history.add({**logged, "losses/value": v_loss.item()}, grad_norm, pg_metrics)
+        return pg_metrics
 
     def w2_distance(self, cond: Tensor) -> Tensor:
         """Mean squared action distance per dimension between the policy and the reference,
