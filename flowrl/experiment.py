@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowrl.algos.bc import action_chunks, bc_loss, behaviour_clone, check_demos, dataset_obs_stats, load_demos
+from flowrl.algos.bc import action_chunks, bc_loss, check_demos, dataset_obs_stats, demo_batches, fit, load_demos
 from flowrl.algos.trainer import Algorithm, Trainer
 from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
 from flowrl.errors import CheckpointError, FlowRLError
@@ -133,7 +133,8 @@ def pretrain(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progres
         f"pretraining ({cfg.policy.type}) on {len(demos['episode_ends'])} demonstration episodes ({len(obs)} chunks)"
     )
     loss = bc_loss(cfg.policy, cfg.pretrain)
-    ema, metrics = behaviour_clone(actor.to(device), obs, chunks, loss, cfg.pretrain, cfg.seed, progress, run_dir)
+    batches = demo_batches(obs, chunks, cfg.pretrain.batch_size, device)
+    ema, metrics = fit(actor.to(device), batches, loss, cfg.pretrain, cfg.seed, progress, run_dir)
     ema = ema.cpu()
     atomic_save(actor_record(ema, cfg.policy), run_dir / "pretrained.pt")
     atomic_write_text(json.dumps(metrics), run_dir / "pretrain_metrics.json")

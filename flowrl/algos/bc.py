@@ -75,36 +75,82 @@ class PretrainError(FlowRLError, FloatingPointError):
     """Behaviour cloning diverged (a non-finite loss)."""
 
 
-def behaviour_clone(
-    actor: nn.Module,
-    obs: Tensor,
-    chunks: Tensor,
-    loss_fn: LossFn,
-    cfg: PretrainConfig,
-    seed: int,
-    progress: bool = True,
-    run_dir: Path | None = None,
-) -> tuple[nn.Module, dict[str, float]]:
-    """Train ``actor`` on (obs ``[M, O]``, chunks ``[M, Ta, Da]``); returns its EMA copy and
-    the final loss.
+Draw = Callable[[int, torch.Generator], tuple[Any, Tensor]]
 
-    With ``run_dir``: the mean loss of every 100 steps goes to ``pretrain_metrics.jsonl`` and
-    ``tensorboard/pretrain``; a checkpoint (weights, EMA, optimiser, generator) is written to
-    ``checkpoints/pretrain.pt`` every ``cfg.checkpoint_every`` steps and when a stop is
-    requested (SIGINT/SIGTERM), and an existing one is resumed: a killed pretraining redoes at
-    most ``checkpoint_every`` steps and ends with the same weights as an uninterrupted one.
-    """
-    device = next(actor.parameters()).device
+
+def demo_batches(obs: Tensor, chunks: Tensor, batch_size: int, device: torch.device) -> Draw:
+    """Batches of demonstration pairs for ``fit``: ``draw(step, generator) -> (obs [b, O],
+    chunks [b, Ta, Da])`` on ``device``, ``b = min(batch_size, M)`` pairs drawn uniformly
+    (with replacement) from obs ``[M, O]`` and chunks ``[M, Ta, Da]``."""
     obs, chunks = obs.to(device), chunks.to(device)
 
     def draw(step: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(obs), (min(cfg.batch_size, len(obs)),), generator=gen, device=device)
+        idx = torch.randint(len(obs), (min(batch_size, len(obs)),), generator=gen, device=device)
         return obs[idx], chunks[idx]
 
-    return fit(actor, draw, loss_fn, cfg, seed, progress, run_dir)
+    return draw
 
 
-Draw = Callable[[int, torch.Generator], tuple[Any, Tensor]]
+class _Pretraining:
+    """The state of a behaviour-cloning run, all of which its checkpoint holds: the weights,
+    their EMA, the optimiser, the generator, the step and the last 100 losses."""
+
+    def __init__(self, actor: nn.Module, cfg: PretrainConfig, seed: int) -> None:
+        device = next(actor.parameters()).device
+        self.actor, self.cfg = actor, cfg
+        self.ema = copy.deepcopy(actor).requires_grad_(False)
+        self.opt = torch.optim.AdamW(actor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def train_step(self, draw: Draw, loss_fn: LossFn) -> None:
+        """One AdamW step on a fresh batch, then the EMA; a non-finite loss stops the run."""
+        cond, target = draw(self.step, self.gen)
+        loss = loss_fn(self.actor, cond, target, self.gen)
+        if not torch.isfinite(loss):
+            raise PretrainError(
+                f"the pretraining loss is {loss.item()} at step {self.step}: lower pretrain.lr (now {self.cfg.lr:g})"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.actor.parameters(), strict=True):
+                p_ema.lerp_(p, 1.0 - self.cfg.ema_decay)
+            for b_ema, b in zip(self.ema.buffers(), self.actor.buffers(), strict=True):
+                b_ema.copy_(b)
+        self.losses = [*self.losses, loss.item()][-100:]
+        self.step += 1
+
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses[-100:]))
+
+    def save(self, path: Path) -> None:
+        state = {"step": self.step, "actor": self.actor.state_dict(), "ema": self.ema.state_dict()}
+        state |= {"opt": self.opt.state_dict(), "generator": self.gen.get_state(), "losses": self.losses[-100:]}
+        atomic_save(state, path)
+
+    def checkpoint_when_due(self, path: Path) -> None:
+        """Save to ``path`` (``RUN/checkpoints/pretrain.pt``) every ``checkpoint_every`` steps
+        before the last, and when a stop was requested, which then stops here."""
+        if self.step >= self.cfg.steps or not (self.step % self.cfg.checkpoint_every == 0 or stop_requested()):
+            return
+        self.save(path)
+        if stop_requested():
+            run_dir = path.parent.parent
+            raise Interrupted(
+                f"stopped pretraining at step {self.step} of {self.cfg.steps} (checkpoint saved); resume with: "
+                f"flowrl train --resume {run_dir} (or flowrl pretrain --resume {run_dir})"
+            )
+
+    def load(self, path: Path) -> None:
+        state = _load_pretrain_checkpoint(path)
+        self.actor.load_state_dict(state["actor"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["generator"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
 
 
 def fit(
@@ -116,68 +162,38 @@ def fit(
     progress: bool = True,
     run_dir: Path | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """The behaviour-cloning loop over batches ``draw(step, generator) -> (condition, target)``
-    (demonstrations, or image-caption pairs drawn fresh): AdamW, EMA, logging, checkpoints and
-    resume as ``behaviour_clone`` describes; returns the EMA copy and the final loss."""
-    device = next(actor.parameters()).device
-    ema = copy.deepcopy(actor).requires_grad_(False)
-    opt = torch.optim.AdamW(actor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    losses: list[float] = []
-    start = 0
+    """Behaviour cloning of ``actor`` on batches ``draw(step, generator) -> (condition,
+    target)`` (``demo_batches`` of demonstrations, or image-caption pairs drawn fresh) with
+    AdamW for ``cfg.steps``; returns its EMA copy and the final loss.
+
+    With ``run_dir``: the mean loss of every 100 steps goes to ``pretrain_metrics.jsonl`` and
+    ``tensorboard/pretrain``; a checkpoint (weights, EMA, optimiser, generator) is written to
+    ``checkpoints/pretrain.pt`` every ``cfg.checkpoint_every`` steps and when a stop is
+    requested (SIGINT/SIGTERM), and an existing one is resumed: a killed pretraining redoes at
+    most ``checkpoint_every`` steps and ends with the same weights as an uninterrupted one.
+    """
+    run = _Pretraining(actor, cfg, seed)
     checkpoint = run_dir / "checkpoints" / "pretrain.pt" if run_dir is not None else None
     if checkpoint is not None and checkpoint.exists():
-        state = _load_pretrain_checkpoint(checkpoint)
-        actor.load_state_dict(state["actor"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
-        start, losses = int(state["step"]), list(state["losses"])
-        tqdm.write(f"resuming pretraining from {checkpoint} (step {start} of {cfg.steps})")
+        run.load(checkpoint)
+        tqdm.write(f"resuming pretraining from {checkpoint} (step {run.step} of {cfg.steps})")
     log = None
     if run_dir is not None:  # records a killed run wrote after its checkpoint are dropped (-1: all of them)
-        log = RunLog(run_dir, resume_after=start if start else -1, name="pretrain", step_key="step")
-
-    def save(step: int) -> None:
-        assert checkpoint is not None
-        state = {"step": step, "actor": actor.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
-        atomic_save({**state, "generator": gen.get_state(), "losses": losses[-100:]}, checkpoint)
-
-    bar = progress_bar(range(start, cfg.steps), "pretrain", progress, initial=start, total=cfg.steps)
+        log = RunLog(run_dir, resume_after=run.step if run.step else -1, name="pretrain", step_key="step")
+    bar = progress_bar(range(run.step, cfg.steps), "pretrain", progress, initial=run.step, total=cfg.steps)
     try:
-        for step in bar:
-            cond, target = draw(step, gen)
-            loss = loss_fn(actor, cond, target, gen)
-            if not torch.isfinite(loss):
-                raise PretrainError(
-                    f"the pretraining loss is {loss.item()} at step {step}: lower pretrain.lr (now {cfg.lr:g})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), actor.parameters(), strict=True):
-                    p_ema.lerp_(p, 1.0 - cfg.ema_decay)
-                for b_ema, b in zip(ema.buffers(), actor.buffers(), strict=True):
-                    b_ema.copy_(b)
-            losses.append(loss.item())
-            losses = losses[-100:]
-            done = step + 1
-            if done % 100 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
+        for _ in bar:
+            run.train_step(draw, loss_fn)
+            if run.step % 100 == 0:
+                bar.set_postfix(loss=f"{run.mean_loss():.4f}", refresh=False)
                 if log is not None:
-                    log.log(done, {"pretrain/loss": float(np.mean(losses))})
-            if checkpoint is not None and (done % cfg.checkpoint_every == 0 or stop_requested()) and done < cfg.steps:
-                save(done)
-                if stop_requested():
-                    raise Interrupted(
-                        f"stopped pretraining at step {done} of {cfg.steps} (checkpoint saved); resume with: "
-                        f"flowrl train --resume {run_dir} (or flowrl pretrain --resume {run_dir})"
-                    )
+                    log.log(run.step, {"pretrain/loss": run.mean_loss()})
+            if checkpoint is not None:
+                run.checkpoint_when_due(checkpoint)
     finally:
         if log is not None:
             log.close()
-    return ema.requires_grad_(True), {"pretrain/loss": float(np.mean(losses[-100:]))}
+    return run.ema.requires_grad_(True), {"pretrain/loss": run.mean_loss()}
 
 
 def _load_pretrain_checkpoint(path: Path) -> dict:
@@ -197,9 +213,9 @@ __all__ = [
     "DatasetError",
     "action_chunks",
     "bc_loss",
-    "behaviour_clone",
     "check_demos",
     "dataset_obs_stats",
+    "demo_batches",
     "fit",
     "load_demos",
 ]

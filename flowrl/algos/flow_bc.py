@@ -22,6 +22,20 @@ from torch import Tensor
 
 from flowrl.models.networks import VelocityMLP
 
+# the shortcut model's smallest self-consistency step is 2^-SHORTCUT_HALVINGS (Frans et al. use 1/128)
+SHORTCUT_HALVINGS = 7
+
+
+def _path(chunks: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) eps + t a: chunks and eps ``[B, *E]``, t ``[B]``."""
+    tb = t.view(-1, *([1] * (chunks.ndim - 1)))
+    return (1.0 - tb) * eps + tb * chunks
+
+
+def _part(b: int, fraction: float, at_most: int) -> int:
+    """The size of a batch's ``fraction`` part: rounded, at least 1, at most ``at_most``."""
+    return min(at_most, max(1, round(b * fraction)))
+
 
 def flow_matching_loss(
     velocity: VelocityMLP, obs: Tensor, chunks: Tensor, generator: torch.Generator | None = None
@@ -31,9 +45,7 @@ def flow_matching_loss(
     b = chunks.shape[0]
     t = torch.rand(b, generator=generator, device=chunks.device)
     eps = torch.randn(chunks.shape, generator=generator, device=chunks.device)
-    tb = t.view(-1, *([1] * (chunks.ndim - 1)))
-    x_t = (1.0 - tb) * eps + tb * chunks
-    return ((velocity(obs, x_t, t, t) - (chunks - eps)) ** 2).mean()
+    return ((velocity(obs, _path(chunks, eps, t), t, t) - (chunks - eps)) ** 2).mean()
 
 
 def shortcut_loss(
@@ -42,20 +54,19 @@ def shortcut_loss(
     chunks: Tensor,
     consistency_fraction: float,
     generator: torch.Generator | None = None,
-    max_halvings: int = 7,
 ) -> Tensor:
-    """Shortcut-model loss: flow matching at d = 0 plus self-consistency at d = 2^-k."""
+    """Shortcut-model loss: flow matching at d = 0 plus self-consistency at d = 2^-k,
+    k = 1..SHORTCUT_HALVINGS, on ``consistency_fraction`` of the batch."""
     b, dev = chunks.shape[0], chunks.device
-    n_sc = min(b - 1, max(1, round(b * consistency_fraction)))
+    n_sc = _part(b, consistency_fraction, b - 1)
     eps = torch.randn(chunks.shape, generator=generator, device=dev)
-    # Self-consistency part: d = 2^-k (k = 1..max_halvings), t on the d-grid with t + 2d <= 1.
-    k = torch.randint(1, max_halvings + 1, (n_sc,), generator=generator, device=dev)
+    # Self-consistency part: d = 2^-k (k = 1..SHORTCUT_HALVINGS), t on the d-grid with t + 2d <= 1.
+    k = torch.randint(1, SHORTCUT_HALVINGS + 1, (n_sc,), generator=generator, device=dev)
     d = 2.0 ** (-k.float())
     t_sc = torch.floor(torch.rand(n_sc, generator=generator, device=dev) * (1.0 / d - 1.0)) * d
     # Flow-matching part: continuous t, step size 0.
     t_fm = torch.rand(b - n_sc, generator=generator, device=dev)
-    t = torch.cat([t_sc, t_fm])
-    x_t = (1.0 - t.view(-1, 1, 1)) * eps + t.view(-1, 1, 1) * chunks
+    x_t = _path(chunks, eps, torch.cat([t_sc, t_fm]))
     o_sc, x_sc = obs[:n_sc], x_t[:n_sc]
     with torch.no_grad():
         first = velocity(o_sc, x_sc, t_sc, t_sc + d)
@@ -86,10 +97,9 @@ def meanflow_loss(
     eps = torch.randn(chunks.shape, generator=generator, device=dev)
     ends = torch.rand(b, 2, generator=generator, device=dev)
     t, r = ends.min(dim=1).values, ends.max(dim=1).values
-    n_interval = min(b, max(1, round(b * interval_fraction)))
+    n_interval = _part(b, interval_fraction, b)
     r = torch.cat([r[:n_interval], t[n_interval:]])
-    tb = t.view(-1, 1, 1)
-    x_t = (1.0 - tb) * eps + tb * chunks
+    x_t = _path(chunks, eps, t)
     v = chunks - eps
 
     def field(x: Tensor, t_: Tensor) -> Tensor:

@@ -14,12 +14,19 @@ when the stds agree (Flow-GRPO), minus an optional entropy bonus for a learned n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, event_numel, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import (
+    MetricHistory,
+    PolicyGradientAlgorithm,
+    PolicyOptimizer,
+    event_numel,
+    pg_samples,
+    run_epochs,
+    update_obs_stats,
+)
 from flowrl.config import GRPOConfig
 from flowrl.core.advantages import group_advantages
 from flowrl.core.batch import TensorBatch
@@ -107,10 +114,12 @@ class GRPOBatch:
     advantages: Tensor
 
 
-class GRPO:
+class GRPO(PolicyGradientAlgorithm):
     """Policy + optimiser (+ a frozen reference when ``beta > 0``)."""
 
     name = "GRPO"
+    # the checkpoint's keys, in order (reference only with beta > 0)
+    checkpoint_state = ("policy", "actor_opt", "generator", "reference")
 
     def __init__(
         self,
@@ -137,26 +146,6 @@ class GRPO:
         size, step = batch.cond.shape[0], self.cfg.minibatch_size
         chunks = [(batch.cond[i : i + step], batch.samples[i : i + step]) for i in range(0, size, step)]
         return torch.cat([self.policy.evaluate(cond, samples).mean for cond, samples in chunks])
-
-    def set_progress(self, fraction_done: float) -> None:
-        self.optimizer.set_progress(fraction_done)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {
-            "policy": self.policy.state_dict(),
-            "actor_opt": self.optimizer.opt.state_dict(),
-            "generator": self.generator.get_state(),
-        }
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.opt.load_state_dict(state["actor_opt"])
-        self.generator.set_state(state["generator"])
-        if self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
 
     def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout:
         """One episode per env from its group's shared reset state."""
@@ -187,43 +176,17 @@ class GRPO:
         )
 
     def update(self, batch: GRPOBatch, iteration: int) -> dict[str, float]:
+        """Epochs of minibatch policy steps over the kept env steps; returns metrics."""
         cfg = self.cfg
         size = batch.advantages.shape[0]
         metrics = dict(self._stats)
         if size == 0:  # every group tied: nothing to learn from this rollout
             return {**metrics, "train/epochs": 0.0}
         history = MetricHistory()
-        epochs_done = 0
         old_mean = self._old_means(batch) if cfg.ratio_norm else None
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(size, generator=self.generator).to(self.device)
-            kl_stop = False
-            for start in range(0, size, cfg.minibatch_size):
-                mb = perm[start : start + cfg.minibatch_size]
-                cond, samples = batch.cond[mb], batch.samples[mb]
-                terms = pg_samples(self.policy, cond, samples, batch.advantages[mb])
-                log_prob = terms.log_prob
-                if old_mean is not None:
-                    normalised = normalised_log_prob(terms.evaluation, old_mean[mb])
-                    log_prob = unit_values(normalised, *self._unit)
-                pg_loss, pg_metrics = clipped_surrogate(log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
-                entropy_mean = terms.evaluation.entropy.mean()
-                loss = pg_loss - cfg.entropy_coef * entropy_mean
-                logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = self.reference.evaluate(cond, samples)
-                    kl = step_kl(self.policy, terms.evaluation, ref).mean()
-                    loss = loss + cfg.beta * kl
-                    logged["losses/kl_ref"] = kl.item()
-                grad_norm = self.optimizer.step(loss, iteration)
-                history.add(logged, grad_norm, pg_metrics)
-                if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
-                    kl_stop = True
-                    break
-            epochs_done += 1
-            if kl_stop:
-                break
+        epochs_done = run_epochs(
+            size, cfg, self.generator, self.device, lambda mb: self._minibatch(batch, mb, old_mean, iteration, history)
+        )
         metrics.update(history.summary())
         metrics["train/epochs"] = float(epochs_done)
         metrics["train/skipped_updates"] = float(self.optimizer.guard.pop_skipped())
@@ -231,3 +194,28 @@ class GRPO:
         if self.running_obs_stats:
             update_obs_stats(batch.cond, self.policy)
         return metrics
+
+    def _minibatch(
+        self, batch: GRPOBatch, mb: Tensor, old_mean: Tensor | None, iteration: int, history: MetricHistory
+    ) -> dict[str, float]:
+        """One policy step on the env steps ``mb`` ``[m]``; returns the surrogate's metrics."""
+        cfg = self.cfg
+        cond, samples = batch.cond[mb], batch.samples[mb]
+        terms = pg_samples(self.policy, cond, samples, batch.advantages[mb])
+        log_prob = terms.log_prob
+        if old_mean is not None:
+            normalised = normalised_log_prob(terms.evaluation, old_mean[mb])
+            log_prob = unit_values(normalised, *self._unit)
+        pg_loss, pg_metrics = clipped_surrogate(log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
+        entropy_mean = terms.evaluation.entropy.mean()
+        loss = pg_loss - cfg.entropy_coef * entropy_mean
+        logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self.reference.evaluate(cond, samples)
+            kl = step_kl(self.policy, terms.evaluation, ref).mean()
+            loss = loss + cfg.beta * kl
+            logged["losses/kl_ref"] = kl.item()
+        grad_norm = self.optimizer.step(loss, iteration)
+        history.add(logged, grad_norm, pg_metrics)
+        return pg_metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,66 @@ class PolicyOptimizer:
         """Backward, clip, step; returns the gradient norm before clipping. A non-finite
         loss or gradient norm skips the step (NonFiniteGuard) and returns NaN."""
         return guarded_step(self.opt, self.policy.parameters(), loss, self.cfg.max_grad_norm, self.guard, iteration)
+
+
+class PolicyGradientAlgorithm:
+    """What PPO and GRPO share: the learning-rate schedule and the checkpoint.
+
+    An algorithm declares the names of its stateful members in ``checkpoint_state`` (Stable-
+    Baselines3's ``_get_torch_save_params``): modules, optimisers and ``torch.Generator``s.
+    ``state_dict`` saves each under its name, ``load_state_dict`` restores each; a member that
+    is None in this configuration (no reward scaler, no reference) is neither saved nor loaded.
+    """
+
+    checkpoint_state: tuple[str, ...] = ()
+    optimizer: PolicyOptimizer
+
+    @property
+    def actor_opt(self) -> torch.optim.Optimizer:
+        """The policy's optimiser (the checkpoint's ``actor_opt``)."""
+        return self.optimizer.opt
+
+    def set_progress(self, fraction_done: float) -> None:
+        self.optimizer.set_progress(fraction_done)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {}
+        for name in self.checkpoint_state:
+            member = getattr(self, name)
+            if isinstance(member, torch.Generator):
+                state[name] = member.get_state()
+            elif member is not None:
+                state[name] = member.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores every declared member; a missing one is a KeyError naming it."""
+        for name in self.checkpoint_state:
+            member = getattr(self, name)
+            if isinstance(member, torch.Generator):
+                member.set_state(state[name])
+            elif member is not None:
+                member.load_state_dict(state[name])
+
+
+def run_epochs(
+    size: int,
+    cfg: PolicyGradientConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    minibatch_step: Callable[[Tensor], dict[str, float]],
+) -> int:
+    """``cfg.epochs`` passes over ``size`` samples, each in a fresh shuffle (drawn with
+    ``generator``) cut into minibatches of ``cfg.minibatch_size`` indices ``[m]`` for
+    ``minibatch_step``, which returns the minibatch's surrogate metrics. A minibatch whose
+    ``approx_kl`` exceeds ``cfg.target_kl`` ends the update. Returns the epochs begun."""
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(size, generator=generator).to(device)
+        for start in range(0, size, cfg.minibatch_size):
+            pg_metrics = minibatch_step(perm[start : start + cfg.minibatch_size])
+            if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
+                return epoch + 1
+    return cfg.epochs
 
 
 def guarded_step(

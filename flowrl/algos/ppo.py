@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowrl.algos.policy_gradient import MetricHistory, PolicyOptimizer, guarded_step, pg_samples, update_obs_stats
+from flowrl.algos.policy_gradient import (
+    MetricHistory,
+    PolicyGradientAlgorithm,
+    PolicyOptimizer,
+    guarded_step,
+    pg_samples,
+    run_epochs,
+    update_obs_stats,
+)
 from flowrl.config import PPOConfig
 from flowrl.core.advantages import gae
 from flowrl.core.batch import TensorBatch
@@ -69,10 +77,12 @@ class PPOBatch:
     values: Tensor
 
 
-class PPO:
+class PPO(PolicyGradientAlgorithm):
     """Policy + critic + optimisers. ``collect`` -> ``prepare`` (GAE) -> ``update`` (epochs)."""
 
     name = "PPO"
+    # the checkpoint's keys, in order (reward_scaler and reference only where configured)
+    checkpoint_state = ("policy", "critic", "actor_opt", "critic_opt", "generator", "reward_scaler", "reference")
 
     def __init__(
         self,
@@ -91,34 +101,6 @@ class PPO:
         self.reward_scaler = RewardScaler(cfg.gamma) if cfg.normalize_rewards else None
         # The policy fine-tuning started from, for the W2 regulariser.
         self.reference = frozen_copy(policy) if cfg.w2_coef > 0 else None
-
-    def set_progress(self, fraction_done: float) -> None:
-        self.optimizer.set_progress(fraction_done)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {
-            "policy": self.policy.state_dict(),
-            "critic": self.critic.state_dict(),
-            "actor_opt": self.optimizer.opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
-            "generator": self.generator.get_state(),
-        }
-        if self.reward_scaler is not None:
-            state["reward_scaler"] = self.reward_scaler.state_dict()
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.generator.set_state(state["generator"])
-        if self.reward_scaler is not None:
-            self.reward_scaler.load_state_dict(state["reward_scaler"])
-        if self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
 
     def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout:
         """``steps_per_iteration`` policy steps in every env; episodes run on across iterations."""
@@ -148,43 +130,15 @@ class PPO:
     def update(self, batch: PPOBatch, iteration: int) -> dict[str, float]:
         """Epochs of minibatch updates over env steps; the first ``critic_warmup_iterations``
         train only the critic (a fresh critic next to a pretrained actor)."""
-        cfg, dev = self.cfg, self.device
-        train_actor = iteration >= cfg.critic_warmup_iterations
-        size = batch.advantages.shape[0]
+        train_actor = iteration >= self.cfg.critic_warmup_iterations
         history = MetricHistory()
-        epochs_done = 0
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(size, generator=self.generator).to(dev)
-            kl_stop = False
-            for start in range(0, size, cfg.minibatch_size):
-                mb = perm[start : start + cfg.minibatch_size]
-                mb_adv = batch.advantages[mb]
-                if cfg.normalize_advantages and len(mb) > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
-                pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
-                entropy_mean = terms.evaluation.entropy.mean()
-                loss = pg_loss - cfg.entropy_coef * entropy_mean
-                logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
-                if self.reference is not None:
-                    w2 = self.w2_distance(batch.cond[mb])
-                    loss = loss + cfg.w2_coef * w2
-                    logged["losses/w2"] = w2.item()
-                grad_norm = self.optimizer.step(loss, iteration) if train_actor else 0.0
-
-                v_loss, _ = value_loss(self.critic(batch.cond[mb]), batch.returns[mb], batch.values[mb], cfg.value_clip)
-                guarded_step(
-                    self.critic_opt, self.critic.parameters(), v_loss, cfg.max_grad_norm, self.optimizer.guard,
-                    iteration, "value",
-                )  # fmt: skip
-
-                history.add({**logged, "losses/value": v_loss.item()}, grad_norm, pg_metrics)
-                if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
-                    kl_stop = True
-                    break
-            epochs_done += 1
-            if kl_stop:
-                break
+        epochs_done = run_epochs(
+            batch.advantages.shape[0],
+            self.cfg,
+            self.generator,
+            self.device,
+            lambda mb: self._minibatch(batch, mb, iteration, train_actor, history),
+        )
         metrics = history.summary()
         with torch.no_grad():
             _, v_metrics = value_loss(self.critic(batch.cond), batch.returns)
@@ -200,6 +154,35 @@ class PPO:
             }
         )
         return metrics
+
+    def _minibatch(
+        self, batch: PPOBatch, mb: Tensor, iteration: int, train_actor: bool, history: MetricHistory
+    ) -> dict[str, float]:
+        """An actor step (its loss computed, the step skipped while the critic warms up) and a
+        critic step on the env steps ``mb`` ``[m]``; returns the surrogate's metrics."""
+        cfg = self.cfg
+        mb_adv = batch.advantages[mb]
+        if cfg.normalize_advantages and len(mb) > 1:
+            mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+        terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
+        pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
+        entropy_mean = terms.evaluation.entropy.mean()
+        loss = pg_loss - cfg.entropy_coef * entropy_mean
+        logged = {"losses/policy": pg_loss.item(), "losses/entropy": entropy_mean.item()}
+        if self.reference is not None:
+            w2 = self.w2_distance(batch.cond[mb])
+            loss = loss + cfg.w2_coef * w2
+            logged["losses/w2"] = w2.item()
+        grad_norm = self.optimizer.step(loss, iteration) if train_actor else 0.0
+
+        v_loss, _ = value_loss(self.critic(batch.cond[mb]), batch.returns[mb], batch.values[mb], cfg.value_clip)
+        guarded_step(
+            self.critic_opt, self.critic.parameters(), v_loss, cfg.max_grad_norm, self.optimizer.guard,
+            iteration, "value",
+        )  # fmt: skip
+
+        history.add({**logged, "losses/value": v_loss.item()}, grad_norm, pg_metrics)
+        return pg_metrics
 
     def w2_distance(self, cond: Tensor) -> Tensor:
         """Mean squared action distance per dimension between the policy and the reference,

@@ -1,7 +1,7 @@
 """The Trainer owns the fine-tuning loop and nothing else; it imports no algorithm.
 
     collect -> non-finite reward check -> advantages (Algorithm.prepare) -> ratio = 1 check
-    -> update epochs (Algorithm.update) -> log -> evaluate -> checkpoint
+    -> update epochs (Algorithm.update) -> end_iteration: evaluate when due, log, checkpoint
 
 An algorithm (ppo.py, grpo.py) decides how to collect (T steps of running episodes, or one
 episode per env from group-shared resets), how to turn the rollout into advantages, and how
@@ -233,15 +233,9 @@ class Trainer:
         iterations = cfg.algo.iterations
         self.collector = collector
         collector.reset(epoch=self.iteration)
-        resume_after = self.env_steps if self.loaded else (-1 if resumed else None)
-        log = RunLog(self.run_dir, resume_after=resume_after)
+        log = RunLog(self.run_dir, resume_after=self.env_steps if self.loaded else (-1 if resumed else None))
         try:
-            if self.before is None:
-                self.before = self.evaluate()
-                log.log(0, self.before, iteration=0)
-                success = f", success {headline_success(self.before):.2f}" if self.reports_success else ""
-                tqdm.write(f"before training: return {self.before['eval/return']:.3f}{success}")
-            self.last_eval = self.last_eval or self.before
+            self.evaluate_before(log)
             bar = progress_bar(
                 range(self.iteration, iterations),
                 algo.name.lower(),
@@ -256,43 +250,67 @@ class Trainer:
                 check_rewards(rollout, cfg.env.id)
                 t1 = time.perf_counter()
                 algo.set_progress(it / iterations)
-                batch = algo.prepare(rollout)
+                batch = algo.prepare(rollout)  # advantages
                 ratio_metrics = check_ratio(policy, batch.cond, batch.samples, cfg.algo.ratio_check_tol, algo.name)
                 metrics = algo.update(batch, it)
-                check_weights(policy, it, cfg.algo.actor_lr)
-                if self.rollout_policy is not policy:  # the CPU copy that collects and evaluates
-                    self.rollout_policy.load_state_dict(policy.state_dict())
+                self.publish_weights(it)
                 t2 = time.perf_counter()
-                self.iteration, self.env_steps = it + 1, self.env_steps + rollout.env_steps
-                metrics.update(ratio_metrics)
-                metrics.update(rollout_metrics(rollout))
-                if hasattr(self.collector, "restarts"):
-                    metrics["ray/worker_restarts"] = float(self.collector.restarts)
-                if self.iteration % cfg.eval.every == 0 or self.iteration == iterations:
-                    self.last_eval = self.evaluate()
-                    metrics.update(self.last_eval)
-                metrics.update(
-                    {
-                        "time/collect_s": t1 - t0,
-                        "time/update_s": t2 - t1,
-                        "time/env_steps_per_s": rollout.env_steps / max(t2 - t0, 1e-9),
-                    }
-                )
-                log.log(self.env_steps, metrics, iteration=self.iteration)
-                shown = {"success": f"{headline_success(self.last_eval):.2f}"} if self.reports_success else {}
-                bar.set_postfix(**shown, ret=f"{self.last_eval['eval/return']:.2f}", refresh=False)
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations or stop_requested():
-                    self.save_checkpoint()
-                if stop_requested() and self.iteration < iterations:
-                    raise Interrupted(
-                        f"stopped after iteration {self.iteration} of {iterations} (checkpoint saved); resume with: "
-                        f"flowrl train --resume {self.run_dir}"
-                    )
+                times = {
+                    "time/collect_s": t1 - t0,
+                    "time/update_s": t2 - t1,
+                    "time/env_steps_per_s": rollout.env_steps / max(t2 - t0, 1e-9),
+                }
+                self.end_iteration(rollout, {**metrics, **ratio_metrics}, times, log, bar)
         finally:
             log.close()
             self.collector.close()
-        bad = nonfinite_entries(policy.network.state_dict())
+        self.save_policy()
+        return {"before": self.before, "after": self.last_eval}
+
+    def evaluate_before(self, log: RunLog) -> None:
+        """The evaluation before training (once per run: a resumed run keeps its own)."""
+        if self.before is None:
+            self.before = self.evaluate()
+            log.log(0, self.before, iteration=0)
+            success = f", success {headline_success(self.before):.2f}" if self.reports_success else ""
+            tqdm.write(f"before training: return {self.before['eval/return']:.3f}{success}")
+        self.last_eval = self.last_eval or self.before
+
+    def publish_weights(self, iteration: int) -> None:
+        """After an update: stop on non-finite weights, else give them to the CPU copy that
+        collects and evaluates."""
+        check_weights(self.policy, iteration, self.cfg.algo.actor_lr)
+        if self.rollout_policy is not self.policy:
+            self.rollout_policy.load_state_dict(self.policy.state_dict())
+
+    def end_iteration(
+        self, rollout: Rollout, metrics: dict[str, float], times: dict[str, float], log: RunLog, bar: tqdm
+    ) -> None:
+        """Count the iteration, then log its metrics (update, rollout, evaluation when due,
+        ``times``), show them, checkpoint when due, and stop here when a stop was requested."""
+        cfg, iterations = self.cfg, self.cfg.algo.iterations
+        self.iteration, self.env_steps = self.iteration + 1, self.env_steps + rollout.env_steps
+        metrics = {**metrics, **rollout_metrics(rollout)}
+        if hasattr(self.collector, "restarts"):
+            metrics["ray/worker_restarts"] = float(self.collector.restarts)
+        if self.iteration % cfg.eval.every == 0 or self.iteration == iterations:
+            self.last_eval = self.evaluate()
+            metrics.update(self.last_eval)
+        log.log(self.env_steps, {**metrics, **times}, iteration=self.iteration)
+        assert self.last_eval is not None
+        shown = {"success": f"{headline_success(self.last_eval):.2f}"} if self.reports_success else {}
+        bar.set_postfix(**shown, ret=f"{self.last_eval['eval/return']:.2f}", refresh=False)
+        if self.iteration % cfg.checkpoint_every == 0 or self.iteration == iterations or stop_requested():
+            self.save_checkpoint()
+        if stop_requested() and self.iteration < iterations:
+            raise Interrupted(
+                f"stopped after iteration {self.iteration} of {iterations} (checkpoint saved); resume with: "
+                f"flowrl train --resume {self.run_dir}"
+            )
+
+    def save_policy(self) -> None:
+        """The trained policy as policy.pt (never with non-finite weights)."""
+        bad = nonfinite_entries(self.policy.network.state_dict())
         if bad:  # unreachable while the guards hold; never write such a policy
             raise NumericalError(f"the final policy has non-finite weights ({bad[0]}): policy.pt not written")
-        atomic_save(actor_record(policy.network, cfg.policy), self.run_dir / "policy.pt")
-        return {"before": self.before, "after": self.last_eval}
+        atomic_save(actor_record(self.policy.network, self.cfg.policy), self.run_dir / "policy.pt")

@@ -89,19 +89,27 @@ def dpm_solver_2m_step(
     tn_b = per_sample(t_next, x32)
     tp_b = per_sample(t_prev, x32)
     second = (tp_b > 0) & (tp_b < t_b) & (tn_b < 1)
+    mean = _second_order_mean(x32, x0, x0_prev.to(dtype), tp_b, t_b, tn_b, second)
+    return torch.where(second, mean, first.mean).to(x.dtype), x0.to(x.dtype)
+
+
+def _second_order_mean(
+    x: Tensor, x0: Tensor, x0_prev: Tensor, t_prev: Tensor, t: Tensor, t_next: Tensor, second: Tensor
+) -> Tensor:
+    """The DPM-Solver++(2M) update of ``dpm_solver_2m_step`` (``[B, *E]``, compute dtype),
+    meaningful where ``second`` holds; times are per sample, broadcastable to ``x``."""
     # Samples taking the first-order branch get harmless stand-in times, so that the unused
     # second-order branch never sees lambda = +-inf (whose NaNs would leak into gradients).
-    half = torch.full((), 0.5, dtype=dtype, device=x.device)
-    tp_s = torch.where(second, tp_b, 0.25 * half)
-    t_s = torch.where(second, t_b, half)
-    tn_s = torch.where(second, tn_b, 1.5 * half)
+    half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
+    tp_s = torch.where(second, t_prev, 0.25 * half)
+    t_s = torch.where(second, t, half)
+    tn_s = torch.where(second, t_next, 1.5 * half)
     lam_prev, lam, lam_next = torch.logit(tp_s), torch.logit(t_s), torch.logit(tn_s)
     h = lam_next - lam
     half_inv_r = 0.5 * h / (lam - lam_prev)
-    d = (1.0 + half_inv_r) * x0 - half_inv_r * x0_prev.to(dtype)
+    d = (1.0 + half_inv_r) * x0 - half_inv_r * x0_prev
     # expm1 keeps exp(-h) - 1 accurate for the small h of fine grids.
-    mean = ((1.0 - tn_s) / (1.0 - t_s)) * x32 - tn_s * torch.expm1(-h) * d
-    return torch.where(second, mean, first.mean).to(x.dtype), x0.to(x.dtype)
+    return ((1.0 - tn_s) / (1.0 - t_s)) * x - tn_s * torch.expm1(-h) * d
 
 
 def ode_solve(velocity: VelocityFn, x: Tensor, grid: Tensor, solver: SolverName = "euler") -> tuple[Tensor, int]:

@@ -93,7 +93,22 @@ def _batch_time(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return t.expand(batch) if t.ndim == 0 else t
 
 
-class VelocityMLP(nn.Module):
+class ChunkNet(nn.Module):
+    """What the networks over action chunks ``[Ta, Da]`` share: their sizes and the observation
+    normaliser in front of the MLP (``obs_norm``, first in every state dict)."""
+
+    def __init__(self, obs_dim: int, horizon: int, action_dim: int) -> None:
+        super().__init__()
+        self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
+        self.obs_norm = ObsNormalizer(obs_dim)
+
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        """The action chunk ``(Ta, Da)`` this network works on."""
+        return (self.horizon, self.action_dim)
+
+
+class VelocityMLP(ChunkNet):
     """Velocity field over action chunks.
 
     forward(obs ``[B, O]``, x ``[B, Ta, Da]``, t, t_next) -> ``[B, Ta, Da]``; t and t_next are
@@ -115,18 +130,11 @@ class VelocityMLP(nn.Module):
         step_conditioned: bool = False,
         time_max_freq: float = 100.0,
     ) -> None:
-        super().__init__()
-        self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
+        super().__init__(obs_dim, horizon, action_dim)
         self.step_conditioned = step_conditioned
-        self.obs_norm = ObsNormalizer(obs_dim)
         self.time_embed = SinusoidalTimeEmbedding(time_dim, time_max_freq)
         in_dim = obs_dim + horizon * action_dim + time_dim * (2 if step_conditioned else 1)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
-
-    @property
-    def event_shape(self) -> tuple[int, int]:
-        """The action chunk ``(Ta, Da)`` this field generates."""
-        return (self.horizon, self.action_dim)
 
     def forward(self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None) -> Tensor:
         b = x.shape[0]
@@ -139,7 +147,7 @@ class VelocityMLP(nn.Module):
         return self.net(torch.cat(parts, dim=-1)).view(b, self.horizon, self.action_dim)
 
 
-class ReinFlowNoiseNet(nn.Module):
+class ReinFlowNoiseNet(ChunkNet):
     """Learnable exploration std of each denoising step, squashed into [std_min, std_max].
 
     forward(obs ``[B, O]``, t ``[B]``, x ``[B, Ta, Da]`` or None) -> std ``[B, Ta, Da]``.
@@ -158,13 +166,11 @@ class ReinFlowNoiseNet(nn.Module):
         time_dim: int = 16,
         condition_on_x: bool = False,
     ) -> None:
-        super().__init__()
         if not 0.0 < std_min < std_max:
             raise ValueError(f"noise std range must satisfy 0 < std_min < std_max, got [{std_min}, {std_max}]")
-        self.horizon, self.action_dim = horizon, action_dim
+        super().__init__(obs_dim, horizon, action_dim)
         self.std_min, self.std_max = std_min, std_max
         self.condition_on_x = condition_on_x
-        self.obs_norm = ObsNormalizer(obs_dim)
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         in_dim = obs_dim + time_dim + (horizon * action_dim if condition_on_x else 0)
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim, activation=nn.Tanh)
@@ -192,7 +198,7 @@ class ValueMLP(nn.Module):
         return self.net(self.obs_norm(obs)).squeeze(-1)
 
 
-class GaussianActor(nn.Module):
+class GaussianActor(ChunkNet):
     """Gaussian policy network over action chunks: mean MLP(obs) and a learned,
     state-independent std (CleanRL's continuous-action PPO agent).
 
@@ -207,11 +213,9 @@ class GaussianActor(nn.Module):
         hidden_dims: Sequence[int] = (256, 256),
         init_std: float = 0.5,
     ) -> None:
-        super().__init__()
         if init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {init_std}")
-        self.obs_dim, self.horizon, self.action_dim = obs_dim, horizon, action_dim
-        self.obs_norm = ObsNormalizer(obs_dim)
+        super().__init__(obs_dim, horizon, action_dim)
         self.net = mlp(obs_dim, hidden_dims, horizon * action_dim, activation=nn.Tanh)
         with torch.no_grad():  # small initial means: start near the centre of the action box
             self.net[-1].weight.mul_(0.01)

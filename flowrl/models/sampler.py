@@ -36,36 +36,41 @@ from flowrl.models.networks import ReinFlowNoiseNet
 VelocityFn = Callable[[Any, Tensor, Tensor, Tensor], Tensor]
 
 
-class ReinFlowConverter(nn.Module):
+class _BaseConverter(nn.Module):
+    """A converter: ``eligible(grid)``, the steps a window may make stochastic (by default all),
+    and ``forward(cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput``,
+    the step from ``x`` (velocity ``v``) as a Gaussian transition; given a stored ``next_x`` it
+    re-evaluates that step's log-prob."""
+
+    def eligible(self, grid: Tensor) -> Tensor:
+        """``[K]`` bool: the grid steps a window may make stochastic."""
+        return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
+
+
+class ReinFlowConverter(_BaseConverter):
     """Gaussian step around the Euler mean with a learned std (ReinFlow; Flow-Noise with x)."""
 
     def __init__(self, noise_net: ReinFlowNoiseNet) -> None:
         super().__init__()
         self.noise_net = noise_net
 
-    def eligible(self, grid: Tensor) -> Tensor:
-        return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
-
     def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
         std = self.noise_net(cond, t, x if self.noise_net.condition_on_x else None)
         return gaussian_step(x, v, t, t_next, std, next_x=next_x, generator=generator)
 
 
-class FlowSDEConverter(nn.Module):
+class FlowSDEConverter(_BaseConverter):
     """Drift-corrected SDE with the ODE's marginals; fixed noise level ``a``."""
 
     def __init__(self, noise_level: float) -> None:
         super().__init__()
         self.noise_level = noise_level
 
-    def eligible(self, grid: Tensor) -> Tensor:
-        return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
-
     def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
         return flow_sde_step(x, v, t, t_next, self.noise_level, t_floor, next_x=next_x, generator=generator)
 
 
-class CPSConverter(nn.Module):
+class CPSConverter(_BaseConverter):
     """Coefficients-preserving sampling; the step into t = 1 has zero std and stays ODE."""
 
     def __init__(self, noise_level: float) -> None:
@@ -73,7 +78,7 @@ class CPSConverter(nn.Module):
         self.noise_level = noise_level
 
     def eligible(self, grid: Tensor) -> Tensor:
-        return grid[1:] < 1.0
+        return grid[1:] < 1.0  # the step into t = 1 has no noise to sample
 
     def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
         return cps_step(x, v, t, t_next, self.noise_level, next_x=next_x, generator=generator)
@@ -129,6 +134,29 @@ class _Solver:
     def broke(self, rows: Tensor) -> None:
         """``rows`` ``[B]`` took a stochastic step: their multistep history no longer applies."""
         self.has_history = self.has_history & ~rows
+
+
+class _ChainRecord:
+    """The stored stochastic steps of a batch of chains: each row fills its S slots in order."""
+
+    def __init__(self, x: Tensor, s: int) -> None:
+        batch = x.shape[0]
+        self.x_in = x.new_zeros((batch, s, *x.shape[1:]))
+        self.x_out = x.new_zeros((batch, s, *x.shape[1:]))
+        self.log_prob = torch.zeros(batch, s, device=x.device)
+        self.slot = torch.zeros(batch, dtype=torch.long, device=x.device)
+
+    def record(self, stochastic: Tensor, x: Tensor, out: StepOutput) -> None:
+        """Store the step of the ``stochastic`` rows ``[B]`` bool (state in ``x``, ``out``)."""
+        rows = stochastic.nonzero().flatten()
+        slot = self.slot[rows]
+        self.x_in[rows, slot] = x[rows]
+        self.x_out[rows, slot] = out.next_x[rows]
+        self.log_prob[rows, slot] = out.log_prob[rows].to(self.log_prob.dtype)
+        self.slot[rows] += 1
+
+    def transitions(self, final: Tensor, steps: Tensor, nfe: Tensor) -> Transitions:
+        return Transitions(final=final, x_in=self.x_in, x_out=self.x_out, steps=steps, log_prob=self.log_prob, nfe=nfe)
 
 
 class ChainSampler(nn.Module):
@@ -191,6 +219,16 @@ class ChainSampler(nn.Module):
         points = self.grid[idx]
         return plan[:first] + [(None, points[j], points[j + 1]) for j in range(self.steps_after_window)]
 
+    def _stored_steps(self, mask: Tensor) -> Tensor:
+        """``[B, K]`` window -> ``[B, S]`` grid indices of each sample's stochastic steps."""
+        if bool((mask == mask[:1]).all()):  # a batch-wide window: every row holds the first's steps
+            steps = mask[0].nonzero().flatten().expand(mask.shape[0], -1).clone()
+        else:
+            steps = steps_from_mask(mask)
+        if steps.shape[1] == 0:
+            raise ValueError("the window holds no stochastic step: nothing to train")
+        return steps
+
     @torch.no_grad()
     def sample(
         self,
@@ -206,68 +244,36 @@ class ChainSampler(nn.Module):
 
         noise: ``[B, *E]`` initial states (e.g. shared within a GRPO group); default
         ``N(0, I)`` drawn with ``generator`` after the window's draw.
+
+        Every step integrates the rows outside the window with the solver; where the window
+        holds rows (all of them for a batch-wide window, some for one random step per
+        sample), the converter's step replaces theirs and is stored.
         """
         converter = self._require_converter()
         device = self.grid.device
         mask = self.window.mask(batch, converter.eligible(self.grid), iteration, generator).to(device)
-        shared = bool((mask == mask[:1]).all())  # a batch-wide window
-        steps = mask[0].nonzero().flatten().expand(batch, -1).clone() if shared else steps_from_mask(mask)
-        if steps.shape[1] == 0:
-            raise ValueError("the window holds no stochastic step: nothing to train")
-        s = steps.shape[1]
+        steps = self._stored_steps(mask)
         x = noise if noise is not None else torch.randn((batch, *event_shape), generator=generator, device=device)
         if x.shape != (batch, *event_shape):
             raise ValueError(f"noise has shape {tuple(x.shape)}, expected {(batch, *event_shape)}")
         solver = _Solver(self.solver, batch, device)
-        if shared:  # whole-batch steps, no row indexing
-            stochastic_steps = set(steps[0].tolist())
-            every = torch.ones(batch, dtype=torch.bool, device=device)
-            x_in, x_out, log_prob = [], [], []
-            evaluations, extra_nfe = 0, torch.zeros(batch, device=device)
-            for k, t, t_next in self._schedule(mask):
-                v = velocity(cond, x, t, t_next)
-                evaluations += 1
-                if k in stochastic_steps:
-                    out = converter(cond, x, v, t, t_next, self.t_floor, generator=generator)
-                    x_in.append(x)
-                    x_out.append(out.next_x)
-                    log_prob.append(out.log_prob.to(torch.float32))
-                    solver.broke(every)
-                    x = out.next_x
-                else:
-                    x, extra = solver.step(velocity, cond, x, v, t, t_next, every)
-                    extra_nfe += extra
-            return Transitions(
-                final=x,
-                x_in=torch.stack(x_in, dim=1),
-                x_out=torch.stack(x_out, dim=1),
-                steps=steps,
-                log_prob=torch.stack(log_prob, dim=1),
-                nfe=extra_nfe + evaluations,
-            )
+        chains = _ChainRecord(x, steps.shape[1])
         nfe = torch.zeros(batch, device=device)
-        # one window per sample (one random step): the stochastic rows of each step are scattered
-        x_in_t = x.new_zeros((batch, s, *event_shape))
-        x_out_t = x.new_zeros((batch, s, *event_shape))
-        log_prob_t = torch.zeros(batch, s, device=device)
-        slot = torch.zeros(batch, dtype=torch.long, device=device)
+        in_window = mask.any(dim=0).tolist()  # per grid step, read once: no device sync inside the loop
+        outside = torch.zeros(batch, dtype=torch.bool, device=device)  # re-gridded steps are all ODE
         for k, t, t_next in self._schedule(mask):
             v = velocity(cond, x, t, t_next)
             nfe += 1.0
-            stochastic = mask[:, k] if k is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+            stochastic = mask[:, k] if k is not None else outside
             x_next, extra = solver.step(velocity, cond, x, v, t, t_next, ~stochastic)
             nfe += extra
-            if bool(stochastic.any()):
+            if k is not None and in_window[k]:
                 out = converter(cond, x, v, t, t_next, self.t_floor, generator=generator)
-                x_next = torch.where(_rows(stochastic, x), out.next_x, x_next)
-                rows = stochastic.nonzero().flatten()
-                x_in_t[rows, slot[rows]] = x[rows]
-                x_out_t[rows, slot[rows]] = out.next_x[rows]
-                log_prob_t[rows, slot[rows]] = out.log_prob[rows].to(log_prob_t.dtype)
-                slot[rows] += 1
+                chains.record(stochastic, x, out)
                 solver.broke(stochastic)
+                x_next = torch.where(_rows(stochastic, x), out.next_x, x_next)
             x = x_next
-        return Transitions(final=x, x_in=x_in_t, x_out=x_out_t, steps=steps, log_prob=log_prob_t, nfe=nfe)
+        return chains.transitions(x, steps, nfe)
 
     def evaluate(self, velocity: VelocityFn, cond, sample: Transitions) -> tuple[Tensor, StepOutput]:
         """Re-evaluate the stored steps under the current parameters, in one batched pass.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.algos.bc import DatasetError, action_chunks, behaviour_clone, load_demos
+from flowrl.algos.bc import DatasetError, action_chunks, demo_batches, fit, load_demos
 from flowrl.algos.flow_bc import flow_matching_loss
 from flowrl.config import DemosConfig, PretrainConfig
 from flowrl.models.flow_policy import FlowPolicy
@@ -149,7 +149,8 @@ def test_behaviour_cloning_learns_a_conditional_target(one_thread) -> None:
     velocity = VelocityMLP(1, ta, da, hidden_dims=(64, 64), time_dim=8)
     initial = copy.deepcopy(velocity)
     cfg = PretrainConfig(steps=600, batch_size=128, lr=3e-3, ema_decay=0.9)
-    ema, metrics = behaviour_clone(velocity, obs, chunks, flow_matching_loss, cfg, seed=0, progress=False)
+    batches = demo_batches(obs, chunks, cfg.batch_size, torch.device("cpu"))
+    ema, metrics = fit(velocity, batches, flow_matching_loss, cfg, seed=0, progress=False)
     assert ema is not velocity
 
     # the loss decreased: held-out evaluation on common random numbers, and the logged loss

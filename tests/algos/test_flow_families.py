@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowrl.algos.bc import behaviour_clone
+from flowrl.algos.bc import demo_batches, fit
 from flowrl.algos.flow_bc import flow_matching_loss, meanflow_loss, shortcut_loss
 from flowrl.config import PretrainConfig, build_config
 from flowrl.models.build import actor_record, build_actor, load_actor
@@ -32,7 +32,9 @@ def _one_step_samples(method: str) -> torch.Tensor:
     def loss(v, o, c, g):
         return shortcut_loss(v, o, c, 0.25, g) if method == "shortcut" else flow_matching_loss(v, o, c, g)
 
-    ema, _ = behaviour_clone(velocity, obs, chunks, loss, cfg, seed=0, progress=False)
+    ema, _ = fit(
+        velocity, demo_batches(obs, chunks, cfg.batch_size, torch.device("cpu")), loss, cfg, seed=0, progress=False
+    )
     policy = FlowPolicy(ema, ChainSampler(num_steps=1))
     return policy.act(torch.zeros(4000, 1), torch.Generator().manual_seed(1)).flatten()
 
@@ -195,7 +197,9 @@ def test_meanflow_policy_samples_a_conditional_gaussian_in_one_step():
     def loss(v, o, c, gen):
         return meanflow_loss(v, o, c, 0.75, gen, weight_power=0.0)
 
-    ema, _ = behaviour_clone(velocity, obs, chunks, loss, cfg, seed=0, progress=False)
+    ema, _ = fit(
+        velocity, demo_batches(obs, chunks, cfg.batch_size, torch.device("cpu")), loss, cfg, seed=0, progress=False
+    )
     policy = FlowPolicy(ema, ChainSampler(num_steps=1))
     for context, mean, std in zip(contexts.tolist(), means.tolist(), stds.tolist(), strict=True):
         x = policy.act(torch.full((4000, 1), context), torch.Generator().manual_seed(1)).flatten()

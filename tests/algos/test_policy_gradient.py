@@ -1,5 +1,6 @@
 """The non-finite guard: skipped updates are counted per network and stop the run after
-``limit`` in a row, whichever of the loss and the gradient is non-finite."""
+``limit`` in a row, whichever of the loss and the gradient is non-finite. The checkpoint of
+PPO and GRPO: the keys checkpoints have always had, and a round trip that restores everything."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from flowrl.algos.policy_gradient import NonFiniteGuard, NumericalError, guarded_step
+from flowrl.algos.grpo import GRPO
+from flowrl.algos.policy_gradient import NonFiniteGuard, NumericalError, check_ratio, guarded_step
+from flowrl.algos.ppo import PPO
+from flowrl.config import build_config
+from flowrl.models.build import build_actor, build_policy
+from flowrl.models.networks import ValueMLP
+from flowrl.rollout.collector import InProcessCollector
 
 
 def _net_and_opt():
@@ -59,3 +66,89 @@ def test_a_successful_step_ends_the_run_of_skips():
     assert math.isnan(guarded_step(opt, net.parameters(), _loss(net) * nan, 1.0, guard, 2))  # 1 in a row again
     with pytest.raises(NumericalError, match="the policy loss was non-finite"):
         guarded_step(opt, net.parameters(), _loss(net) * nan, 1.0, guard, 3)
+
+
+def _algorithm(algo: dict, seed: int = 0):
+    """PPO or GRPO (groups of 2) on 4 envs of the default task, tiny networks."""
+    env = {"num_envs": 4, **({"group_size": 2} if algo["type"] == "grpo" else {})}
+    cfg = build_config(
+        {
+            "name": "t",
+            "env": env,
+            "policy": {"hidden_dims": [8], "time_embed_dim": 4},
+            "algo": {"minibatch_size": 8, "epochs": 1, **algo},
+        }
+    )
+    torch.manual_seed(seed)
+    policy = build_policy(cfg, build_actor(cfg.policy, 2, 2))
+    cpu = torch.device("cpu")
+    if algo["type"] == "ppo":
+        return PPO(policy, ValueMLP(2, (8,)), cfg.algo, cpu, seed=seed)
+    return GRPO(policy, cfg.algo, cpu, seed, group_size=2)
+
+
+def _one_iteration(algo) -> None:
+    """Fills the optimisers' moments, the reward scaler and the generator's position."""
+    env_id = build_config({"name": "t"}).env.id  # the default task, as _algorithm's config
+    if isinstance(algo, PPO):
+        collector = InProcessCollector(env_id, algo.policy.event_shape[0], 4, seed=0)
+        rollout = collector.collect(algo.policy, 4, 0)
+    else:
+        collector = InProcessCollector(env_id, algo.policy.event_shape[0], 4, seed=0, group_size=2)
+        rollout = collector.collect_episodes(algo.policy, 4, 0)
+        rollout.episode_return = torch.arange(4.0)  # a fresh policy ties at 0: give each group signal
+    collector.close()
+    batch = algo.prepare(rollout)
+    check_ratio(algo.policy, batch.cond, batch.samples, 1e-4, algo.name)
+    assert batch.advantages.numel(), "the rollout has a group with signal: the update steps"
+    algo.update(batch, 0)
+
+
+# The keys of every checkpoint written so far (trainer.py stores this dict under "algo"):
+# changing them would make old runs impossible to resume.
+CHECKPOINT_KEYS = [
+    ({"type": "ppo"}, ["policy", "critic", "actor_opt", "critic_opt", "generator"]),
+    (
+        {"type": "ppo", "normalize_rewards": True, "w2_coef": 0.1},
+        ["policy", "critic", "actor_opt", "critic_opt", "generator", "reward_scaler", "reference"],
+    ),
+    ({"type": "grpo", "beta": 0.0, "max_steps": 4}, ["policy", "actor_opt", "generator"]),
+    ({"type": "grpo", "beta": 0.01, "max_steps": 4}, ["policy", "actor_opt", "generator", "reference"]),
+]
+
+
+@pytest.mark.parametrize(("algo", "keys"), CHECKPOINT_KEYS, ids=["ppo", "ppo-scaler-w2", "grpo", "grpo-reference"])
+def test_checkpoints_keep_their_keys_and_a_round_trip_restores_every_tensor(algo, keys, tmp_path):
+    saved = _algorithm(algo, seed=0)
+    _one_iteration(saved)
+    state = saved.state_dict()
+    assert list(state) == keys
+    torch.save(state, tmp_path / "algo.pt")
+    fresh = _algorithm(algo, seed=1)  # other weights and generator position
+    assert not torch.equal(fresh.generator.get_state(), saved.generator.get_state())
+    fresh.load_state_dict(torch.load(tmp_path / "algo.pt", weights_only=True))
+    assert fresh.optimizer.opt.state_dict()["state"], "the optimiser's moments were restored"
+    _assert_same(fresh.state_dict(), saved.state_dict())
+
+
+def _assert_same(a, b, where: str = "state") -> None:
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_a_checkpoint_without_a_configured_member_names_it():
+    algo = _algorithm({"type": "ppo", "normalize_rewards": True})
+    state = algo.state_dict()
+    del state["reward_scaler"]
+    with pytest.raises(KeyError, match="reward_scaler"):
+        algo.load_state_dict(state)
