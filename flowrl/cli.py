@@ -213,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     from flowrl import experiment as ex
     from flowrl.config import load_config
     from flowrl.config.loading import is_override
+    from flowrl.runlog import run_folder_lock
 
     if args.command == "bench" and args.bench != "locomotion" and (args.set_expert or args.set_data):
         raise FlowRLError(f"flowrl bench {args.bench}: --set-expert and --set-data are for bench locomotion; use --set")
@@ -328,11 +329,12 @@ def _run(args: argparse.Namespace) -> int:
             raise FlowRLError("--resume and --run-dir exclude each other: --resume already names the run folder")
         run_dir = Path(args.resume)
         cfg = ex.load_run_config(run_dir, overrides)
-        print(f"run folder: {run_dir}", flush=True)
-        if args.command == "pretrain":
-            ex.pretrain_only(cfg, run_dir, progress=not args.no_progress, resume=True)
-        else:
-            ex.train(cfg, run_dir, resume=True, progress=not args.no_progress)
+        with run_folder_lock(run_dir):  # a folder another process writes: one line, before any output
+            print(f"run folder: {run_dir}", flush=True)
+            if args.command == "pretrain":
+                ex.pretrain_only(cfg, run_dir, progress=not args.no_progress, resume=True)
+            else:
+                ex.train(cfg, run_dir, resume=True, progress=not args.no_progress)
         return 0
     if args.experiment is None:
         raise FlowRLError(f"flowrl {args.command}: give an experiment file, e.g. experiments/quickstart.yaml")
@@ -370,11 +372,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, overrides)
     ex.preflight(cfg)
     run_dir = ex.new_run_dir(cfg, args.run_dir)
-    print(f"run folder: {run_dir}", flush=True)
-    if args.command == "pretrain":
-        ex.pretrain_only(cfg, run_dir, progress=not args.no_progress)
-        return 0
-    ex.train(cfg, run_dir, progress=not args.no_progress)
+    with run_folder_lock(run_dir):
+        print(f"run folder: {run_dir}", flush=True)
+        if args.command == "pretrain":
+            ex.pretrain_only(cfg, run_dir, progress=not args.no_progress)
+        else:
+            ex.train(cfg, run_dir, progress=not args.no_progress)
     return 0
 
 
@@ -432,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except FlowRLError as exc:
         print(f"flowrl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk under a write without its own message
+        from flowrl.runlog import disk_error, is_disk_error
+
+        if not is_disk_error(exc, permissions=False):  # others (a bug, a file that is not there) keep their traceback
+            raise
+        print(f"flowrl: error: {disk_error(exc, exc.filename or Path.cwd(), 'writing')}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"flowrl: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from flowrl.rollout.build import make_collector
 from flowrl.rollout.demos import Actions
 from flowrl.rollout.evaluation import evaluate_policy, headline_success
 from flowrl.rollout.video import Recording, record_episodes
-from flowrl.runlog import atomic_save, atomic_write_text, remove_temporary_files
+from flowrl.runlog import atomic_save, atomic_write_text, check_disk_error, holds_run_folder, remove_temporary_files
 from flowrl.runtime import graceful_stop, resolve_device, seed_everything
 
 log = logging.getLogger("flowrl")
@@ -69,16 +69,20 @@ def reports_success(env_id: str) -> bool:
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Checks that need no run folder (device, env, given checkpoint, demonstrations: readable,
-    recorded in env.id when the file says where, of the env's dims), so that bad input fails
-    before one is created."""
+    recorded in env.id when the file says where, of the env's dims; env workers that fit a local
+    Ray's CPUs), so that bad input fails before one is created."""
     resolve_device(cfg.device)
-    if cfg.env.type == "shapes":  # the config checked the reward's keys; its preflight checks the rest
+    if cfg.env.type == "shapes":  # reward: keys checked by the config, the rest by its preflight
         from flowrl.rewards.registry import check_reward
 
         check_reward(cfg.env.reward)
         if cfg.policy.pretrained is not None:
             load_image_network(cfg.policy.pretrained, cfg)
         return
+    if cfg.ray.enabled and cfg.ray.address is None and not cfg.env.batched:  # a joined cluster: checked on joining
+        from flowrl.rollout.ray_runtime import check_local_cpus
+
+        check_local_cpus(cfg.env.num_workers, cfg.ray.cpus_per_worker, cfg.ray.num_cpus)
     if cfg.env.batched:
         from envs.maniskill_batch import check_batched
 
@@ -91,8 +95,12 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
+    """Create the run folder: ``run_dir`` (--run-dir), else ``runs_dir/NAME-TIMESTAMP``. A path
+    that is a file, or a folder that cannot be made (read-only disk, no permission), is one line."""
     if run_dir is not None:
         path = Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise FlowRLError(f"--run-dir {path} is a file, not a folder: give a new (or empty) folder's path")
         if (path / "checkpoints").exists():
             raise FlowRLError(f"run folder {path} already holds a run; continue it with --resume {path}")
     else:
@@ -102,7 +110,12 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: str | None = None) -> Path:
         while path.exists():
             suffix += 1
             path = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}-{suffix}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        check_disk_error(exc, exc.filename or path, "creating")  # the folder that failed: maybe a parent
+        what = "--run-dir" if run_dir is not None else "runs_dir"
+        raise FlowRLError(f"cannot create the run folder {path} ({exc.strerror}): check {what}") from None
     return path
 
 
@@ -161,6 +174,7 @@ def pretrain_text_image(cfg: ExperimentConfig, run_dir: Path, device: torch.devi
     return ema
 
 
+@holds_run_folder
 def pretrain_only(
     cfg: ExperimentConfig, run_dir: Path, progress: bool = True, resume: bool = False
 ) -> dict[str, float]:
@@ -201,6 +215,7 @@ def initial_actor(cfg: ExperimentConfig, run_dir: Path, device: torch.device, pr
     return pretrain(cfg, run_dir, device, progress)
 
 
+@holds_run_folder
 def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pretrain if needed, then fine-tune (PPO or GRPO); prints the evaluation return and
     success before and after.
@@ -209,7 +224,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     pretraining's); without one the fine-tuning starts over and the killed process's logs are
     dropped. The run's config.yaml is rewritten only once the resume has checked out (the
     checkpoints fit the possibly overridden config). SIGINT/SIGTERM stop at the next safe
-    point with a checkpoint (``Interrupted``).
+    point with a checkpoint (``Interrupted``). Holds the run folder's lock (one writer:
+    ``flowrl.runlog.run_folder_lock``).
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)

@@ -1,40 +1,197 @@
-"""Run folder I/O: metrics.jsonl + TensorBoard, atomic checkpoints, resume bookkeeping."""
+"""Run folder I/O: metrics.jsonl + TensorBoard, atomic checkpoints, resume bookkeeping, and
+the lock that keeps a run folder to one writer."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import json
 import math
 import os
+import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from flowrl.errors import FlowRLError
+
+LOCK_NAME = ".lock"
+# Errors of a full or read-only disk: a FlowRLError naming the file and the disk, not a traceback;
+# where flowrl itself writes (run folders, checkpoints), a folder it may not write is one line too.
+FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_DISK_ERRORS = FULL_OR_READ_ONLY | {errno.EACCES, errno.EPERM}
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def is_disk_error(exc: BaseException, permissions: bool = True) -> bool:
+    """An OSError of a full or read-only disk, or (``permissions``) of a file that may not be written."""
+    return isinstance(exc, OSError) and exc.errno in (_DISK_ERRORS if permissions else FULL_OR_READ_ONLY)
+
+
+def disk_error(exc: OSError, path: str | Path, doing: str) -> FlowRLError:
+    """One line for an OSError of the disk while ``doing`` (e.g. "writing") ``path``: which
+    file, which disk (its mount point, and the space left when it is full), and what to do."""
+    path = Path(path)
+    disk = _mount_point(path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(disk).free
+            return FlowRLError(
+                f"the disk of {path} (mounted on {disk}) is full ({_size(free)} free; "
+                f"{os.strerror(exc.errno)}) while {doing} it; an earlier version of the file, if any, is intact: "
+                "free space there (or point runs_dir / --run-dir elsewhere), then resume"
+            )
+        return FlowRLError(f"the disk of {path} (mounted on {disk}) is full while {doing} it: free space there")
+    if exc.errno == errno.EROFS:
+        why = f"is on a read-only file system (mounted on {disk})"
+    else:
+        why = f"is not writable ({os.strerror(exc.errno or 0)})"
+    return FlowRLError(f"{path} {why}: choose a writable folder (runs_dir, or --run-dir)")
+
+
+def check_disk_error(exc: OSError, path: str | Path, doing: str) -> None:
+    """Raise ``disk_error`` for an error of a full or read-only disk; anything else goes on."""
+    if is_disk_error(exc):
+        raise disk_error(exc, path, doing) from None
+
+
+class RunFolderBusy(FlowRLError):
+    """Another live process holds the run folder's lock."""
+
+
+_held: dict[Path, list[int]] = {}  # run folder -> [lock file descriptor, nesting depth], this process
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder for this process: one writer per folder.
+
+    An OS lock (``flock``) on ``RUN/.lock`` that the kernel drops when its process ends, however
+    it ends, so a SIGKILLed run leaves no stale lock. The file holds the holder's pid and host,
+    for the one-line refusal another process gets (RunFolderBusy). Taken before the run writes
+    anything; re-entrant within a process (the CLI and ``experiment.train`` both take it)."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    path = key / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        check_disk_error(exc, path, "creating")
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "an unknown pid"
+        raise RunFolderBusy(
+            f"run folder {key} is in use by another flowrl process ({who}): one process writes a run folder at a "
+            f"time; wait for it to end or stop it (kill -TERM {holder[0] if holder else 'PID'}), or use another folder"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        check_disk_error(exc, path, "writing")
+        raise
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting process)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def holds_run_folder(fn: _F) -> _F:
+    """Decorate ``fn(cfg, run_dir, ...)`` to run under ``run_folder_lock(run_dir)``."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: Any, run_dir: str | Path, *args: Any, **kwargs: Any) -> Any:
+        with run_folder_lock(run_dir):
+            return fn(cfg, run_dir, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a torn file."""
+    """torch.save to a temporary file in the same folder, then rename: never a torn file. A
+    full or read-only disk leaves the previous file intact, no temporary file, and raises one
+    line naming the file and the disk (FlowRLError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            check_disk_error(exc, path, "writing")
+        elif isinstance(exc, RuntimeError) and _disk_full_inside(exc):  # torch's writer wraps the OSError
+            raise disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path, "writing") from None
         raise
 
 
+def _disk_full_inside(exc: BaseException) -> bool:
+    """Whether an error torch raised while writing says the disk is full (it reports the
+    failed write as a RuntimeError text, e.g. "...file write failed")."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file through a temporary file and a rename: never a torn file."""
+    """Write a text file through a temporary file and a rename: never a torn file; a full or
+    read-only disk leaves the previous file intact and raises one line (FlowRLError)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        check_disk_error(exc, path, "writing")
+        raise
 
 
 def remove_temporary_files(run_dir: str | Path) -> list[Path]:
@@ -77,8 +234,12 @@ class RunLog:
 
     def log(self, step: int, metrics: dict[str, float], **fields: Any) -> None:
         record = {self.step_key: int(step), **fields, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a torn last line is dropped on reading (_records)
+            check_disk_error(exc, self.path, "appending to")
+            raise
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)

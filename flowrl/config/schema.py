@@ -400,7 +400,13 @@ MOVED = {
 
 class ExperimentConfig(_Strict):
     name: str = Field(description="experiment name; the run folder starts with it")
-    seed: int = 0
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seed of everything random (torch, numpy, the envs, the workers); 0 <= seed < 2**32, the range "
+        "numpy's seeding takes",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="learner device; auto = cuda when present")
     runs_dir: str = Field("runs", description="parent folder of run folders")
     checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")

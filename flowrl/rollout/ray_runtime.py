@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 
 from flowrl.errors import FlowRLError
@@ -239,6 +241,26 @@ def _stop_reaper(reaper: subprocess.Popen | None) -> None:
         reaper.wait()
 
 
+def _signal_handlers() -> dict[signal.Signals, object]:
+    """The Python handlers of SIGINT and SIGTERM (empty outside the main thread, where they
+    can be neither read back into force nor changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict[signal.Signals, object]) -> None:
+    """Put back the handlers ``ray.init`` replaced. ray.init sets a Python SIGTERM handler that
+    exits at once, and its core worker installs a C++ failure handler for SIGTERM that prints a
+    stack dump and kills the process, so without this a scheduler's SIGTERM skips
+    ``flowrl.runtime.graceful_stop`` (no stop checkpoint, the last iterations redone). Setting a
+    handler through ``signal.signal`` replaces the C++ one too (one sigaction per signal); Ray's
+    handlers for crashes (SIGSEGV, SIGABRT, ...) stay."""
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: set outside Python, cannot be put back from here
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):
     """Join ``address`` ('auto' or 'HOST:PORT'), or start a local Ray that listens on 127.0.0.1
@@ -255,6 +277,7 @@ def ray_session(address: str | None, num_cpus: int | None = None):
     # reach the console as flowrl's one-line messages.
     kwargs = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
     reaper = None
+    handlers = _signal_handlers()
     try:
         if address is None:
             before = _children()
@@ -266,8 +289,10 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             ray.init(address=address, **kwargs)
             nodes = [n for n in ray.nodes() if n["Alive"]]
             log.info("joined the Ray cluster at %s (%d nodes)", address, len(nodes))
+        _restore_signal_handlers(handlers)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         ray.shutdown()
+        _restore_signal_handlers(handlers)
         _stop_reaper(reaper)
         _set_auth_mode(auth_mode)
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
@@ -282,8 +307,35 @@ def ray_session(address: str | None, num_cpus: int | None = None):
         try:
             ray.shutdown()
         finally:
+            _restore_signal_handlers(handlers)
             _stop_reaper(reaper)
             _set_auth_mode(auth_mode)
+
+
+def local_cpus(num_cpus: int | None) -> float:
+    """The CPUs a local Ray started with ``ray.num_cpus`` will have: that number, else what Ray
+    detects on this machine (its own function: cgroup and container limits count)."""
+    if num_cpus is not None:
+        return float(num_cpus)
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return float(get_num_cpus(override_docker_cpu_warning=True))
+    except (ImportError, TypeError):  # another Ray version: the count Ray falls back to
+        return float(os.cpu_count() or 1)
+
+
+def check_local_cpus(num_workers: int, cpus_per_worker: float, num_cpus: int | None) -> None:
+    """Refuse env workers that a local Ray cannot place, before any run folder or pretraining
+    (RayCollector checks it again against the running cluster, the only check when joining one)."""
+    need, have = num_workers * cpus_per_worker, local_cpus(num_cpus)
+    if need > have:
+        where = f"ray.num_cpus: {num_cpus}" if num_cpus is not None else "this machine's CPUs"
+        raise FlowRLError(
+            f"{num_workers} env workers x {cpus_per_worker:g} CPUs need {need:g} CPUs, the local Ray has {have:g} "
+            f"({where}): lower env.num_workers or ray.cpus_per_worker (or raise ray.num_cpus), or set "
+            "ray.enabled: false to run the workers in this process"
+        )
 
 
 def describe_failure(exc: BaseException) -> str:
