@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,63 +230,93 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    checkpoint = None
-    if resume:
-        for leftover in remove_temporary_files(run_dir):
-            log.info("removed %s, a temporary file left by the stopped process", leftover)
-        checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.pt")
-        if checkpoint is not None:
-            tqdm.write(
-                f"resuming from {run_dir / 'checkpoints' / 'last.pt'} (iteration {checkpoint['iteration']}, "
-                f"env steps {checkpoint['env_steps']})"
-            )
-            if checkpoint["iteration"] >= cfg.algo.iterations:
-                tqdm.write(
-                    f"this run has done all {cfg.algo.iterations} iterations; to go on, resume with "
-                    f"algo.iterations=N (N > {cfg.algo.iterations})"
-                )
-        elif (run_dir / "pretrained.pt").exists():
-            tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
-    else:
+    checkpoint = _resume_checkpoint(cfg, run_dir) if resume else None
+    if not resume:
         save_config(cfg, run_dir / "config.yaml")
-    evaluator = None
+    with contextlib.ExitStack() as closing, _events_log(run_dir), graceful_stop():
+        trainer = _build_trainer(cfg, run_dir, device, progress, closing)
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
+        if resume:  # the resume has checked out: its overrides become the run's config
+            save_config(cfg, run_dir / "config.yaml")
+        tqdm.write(_banner(cfg, device))
+        with _ray_session(cfg):
+            result = trainer.run(make_collector(cfg), resumed=resume)
+    _print_summary(cfg, run_dir, result)
+    return result
+
+
+def _resume_checkpoint(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Resume bookkeeping: the stopped process's temporary files removed, its last fine-tuning
+    checkpoint read (None: none yet), and a line saying where the run goes on from."""
+    for leftover in remove_temporary_files(run_dir):
+        log.info("removed %s, a temporary file left by the stopped process", leftover)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    if checkpoint is not None:
+        tqdm.write(
+            f"resuming from {run_dir / 'checkpoints' / 'last.pt'} (iteration {checkpoint['iteration']}, "
+            f"env steps {checkpoint['env_steps']})"
+        )
+        if checkpoint["iteration"] >= cfg.algo.iterations:
+            tqdm.write(
+                f"this run has done all {cfg.algo.iterations} iterations; to go on, resume with "
+                f"algo.iterations=N (N > {cfg.algo.iterations})"
+            )
+    elif (run_dir / "pretrained.pt").exists():
+        tqdm.write(f"no checkpoint in {run_dir / 'checkpoints'} yet: starting the fine-tuning from the beginning")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _events_log(run_dir: Path) -> Iterator[None]:
+    """While inside, the flowrl logger's records also go to RUN_DIR/events.log, with their times."""
     events = logging.FileHandler(run_dir / "events.log")
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("flowrl").addHandler(events)
     try:
-        with graceful_stop():
-            actor = initial_actor(cfg, run_dir, device, progress)
-            policy = build_policy(cfg, actor).to(device)
-            algo = build_algorithm(cfg, policy, actor, device)
-            evaluator = None
-            if cfg.env.type == "shapes":
-                from flowrl.rollout.image_eval import ImageEvaluator
-
-                evaluator = ImageEvaluator(cfg, run_dir)
-            trainer = Trainer(cfg, run_dir, policy, algo, device, progress, evaluator)
-            if checkpoint is not None:
-                trainer.load_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
-            if resume:  # the resume has checked out: its overrides become the run's config
-                save_config(cfg, run_dir / "config.yaml")
-            kind = "reward" if cfg.env.type == "shapes" else "env"
-            workers = cfg.env.reward_workers if cfg.env.type == "shapes" else cfg.env.num_workers
-            where = f"{workers} Ray {kind} workers" if cfg.ray.enabled else f"{workers} in-process {kind} workers"
-            tqdm.write(
-                f"{'training' if cfg.pretrain is None and cfg.policy.pretrained is None else 'fine-tuning'} "
-                f"({_method(cfg)}): learner on {device}, {where}"
-            )
-            session = contextlib.nullcontext()
-            if cfg.ray.enabled:
-                from flowrl.rollout.ray_runtime import ray_session  # Ray is imported only when used
-
-                session = ray_session(cfg.ray.address, cfg.ray.num_cpus)
-            with session:
-                result = trainer.run(make_collector(cfg), resumed=resume)
+        yield
     finally:
         logging.getLogger("flowrl").removeHandler(events)
         events.close()
-        if evaluator is not None:
-            evaluator.close()
+
+
+def _build_trainer(
+    cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool, closing: contextlib.ExitStack
+) -> Trainer:
+    """The actor (pretrained if needed), its policy and algorithm, and for shapes the held-out
+    evaluator (closed by ``closing``), in a Trainer."""
+    actor = initial_actor(cfg, run_dir, device, progress)
+    policy = build_policy(cfg, actor).to(device)
+    algo = build_algorithm(cfg, policy, actor, device)
+    evaluator = None
+    if cfg.env.type == "shapes":
+        from flowrl.rollout.image_eval import ImageEvaluator
+
+        evaluator = ImageEvaluator(cfg, run_dir)
+        closing.callback(evaluator.close)
+    return Trainer(cfg, run_dir, policy, algo, device, progress, evaluator)
+
+
+def _banner(cfg: ExperimentConfig, device: torch.device) -> str:
+    """The line that says what runs where, e.g. ``fine-tuning (PPO, ...): learner on cpu, 4 in-process env workers``."""
+    kind = "reward" if cfg.env.type == "shapes" else "env"
+    workers = cfg.env.reward_workers if cfg.env.type == "shapes" else cfg.env.num_workers
+    where = f"{workers} Ray {kind} workers" if cfg.ray.enabled else f"{workers} in-process {kind} workers"
+    what = "training" if cfg.pretrain is None and cfg.policy.pretrained is None else "fine-tuning"
+    return f"{what} ({_method(cfg)}): learner on {device}, {where}"
+
+
+def _ray_session(cfg: ExperimentConfig) -> contextlib.AbstractContextManager[Any]:
+    """Ray started (or joined) for the run when ``ray.enabled``, else nothing."""
+    if not cfg.ray.enabled:
+        return contextlib.nullcontext()
+    from flowrl.rollout.ray_runtime import ray_session  # Ray is imported only when used
+
+    return ray_session(cfg.ray.address, cfg.ray.num_cpus)
+
+
+def _print_summary(cfg: ExperimentConfig, run_dir: Path, result: dict[str, Any]) -> None:
+    """The evaluation return (and success, where the env reports it) before and after, and the run folder."""
     before, after = result["before"], result["after"]
     success = (
         f" (success {headline_success(before):.2f} -> {headline_success(after):.2f})"
@@ -294,7 +325,6 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: 
     )
     print(f"return before: {before['eval/return']:.3f} -> after: {after['eval/return']:.3f}{success}")
     print(f"run folder: {run_dir}")
-    return result
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -496,3 +497,150 @@ def test_a_dataset_of_another_env_stops_before_a_run_folder_and_locomotion_print
     assert main(args) == 0
     (summary,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("return before:")]
     assert "success" not in summary, summary
+
+
+# The command table: every command's arguments reach its handler, and the handlers are found.
+
+
+def test_every_command_and_bench_of_the_table_has_a_handler():
+    from flowrl import cli
+
+    parser = cli._parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == [c.name for c in cli.COMMANDS]
+    (bench,) = [a for a in sub.choices["bench"]._actions if a.dest == "bench"]
+    assert list(bench.choices) == list(cli.BENCHES)
+    for ref in [c.handler for c in cli.COMMANDS] + list(cli.BENCHES.values()):
+        assert callable(cli._handler(ref)), ref
+
+
+def test_help_imports_no_torch():
+    """``flowrl --help`` and every command's --help stay instant: the handlers (and torch) are
+    imported only when a command runs."""
+    names = ["pretrain", "train", "bench", "collect", "demos", "eval"]
+    script = (
+        "import sys\nfrom flowrl.cli import main\n"
+        f"for argv in [['--help']] + [[n, '--help'] for n in {names!r}]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('heavy:', sorted(m for m in ('torch', 'flowrl.experiment', 'flowrl.commands') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "heavy: []"
+
+
+def _bench_oracle(module: str, function: str, returns: dict, monkeypatch) -> list[dict]:
+    """Replace ``module.function`` (the benchmark's run) and its format_table with recorders;
+    the returned list fills with the arguments of each call (by parameter name, defaults included)."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(module)
+    signature = inspect.signature(getattr(mod, function))
+    calls = []
+
+    def record(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return returns
+
+    monkeypatch.setattr(mod, function, record)
+    monkeypatch.setattr(mod, "format_table", lambda results: "TABLE")
+    return calls
+
+
+# argv, the benchmark's module and run function, what the fake run returns, the arguments it must
+# get, the lines printed (the old cli.py's branches passed exactly these)
+BENCH_CASES = [
+    (
+        ["rollout", "--tasks", "toy, mujoco", "--num-envs", "4"],
+        ("flowrl.bench.rollout", "run_rollout_bench", {}),
+        {"out_dir": "benchmarks/results", "tasks": ["toy", "mujoco"], "num_envs": 4, "steps": 50, "max_workers": None},
+        ["TABLE", "written: benchmarks/results/rollout.json, benchmarks/results/rollout.png"],
+    ),
+    (
+        ["rollout", "--tasks", ""],  # an empty list: the default tasks, as not given
+        ("flowrl.bench.rollout", "run_rollout_bench", {}),
+        {"tasks": ["toy", "mujoco"]},
+        None,
+    ),
+    (
+        ["locomotion", "--tasks", "hopper,walker2d", "--variants", ",", "--set", "a=1", "b=2", "--set-data", "m.e=2"],
+        ("flowrl.bench.locomotion", "run_locomotion_bench", {"tasks": {}}),
+        {
+            "out_dir": "benchmarks/results",
+            "tasks": ["hopper", "walker2d"],
+            "variants": [],  # given but empty: the bench says no variant matches (not all of them)
+            "size": "cpu",
+            "overrides": ["a=1", "b=2"],
+            "progress": True,
+            "tasks_dir": None,
+            "data_only": False,
+            "seeds": [0, 1, 2],
+            "eval_episodes": 20,
+            "expert_overrides": [],
+            "data_overrides": ["m.e=2"],
+        },
+        ["TABLE", "written: benchmarks/results/locomotion.json, benchmarks/results/locomotion.png"],
+    ),
+    (
+        ["locomotion", "--tasks", "all", "--data-only", "--seeds", "4", "--no-progress", "--out", "o"],
+        ("flowrl.bench.locomotion", "run_locomotion_bench", {"datasets": {"hopper": {"medium": {"path": "m.npz"}}}}),
+        {"out_dir": "o", "tasks": ["all"], "variants": None, "data_only": True, "seeds": [4], "progress": False},
+        ["hopper: medium m.npz"],
+    ),
+    (
+        ["images", "--methods", "flash", "--iterations", "2", "--seeds", "1,2", "--set", "x=1", "y=2", "--out", "o"],
+        ("flowrl.bench.images", "run_images_bench", {"grid": {"file": "grid.png"}}),
+        {
+            "out_dir": Path("o"),
+            "methods": ["flash"],
+            "iterations": 2,
+            "seeds": [1, 2],
+            "overrides": ["x=1", "y=2"],
+            "pretrained": None,
+            "size": "cpu",
+            "progress": True,
+        },
+        ["TABLE", "written: o/images.json, o/images.png, o/grid.png"],
+    ),
+    (
+        ["maniskill", "--tasks", "pickcube", "--size", "paper", "--no-progress"],
+        ("flowrl.bench.maniskill", "run_maniskill_bench", {}),
+        {
+            "out_dir": Path("benchmarks/results/maniskill"),
+            "tasks": ["pickcube"],
+            "methods": None,
+            "seeds": [0],
+            "iterations": None,
+            "overrides": [],
+            "size": "paper",
+            "progress": False,
+        },
+        [
+            "TABLE",
+            "written: benchmarks/results/maniskill/maniskill.json, benchmarks/results/maniskill/maniskill.png, "
+            "benchmarks/results/maniskill/tensorboard",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "target", "expected", "printed"), BENCH_CASES)
+def test_bench_arguments_reach_the_benchmark(argv, target, expected, printed, monkeypatch, capsys):
+    calls = _bench_oracle(*target, monkeypatch)
+    assert main(["bench", *argv]) == 0
+    (call,) = calls
+    assert {key: call[key] for key in expected} == expected
+    if printed is not None:
+        assert capsys.readouterr().out.splitlines() == printed
+
+
+@pytest.mark.parametrize("bench", ["rollout", "images", "maniskill"])
+def test_locomotion_only_options_are_refused_by_the_other_benches(bench, capsys):
+    assert main(["bench", bench, "--set-data", "medium.episodes=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"flowrl: error: flowrl bench {bench}: --set-expert and --set-data are for bench locomotion; use --set"
+    )

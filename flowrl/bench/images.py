@@ -31,6 +31,7 @@ and that grid).
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import time
 from dataclasses import dataclass
@@ -362,3 +363,21 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 __all__ = ["METHODS", "format_table", "prepare_pretrained", "run_images_bench", "select_methods", "summarise"]
+
+
+def cli_handler(args: argparse.Namespace) -> int:
+    """``flowrl bench images`` (its arguments: flowrl.cli): runs the bench, prints the table."""
+    out = Path(args.out or "benchmarks/results/images")
+    results = run_images_bench(
+        out,
+        methods=args.methods,
+        iterations=args.iterations,
+        seeds=args.seeds or [0],
+        overrides=[*args.set, *args.overrides],
+        pretrained=args.pretrained,
+        size=args.size,
+        progress=not args.no_progress,
+    )
+    print(format_table(results))
+    print(f"written: {out / 'images.json'}, {out / 'images.png'}, {out / results['grid']['file']}")
+    return 0

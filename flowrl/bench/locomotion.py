@@ -26,6 +26,7 @@ before and after. Results: ``locomotion.json`` (table and curves), ``locomotion.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -448,3 +449,32 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"\nWall time per unit of improvement, over DPPO's: {ratios}")
         lines.append("")
     return "\n".join(lines)
+
+
+def cli_handler(args: argparse.Namespace) -> int:
+    """``flowrl bench locomotion`` (its arguments: flowrl.cli): runs the bench and prints its
+    table, or with --data-only the datasets it made."""
+    if args.tasks is None:
+        raise FlowRLError("flowrl bench locomotion: give --tasks, a comma list of task names or all (see --help)")
+    out = args.out or "benchmarks/results"
+    results = run_locomotion_bench(
+        out,
+        args.tasks,
+        args.variants,
+        args.size,
+        [*args.set, *args.overrides],
+        progress=not args.no_progress,
+        tasks_dir=args.tasks_dir,
+        data_only=args.data_only,
+        seeds=args.seeds or [0, 1, 2],
+        eval_episodes=args.eval_episodes,
+        expert_overrides=args.set_expert,
+        data_overrides=args.set_data,
+    )
+    if args.data_only:
+        for task, datasets in results["datasets"].items():
+            print(f"{task}: " + ", ".join(f"{name} {d['path']}" for name, d in datasets.items()))
+        return 0
+    print(format_table(results))
+    print(f"written: {Path(out) / 'locomotion.json'}, {Path(out) / 'locomotion.png'}")
+    return 0

@@ -32,6 +32,7 @@ success_once against env steps, one panel per task) and TensorBoard scalars in
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import shlex
@@ -500,3 +501,21 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 __all__ = ["METHODS", "evaluation_seeds", "format_table", "run_maniskill_bench", "summarise", "targets", "task_names"]
+
+
+def cli_handler(args: argparse.Namespace) -> int:
+    """``flowrl bench maniskill`` (its arguments: flowrl.cli): runs the bench, prints the table."""
+    out = Path(args.out or "benchmarks/results/maniskill")
+    results = run_maniskill_bench(
+        out,
+        tasks=args.tasks,
+        methods=args.methods,
+        seeds=args.seeds or [0],
+        iterations=args.iterations,
+        overrides=[*args.set, *args.overrides],
+        size=args.size,
+        progress=not args.no_progress,
+    )
+    print(format_table(results))
+    print(f"written: {out / 'maniskill.json'}, {out / 'maniskill.png'}, {out / 'tensorboard'}")
+    return 0

@@ -8,6 +8,7 @@ policy, so the ratios are comparable even on a noisy machine. Each figure is the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import envs as flowrl_envs
 from flowrl.config import build_config
+from flowrl.errors import FlowRLError
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.shard import EnvSpec
@@ -171,3 +173,20 @@ def format_table(results: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def cli_handler(args: argparse.Namespace) -> int:
+    """``flowrl bench rollout`` (its arguments: flowrl.cli): runs the bench, prints the table."""
+    if args.overrides or args.set:
+        raise FlowRLError("flowrl bench rollout takes no config overrides (it builds its own policy)")
+    out = args.out or "benchmarks/results"
+    results = run_rollout_bench(
+        out,
+        ["toy", "mujoco"] if args.tasks is None else args.tasks,
+        num_envs=args.num_envs,
+        steps=args.steps,
+        max_workers=args.max_workers,
+    )
+    print(format_table(results))
+    print(f"written: {Path(out) / 'rollout.json'}, {Path(out) / 'rollout.png'}")
+    return 0
