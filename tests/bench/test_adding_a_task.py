@@ -17,7 +17,7 @@ import pytest
 
 from flowrl.bench.tasks import TASKS_DIR_VAR, TaskError
 from flowrl.cli import main
-from flowrl.rollout.demos import read_metadata
+from flowrl.core.demos_file import read_metadata
 from flowrl.runlog import read_metrics
 from tests.readme import readme_command, readme_files
 
