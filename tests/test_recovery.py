@@ -316,7 +316,7 @@ def _event_file_pids(run_dir: Path) -> set[int]:
 
 def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    _run(*_train(run_dir, "algo.iterations=2"))
+    _run(*_train(run_dir, "algo.iterations=2", "pretrain.steps=100", "pretrain.demos.episodes=40"))
     first = _start(["train", "--resume", str(run_dir), "algo.iterations=1000"])  # stopped below
     _wait_until(first, lambda: len(_records(run_dir / "metrics.jsonl")) >= 4)  # writing: iteration 3 logged
     second = _start(["train", "--resume", str(run_dir), "algo.iterations=1000"])
