@@ -163,21 +163,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            check_disk_error(exc, path, "writing")
-        elif isinstance(exc, RuntimeError) and _disk_full_inside(exc):  # torch's writer wraps the OSError
-            raise disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path, "writing") from None
+        cause = _disk_oserror(exc)
+        if cause is not None:
+            raise disk_error(cause, path, "writing") from None
         raise
 
 
-def _disk_full_inside(exc: BaseException) -> bool:
-    """Whether an error torch raised while writing says the disk is full (it reports the
-    failed write as a RuntimeError text, e.g. "...file write failed")."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text
+def _disk_oserror(exc: BaseException) -> OSError | None:
+    """The OSError of a full or read-only disk behind ``exc``: itself, or what it arose from.
+    torch.save passes a failed write on as it is, or, when its zip writer then fails to close,
+    as a RuntimeError ("unexpected pos ...") raised while handling it."""
+    for _ in range(8):  # a chain of a few links at most
+        if is_disk_error(exc):
+            return exc  # type: ignore[return-value]
+        if (exc := exc.__cause__ or exc.__context__) is None:
+            return None
+    return None
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -189,7 +190,8 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         check_disk_error(exc, path, "writing")
         raise
 

@@ -142,15 +142,25 @@ def test_env_workers_beyond_a_local_rays_cpus_are_refused_before_a_run_folder(ov
     assert _entries(tmp_path) == []
 
 
-@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
-def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_disk(failing, tmp_path, monkeypatch) -> None:
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_then_torn_zip(*args, **kwargs):  # what torch.save raises when its zip writer then fails to close
+    try:
+        _full()
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 639744 vs 639636") from None
+
+
+@pytest.mark.parametrize(
+    ("failing", "fault"),
+    [("torch.save", _full), ("torch.save", _full_then_torn_zip), ("os.replace", _full)],
+)
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_disk(failing, fault, tmp_path, monkeypatch) -> None:
     path = tmp_path / "checkpoints" / "last.pt"
     atomic_save({"iteration": 1}, path)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(runlog.torch if failing == "torch.save" else runlog.os, failing.split(".")[1], full)
+    monkeypatch.setattr(runlog.torch if failing == "torch.save" else runlog.os, failing.split(".")[1], fault)
     with pytest.raises(FlowRLError) as raised:
         atomic_save({"iteration": 2}, path)
     message = str(raised.value)

@@ -105,6 +105,39 @@ def _quiet_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+@contextmanager
+def _own_sessions_for_ray_processes():
+    """While inside, the processes ray.init starts (GCS, raylet, dashboard, monitors) start in a
+    session, hence a process group, of their own, as Ray's workers already do.
+
+    Why: a SIGTERM to the driver's process group (``kill -TERM -PGID``, a shell stopping its job)
+    would otherwise also stop the GCS and raylet; the driver then cannot finish the iteration it
+    has to end with a checkpoint (``flowrl.runtime.graceful_stop``) and dies ~60 s later, when
+    Ray gives up on its GCS. They still end with the driver: Ray ties them to it (the kernel's
+    parent-death signal), and ``_REAPER`` follows them by pid. Ray starts them through
+    ``ray._private.services.ConsolePopen``; without it (another Ray version) nothing changes."""
+    try:
+        from ray._private import services
+    except ImportError:
+        yield
+        return
+    original = getattr(services, "ConsolePopen", None)
+    if original is None or not sys.platform.startswith("linux"):
+        yield
+        return
+
+    class _OwnSession(original):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = _OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
+
+
 def _start_local(ray, num_cpus: int | None, kwargs: dict) -> None:
     """ray.init of a one-machine Ray whose processes all listen on 127.0.0.1 only.
 
@@ -119,8 +152,9 @@ def _start_local(ray, num_cpus: int | None, kwargs: dict) -> None:
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        # address "local": a new Ray even where RAY_ADDRESS names a cluster
-        ray.init("local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        with _own_sessions_for_ray_processes():
+            # address "local": a new Ray even where RAY_ADDRESS names a cluster
+            ray.init("local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
     node_ip = ray.util.get_node_ip_address()
@@ -290,6 +324,16 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             nodes = [n for n in ray.nodes() if n["Alive"]]
             log.info("joined the Ray cluster at %s (%d nodes)", address, len(nodes))
         _restore_signal_handlers(handlers)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        # ray.init's own handler met a SIGTERM while Ray started: stop like a second Ctrl-C (nothing
+        # ran since the last checkpoint), with Ray's processes shut down
+        ray.shutdown()
+        _restore_signal_handlers(handlers)
+        _stop_reaper(reaper)
+        _set_auth_mode(auth_mode)
+        raise KeyboardInterrupt from None
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         ray.shutdown()
         _restore_signal_handlers(handlers)
