@@ -3,7 +3,8 @@ in-process collector and the Ray collector with 1, 2, ... workers, at equal env 
 
 Every variant runs in the same process tree, one after the other, on the same envs and
 policy, so the ratios are comparable even on a noisy machine. Each figure is the best of
-``repeats`` timed collections after one warm-up.
+``repeats`` timed collections after one warm-up. The task names and sizes are checked before
+Ray starts: an unknown task is one line naming the choices.
 """
 
 from __future__ import annotations
@@ -28,6 +29,33 @@ from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.shard import EnvSpec
 
 TASKS = {"toy": "flowrl/TwoGoal-v0", "mujoco": "HalfCheetah-v5"}
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    """The env id of each name in ``tasks`` (toy, mujoco or a registered env id); FlowRLError
+    naming the choices for an unknown one, or saying why an env does not fit (no flat Box
+    spaces, a missing dependency). Makes each env once, in this process."""
+    from flowrl.experiment import env_dims
+
+    if not tasks:
+        raise FlowRLError(f"flowrl bench rollout: --tasks names no task; give {_choices()}")
+    env_ids = []
+    for task in tasks:
+        env_id = TASKS.get(task, task)
+        if env_id not in gym.registry:
+            raise FlowRLError(f"flowrl bench rollout: unknown task {task!r} (--tasks); give {_choices()}")
+        try:
+            env_dims(env_id)
+        except (FlowRLError, gym.error.Error) as exc:
+            raise FlowRLError(f"flowrl bench rollout: task {task!r} (--tasks): {exc}") from None
+        env_ids.append(env_id)
+    return env_ids
+
+
+def _choices() -> str:
+    ours = ", ".join(sorted(k for k in gym.registry if k.startswith("flowrl/")))
+    named = ", ".join(f"{name} ({env_id})" for name, env_id in TASKS.items())
+    return f"{named}, or a registered gymnasium env id with flat Box spaces (flowrl's: {ours})"
 
 
 def _policy(env_id: str, horizon: int, denoising_steps: int):
@@ -97,6 +125,14 @@ def run_rollout_bench(
     from flowrl.rollout.ray_collector import RayCollector
     from flowrl.rollout.ray_runtime import ray_session
 
+    for flag, value in (
+        ("--num-envs", num_envs),
+        ("--steps", steps),
+        ("--max-workers", 1 if max_workers is None else max_workers),
+    ):
+        if value < 1:
+            raise FlowRLError(f"flowrl bench rollout: {flag} must be at least 1, got {value}")
+    env_ids = check_tasks(tasks)
     cpus = os.cpu_count() or 1
     max_workers = max_workers or cpus
     worker_counts = [w for w in range(1, max_workers + 1) if num_envs % w == 0]
@@ -110,8 +146,7 @@ def run_rollout_bench(
         "tasks": {},
     }
     with ray_session(None, num_cpus=max(cpus, max_workers)):
-        for task in tasks:
-            env_id = TASKS.get(task, task)
+        for env_id in env_ids:
             policy = _policy(env_id, horizon, denoising_steps)
             row: dict[str, float] = {"raw_env": raw_env_rate(env_id, horizon, num_envs, steps, repeats)}
             spec = EnvSpec(env_id, horizon, num_envs, seed=0)

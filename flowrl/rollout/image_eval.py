@@ -14,6 +14,12 @@ from fixed initial noise, so successive evaluations compare the same prompts and
 and a grid of the first ``GRID_PROMPTS`` prompts (one row each, ``group_size`` images) as
 ``RUN/samples/iter_XXXX.png`` (its prompts in ``RUN/samples/prompts.txt``) and in TensorBoard
 (``tensorboard/samples``, tag ``eval/samples``).
+
+The reward model is called here, in the learner's process, not through the training's reward
+pool: an exception it raises is a RewardError naming the reward type, the iteration and the
+cause, like a reward model that fails in an in-process training pool (no retry: the same model
+on the same images would fail again, and an evaluation without the reward is no evaluation).
+The run stops there with one line; its checkpoints are untouched, and it resumes from the last.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from flowrl.models.image_policy import TextImagePolicy, to_pixels
-from flowrl.rewards import ImageBatch, RewardOutput, check_scores
+from flowrl.rewards import ImageBatch, RewardError, RewardOutput, check_scores
 from flowrl.rollout.prompts import category_accuracy, correct_of, group_diversity
 from flowrl.runtime import derive_seed
 
@@ -84,6 +90,7 @@ class ImageEvaluator:
         shape = (len(self.per_image), 3, env.image_size, env.image_size)
         self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, EVAL_STREAM, 1)))
         self.reward = build_reward(env.reward)
+        self.reward_type = str(env.reward.get("type"))
         self.verifier = ShapesVerifier()
         self._writer: Any = None
 
@@ -102,8 +109,7 @@ class ImageEvaluator:
 
         images = self.images(policy)
         batch = ImageBatch(images, self.per_image)
-        name = getattr(self.reward, "name", "reward model")
-        scored = check_scores(self.reward(batch), len(batch), f"evaluation: reward model {name!r}")
+        scored = self._score(batch, iteration)
         details = scored.details if isinstance(scored, RewardOutput) else {}
         scores = scored.scores if isinstance(scored, RewardOutput) else scored
         correct = correct_of(details)
@@ -121,6 +127,27 @@ class ImageEvaluator:
         if self.run_dir is not None:
             self._save_grid(images, iteration, env_steps)
         return metrics
+
+    def _score(self, batch: ImageBatch, iteration: int) -> RewardOutput | Tensor:
+        """The reward model's checked scores of the evaluation images; RewardError (one line)
+        when it raises or returns unusable scores."""
+        name = getattr(self.reward, "name", self.reward_type)
+        model = f"reward model {name!r}" + (
+            f" (env.reward type {self.reward_type})" if name != self.reward_type else ""
+        )
+        where = f"evaluation at iteration {iteration}: {model}"
+        try:
+            with torch.no_grad():
+                raw = self.reward(batch)
+        except RewardError as exc:  # already one line naming the problem: say where it happened
+            raise RewardError(f"{where}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the model's own failure, reported as one line
+            run = self.run_dir if self.run_dir is not None else "RUN"
+            raise RewardError(
+                f"{where} raised {_describe(exc)} on the {len(batch)} held-out images; fix the reward model (or "
+                f"env.reward); the run's checkpoints are kept: resume with flowrl train --resume {run}"
+            ) from None
+        return check_scores(raw, len(batch), where)
 
     def _save_grid(self, images: Tensor, iteration: int, env_steps: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -142,6 +169,12 @@ class ImageEvaluator:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (a multi-line message would break the one-line error)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}"[:300] if lines else type(exc).__name__
 
 
 __all__ = ["GRID_PROMPTS", "ImageEvaluator", "image_grid", "save_png"]

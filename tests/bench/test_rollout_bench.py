@@ -1,6 +1,10 @@
-"""`flowrl bench rollout` end to end on a tiny budget: every variant measured, files written."""
+"""`flowrl bench rollout` end to end on a tiny budget: every variant measured, files written;
+an unknown task or a size below 1 is one line, before Ray starts."""
 
 import json
+import re
+
+import pytest
 
 from flowrl.cli import main
 
@@ -34,3 +38,28 @@ def test_rollout_bench_writes_json_and_chart(tmp_path, capsys):
     assert res["ray_1_efficiency"] == 1.0
     assert (tmp_path / "rollout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Ray collector, 2 workers |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--tasks", "nosuchtask"], r"unknown task 'nosuchtask' \(--tasks\); give toy \(flowrl/TwoGoal-v0\), mujoco "),
+        (["--tasks", "toy,nosuchtask"], r"unknown task 'nosuchtask'.*flowrl/TwoGoal-v0"),
+        (["--tasks", ","], r"--tasks names no task; give toy"),
+        (["--tasks", "toy", "--num-envs", "0"], r"--num-envs must be at least 1, got 0"),
+        (["--tasks", "toy", "--max-workers", "0"], r"--max-workers must be at least 1, got 0"),
+    ],
+)
+def test_bad_tasks_and_sizes_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, argv, expected):
+    import flowrl.rollout.ray_runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(flowrl.rollout.ray_runtime, "ray_session", no_ray)
+    out = tmp_path / "out"
+    assert main(["bench", "rollout", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("flowrl: error: flowrl bench rollout: ")
+    assert re.search(expected, err), err
+    assert not out.exists()
