@@ -17,6 +17,7 @@ from flowrl.config import build_config
 from flowrl.models.build import build_actor, build_policy
 from flowrl.models.networks import ValueMLP
 from flowrl.rollout.collector import InProcessCollector
+from flowrl.rollout.shard import EnvSpec
 
 
 def _net_and_opt():
@@ -91,10 +92,10 @@ def _one_iteration(algo) -> None:
     """Fills the optimisers' moments, the reward scaler and the generator's position."""
     env_id = build_config({"name": "t"}).env.id  # the default task, as _algorithm's config
     if isinstance(algo, PPO):
-        collector = InProcessCollector(env_id, algo.policy.event_shape[0], 4, seed=0)
+        collector = InProcessCollector(EnvSpec(env_id, algo.policy.event_shape[0], 4, seed=0))
         rollout = collector.collect(algo.policy, 4, 0)
     else:
-        collector = InProcessCollector(env_id, algo.policy.event_shape[0], 4, seed=0, group_size=2)
+        collector = InProcessCollector(EnvSpec(env_id, algo.policy.event_shape[0], 4, seed=0, group_size=2))
         rollout = collector.collect_episodes(algo.policy, 4, 0)
         rollout.episode_return = torch.arange(4.0)  # a fresh policy ties at 0: give each group signal
     collector.close()
