@@ -1,10 +1,11 @@
 """Seeding and device selection (the one place where randomness is set up), progress bars,
-and stopping at a safe point on SIGINT/SIGTERM."""
+stopping at a safe point on SIGINT/SIGTERM, and the process tree as Linux's /proc shows it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import sys
@@ -84,3 +85,29 @@ def graceful_stop():
         for s, h in previous.items():
             signal.signal(s, h)
         _stop["requested"] = False
+
+
+def process_stat(pid: int) -> tuple[int, str, str] | None:
+    """(parent pid, start time, state) of ``pid`` from Linux's /proc; None once it is gone (or
+    where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19], fields[0]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every descendant of ``pid``, with its start time (a pid can be reused, a start time not)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    if os.path.isdir("/proc"):
+        for name in os.listdir("/proc"):
+            if name.isdigit() and (st := process_stat(int(name))):
+                children.setdefault(st[0], []).append((int(name), st[1]))
+    found, todo = {}, [pid]
+    while todo:
+        for child, start in children.get(todo.pop(), ()):
+            found[child] = start
+            todo.append(child)
+    return found

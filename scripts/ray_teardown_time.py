@@ -21,6 +21,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from flowrl.runtime import descendants, process_stat
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = textwrap.dedent(
     """
@@ -38,31 +40,8 @@ DRIVER = textwrap.dedent(
 BURN = "while True: pass"
 
 
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    """(parent pid, start time, state), None once gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[1]), fields[19], fields[0]
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    children: dict[int, list[tuple[int, str]]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (st := _stat(int(name))):
-            children.setdefault(st[0], []).append((int(name), st[1]))
-    found, todo = {}, [pid]
-    while todo:
-        for child, start in children.get(todo.pop(), ()):
-            found[child] = start
-            todo.append(child)
-    return found
-
-
 def _alive(processes: dict[int, str]) -> list[int]:
-    return [pid for pid, start in processes.items() if (st := _stat(pid)) and st[1] == start and st[2] != "Z"]
+    return [pid for pid, start in processes.items() if (st := process_stat(pid)) and st[1] == start and st[2] != "Z"]
 
 
 def _agents_up(processes: dict[int, str]) -> bool:
@@ -85,7 +64,7 @@ def measure_once(limit_s: float = 120.0) -> tuple[float, int]:
         if driver.stdout.readline().strip() != "ready":
             raise RuntimeError("the driver did not start its Ray workers")
         end = time.monotonic() + 60
-        while not _agents_up(processes := _descendants(driver.pid)) and time.monotonic() < end:
+        while not _agents_up(processes := descendants(driver.pid)) and time.monotonic() < end:
             time.sleep(0.1)
         os.kill(driver.pid, signal.SIGKILL)
         killed = time.monotonic()

@@ -27,6 +27,7 @@ from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.shard import EnvSpec
+from flowrl.runtime import descendants, process_stat
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
@@ -46,35 +47,11 @@ class Listener:
         return f"{self.pid:>7} {self.process[:60]:<60} {self.proto:<4} {self.ip}:{self.port}"
 
 
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    """(parent pid, start time, state) of ``pid``, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[1]), fields[19], fields[0]
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    """Every descendant of ``pid``, with its start time (a pid can be reused, a start time not)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (st := _stat(int(name))):
-            children.setdefault(st[0], []).append((int(name), st[1]))
-    found, todo = {}, [pid]
-    while todo:
-        for child, start in children.get(todo.pop(), ()):
-            found[child] = start
-            todo.append(child)
-    return found
-
-
 def _alive(processes: dict[int, str]) -> dict[int, str]:
     """Those of ``processes`` (pid -> start time) still running, with their command lines."""
     out = {}
     for pid, start in processes.items():
-        st = _stat(pid)
+        st = process_stat(pid)
         if st and st[1] == start and st[2] != "Z":
             out[pid] = _command(pid)
     return out
@@ -157,7 +134,7 @@ def _policy():
 def test_a_local_ray_listens_on_loopback_only_and_stops_with_its_session():
     ray.shutdown()
     me = os.getpid()
-    before = _descendants(me)
+    before = descendants(me)
     mine_before = {(s.proto, s.ip, s.port) for s in _listeners([me])}  # whatever this process had already
     with ray_session(None, num_cpus=2):
         collector = RayCollector(EnvSpec("flowrl/TwoGoal-v0", 4, 4, seed=0), num_workers=2)
@@ -165,7 +142,7 @@ def test_a_local_ray_listens_on_loopback_only_and_stops_with_its_session():
             collector.reset(0)
             collector.collect(_policy(), 3, 0)
             workers = {w["pid"] for w in collector.where()}
-            started = {pid: start for pid, start in _descendants(me).items() if before.get(pid) != start}
+            started = {pid: start for pid, start in descendants(me).items() if before.get(pid) != start}
             listeners = [
                 s for s in _listeners([me, *started]) if s.pid != me or (s.proto, s.ip, s.port) not in mine_before
             ]
@@ -209,7 +186,7 @@ def test_no_ray_process_outlives_a_killed_driver():
         assert len(workers) == 2, "the driver did not start its env workers"
         end = time.monotonic() + 30  # the agents start alongside the workers; wait until both are up
         while time.monotonic() < end:
-            ray_processes = _descendants(driver.pid)
+            ray_processes = descendants(driver.pid)
             if sum(_command(pid).startswith("ray::") and "Agent" in _command(pid) for pid in ray_processes) >= 2:
                 break
             time.sleep(0.2)
