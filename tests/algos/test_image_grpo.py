@@ -2,8 +2,9 @@
 loss, one GRPO iteration per window mode (all = Flow-GRPO, sliding = MixGRPO, sliding +
 DPM-Solver++(2M) after the window = MixGRPO-Flash) passes the ratio = 1 check and updates,
 and a few GRPO iterations through the Trainer raise the verifier reward of a briefly
-pretrained model on its training prompts, on every CPU (three runs pooled; the bound comes from
-the gains of ten seeds on two kernels and of a coin-flip control, see LEARNING_SEEDS).
+pretrained model on its training prompts, whatever the CPU's float kernels (three runs pooled;
+the bound comes from ten seeds on three stand-ins for kernels and a coin-flip control, see
+LEARNING_SEEDS).
 
 ``python -m tests.algos.test_image_grpo --seeds 0-9`` prints the learning runs' gains per seed."""
 
