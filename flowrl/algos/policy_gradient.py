@@ -131,8 +131,9 @@ def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: st
 
 
 class PolicyOptimizer:
-    """Adam over the policy's parameter groups (``actor`` at actor_lr, ``noise`` at noise_lr),
-    gradient clipping, and the learning-rate schedule."""
+    """Adam over the trainable parameters of the policy's groups (``actor`` at actor_lr, ``noise``
+    at noise_lr; parameters with requires_grad False stay fixed), gradient clipping, and the
+    learning-rate schedule. ValueError when every parameter is frozen."""
 
     def __init__(self, policy: Policy, cfg: PolicyGradientConfig, extra: list[torch.optim.Optimizer] = ()) -> None:
         self.guard = NonFiniteGuard(
@@ -140,13 +141,19 @@ class PolicyOptimizer:
             f"the learning rates are likely too high (algo.actor_lr={cfg.actor_lr:g}), or the observations or "
             "rewards explode",
         )
-        frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"policy parameters are frozen (requires_grad=False): {frozen[:3]}")
         lrs = {"actor": cfg.actor_lr, "noise": cfg.noise_lr}
+        # Frozen parameters (requires_grad False: a frozen text encoder, the base weights under a
+        # LoRA adapter) are left out: Adam, clipping and the gradient norm see only what trains.
+        trainable = {name: [p for p in params if p.requires_grad] for name, params in policy.param_groups().items()}
         groups: list[dict[str, Any]] = [
-            {"params": params, "lr": lrs[name], "name": name} for name, params in policy.param_groups().items()
+            {"params": params, "lr": lrs[name], "name": name} for name, params in trainable.items() if params
         ]
+        if not groups:
+            raise ValueError(
+                "every policy parameter is frozen (requires_grad=False): nothing to train; unfreeze some "
+                "(requires_grad_(True)) or train an adapter"
+            )
+        self.params = [p for group in groups for p in group["params"]]
         self.policy, self.cfg = policy, cfg
         self.opt = torch.optim.Adam(groups)
         self.schedule = [self.opt, *extra]
@@ -164,7 +171,7 @@ class PolicyOptimizer:
     def step(self, loss: Tensor, iteration: int) -> float:
         """Backward, clip, step; returns the gradient norm before clipping. A non-finite
         loss or gradient norm skips the step (NonFiniteGuard) and returns NaN."""
-        return guarded_step(self.opt, self.policy.parameters(), loss, self.cfg.max_grad_norm, self.guard, iteration)
+        return guarded_step(self.opt, self.params, loss, self.cfg.max_grad_norm, self.guard, iteration)
 
 
 class PolicyGradientAlgorithm:

@@ -153,3 +153,35 @@ def test_a_checkpoint_without_a_configured_member_names_it():
     del state["reward_scaler"]
     with pytest.raises(KeyError, match="reward_scaler"):
         algo.load_state_dict(state)
+
+
+@pytest.mark.parametrize("algo", [{"type": "grpo", "beta": 0.01, "max_steps": 4}, {"type": "ppo"}], ids=["grpo", "ppo"])
+def test_frozen_parameters_stay_fixed_and_the_others_train(algo, tmp_path):
+    """A policy with some parameters frozen (a frozen text encoder, base weights under an
+    adapter): the optimiser holds only the trainable ones, an update moves every one of them
+    and none of the frozen, and the checkpoint round trip still restores everything."""
+    first = _algorithm(algo, seed=0)
+    frozen = next(m for m in first.policy.velocity.modules() if isinstance(m, nn.Linear))
+    frozen.requires_grad_(False)
+    if isinstance(first, PPO):
+        trained = PPO(first.policy, first.critic, first.cfg, first.device, seed=0)
+    else:
+        trained = GRPO(first.policy, first.cfg, first.device, 0, group_size=2)
+    in_opt = {id(p) for g in trained.optimizer.opt.param_groups for p in g["params"]}
+    assert id(frozen.weight) not in in_opt and id(frozen.bias) not in in_opt
+    trainable = [p for p in trained.policy.parameters() if p.requires_grad]
+    assert in_opt == {id(p) for p in trainable}
+    before = {n: p.detach().clone() for n, p in trained.policy.named_parameters()}
+    _one_iteration(trained)
+    for name, p in trained.policy.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == p.requires_grad, f"{name}: moved={moved}, trainable={p.requires_grad}"
+    torch.save(trained.state_dict(), tmp_path / "algo.pt")
+    trained.load_state_dict(torch.load(tmp_path / "algo.pt", weights_only=True))
+
+
+def test_a_policy_with_every_parameter_frozen_is_refused():
+    algo = _algorithm({"type": "grpo", "beta": 0.0, "max_steps": 4})
+    algo.policy.requires_grad_(False)
+    with pytest.raises(ValueError, match="every policy parameter is frozen"):
+        GRPO(algo.policy, algo.cfg, algo.device, 0, group_size=2)

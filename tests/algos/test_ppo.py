@@ -119,9 +119,9 @@ def test_non_finite_reward_is_an_error():
     check_rewards(rollout)
 
 
-def test_frozen_policy_is_refused():
+def test_a_wholly_frozen_policy_is_refused():
     policy, _, _ = _setup({"type": "reinflow"})
-    policy.velocity.requires_grad_(False)
+    policy.requires_grad_(False)  # a partly frozen one trains its other parameters (test_policy_gradient)
     cfg = build_config({"name": "t"})
     with pytest.raises(ValueError, match="frozen"):
         PPO(policy, ValueMLP(2), cfg.algo, torch.device("cpu"), seed=0)
