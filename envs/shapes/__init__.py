@@ -9,21 +9,33 @@ constraints that ``flowrl.rewards.verifier.ShapesVerifier`` checks on an image.
 | module | what |
 |---|---|
 | scene.py | palette, ``Scene`` / ``SceneObject``, the batched renderer ``render`` |
-| captions.py | the caption grammar, ``Caption.constraints``, the train / held-out split |
+| captions.py | the caption grammar, ``Caption.constraints``, the two splits (geneval, zero_shot) |
 | sampling.py | ``sample_scene(caption)``, pretraining pairs ``sample_pairs`` |
 | tokenizer.py | word-level ``Tokenizer`` for a caption encoder |
 """
 
 from envs.shapes.captions import (
     CATEGORIES,
+    GENEVAL_MIX,
     HELD_OUT,
+    SPLITS,
     Caption,
     all_captions,
+    geneval_held_out,
     heldout_prompts,
+    is_held_out,
     parse_caption,
+    pretraining_prompts,
     train_prompts,
 )
-from envs.shapes.sampling import CaptionedImages, sample_captions, sample_pairs, sample_scene
+from envs.shapes.sampling import (
+    CaptionedImages,
+    category_weights,
+    evaluation_captions,
+    sample_captions,
+    sample_pairs,
+    sample_scene,
+)
 from envs.shapes.scene import BACKGROUND, COLOURS, PALETTE, SHAPES, Scene, SceneObject, render
 from envs.shapes.tokenizer import MAX_TOKENS, Tokenizer
 
@@ -31,18 +43,25 @@ __all__ = [
     "BACKGROUND",
     "CATEGORIES",
     "COLOURS",
+    "GENEVAL_MIX",
     "HELD_OUT",
     "MAX_TOKENS",
     "PALETTE",
     "SHAPES",
+    "SPLITS",
     "Caption",
     "CaptionedImages",
     "Scene",
     "SceneObject",
     "Tokenizer",
     "all_captions",
+    "category_weights",
+    "evaluation_captions",
+    "geneval_held_out",
     "heldout_prompts",
+    "is_held_out",
     "parse_caption",
+    "pretraining_prompts",
     "render",
     "sample_captions",
     "sample_pairs",

@@ -14,11 +14,20 @@ As in GenEval, objects the caption does not name are allowed, and counting count
 named shape. The "exists" constraints before the attribute ones make the fraction of satisfied
 constraints a dense reward (the right shape in the wrong colour earns half).
 
-Split: some colour-shape pairs, count-shape pairs and spatial arrangements never occur in a
-training caption (``HELD_OUT``); the held-out captions are exactly those that contain one.
-"a circle below a triangle" is the same arrangement as "a triangle above a circle", so both
-wordings are held out together. single_object and two_object name no colour, count or
-arrangement: all their captions are training captions.
+Two splits (``SPLITS``):
+
+- ``geneval`` (the benchmark; GenEval-fair): pretraining sees every caption of the grammar, so
+  every colour-shape pair, count and arrangement; RL trains on the ``training`` strings and
+  evaluation asks for the held-out strings, which RL never prompts for: only the combinations
+  (prompt strings) are new, as in Flow-GRPO's GenEval set-up. A fixed quarter of each of the six
+  categories is held out (``GENEVAL_HELD_OUT_SHARE``, drawn once with ``GENEVAL_SPLIT_SEED``);
+  prompts are drawn with GenEval's category mix (``GENEVAL_MIX``, its prompt counts).
+- ``zero_shot`` (the earlier split, a separate test of pixel composition): some colour-shape
+  pairs, count-shape pairs and spatial arrangements never occur in a pretraining or training
+  caption (``HELD_OUT``); the held-out captions are exactly those that contain one. "a circle
+  below a triangle" is the same arrangement as "a triangle above a circle", so both wordings
+  are held out together. single_object and two_object name no colour, count or arrangement:
+  all their captions are training captions. Categories are drawn uniformly.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from itertools import permutations
+
+import numpy as np
 
 from envs.shapes.scene import COLOURS, SHAPES, SceneObject
 
@@ -38,6 +49,19 @@ RELATION_WORDS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
+SPLITS: tuple[str, ...] = ("geneval", "zero_shot")
+# GenEval's prompts per category (553 in all): its evaluation mix, used for the geneval split's
+# training and evaluation prompts.
+GENEVAL_MIX: dict[str, int] = {
+    "single_object": 80,
+    "two_object": 99,
+    "counting": 80,
+    "colors": 94,
+    "position": 100,
+    "color_attr": 100,
+}
+GENEVAL_HELD_OUT_SHARE = 0.25
+GENEVAL_SPLIT_SEED = 21
 # An object is "left of" another when its centre is further left by more than this
 # (fraction of the image side); GenEval's position test also asks for a clear offset.
 RELATION_MARGIN = 0.1
@@ -193,10 +217,39 @@ def parse_caption(text: str) -> Caption:
     return caption
 
 
-def _select(category: str | None, held_out: bool | None) -> list[str]:
+def _check(category: str | None, benchmark: str) -> None:
     if category is not None and category not in CATEGORIES:
         raise ValueError(f"unknown caption category {category!r}; one of {', '.join(CATEGORIES)}")
-    return [text for text, c in _grammar().items() if category in (None, c.category) and held_out in (None, c.held_out)]
+    if benchmark not in SPLITS:
+        raise ValueError(f"unknown benchmark split {benchmark!r}; one of {', '.join(SPLITS)}")
+
+
+@cache
+def geneval_held_out() -> frozenset[str]:
+    """The geneval split's held-out strings: a fixed ``GENEVAL_HELD_OUT_SHARE`` of every
+    category's captions (at least one), drawn once from ``GENEVAL_SPLIT_SEED``."""
+    rng = np.random.default_rng(GENEVAL_SPLIT_SEED)
+    out: set[str] = set()
+    for category in CATEGORIES:
+        texts = [t for t, c in _grammar().items() if c.category == category]
+        take = max(1, round(GENEVAL_HELD_OUT_SHARE * len(texts)))
+        out.update(texts[i] for i in rng.permutation(len(texts))[:take])
+    return frozenset(out)
+
+
+def is_held_out(text: str, benchmark: str = "zero_shot") -> bool:
+    """Whether the caption ``text`` is one of ``benchmark``'s held-out captions."""
+    _check(None, benchmark)
+    return text in geneval_held_out() if benchmark == "geneval" else _grammar()[text].held_out
+
+
+def _select(category: str | None, held_out: bool | None, benchmark: str = "zero_shot") -> list[str]:
+    _check(category, benchmark)
+    return [
+        text
+        for text, c in _grammar().items()
+        if category in (None, c.category) and held_out in (None, is_held_out(text, benchmark))
+    ]
 
 
 def all_captions(category: str | None = None) -> list[str]:
@@ -204,30 +257,45 @@ def all_captions(category: str | None = None) -> list[str]:
     return _select(category, None)
 
 
-def train_prompts(category: str | None = None) -> list[str]:
-    """Captions without a held-out combination: pretraining and RL training use only these."""
-    return _select(category, False)
+def train_prompts(category: str | None = None, benchmark: str = "zero_shot") -> list[str]:
+    """The captions RL trains on: those of ``benchmark`` without a held-out string (zero_shot:
+    without a held-out combination; pretraining uses only these there)."""
+    return _select(category, False, benchmark)
 
 
-def heldout_prompts(category: str | None = None) -> list[str]:
-    """Captions with at least one held-out combination (none for single_object and two_object)."""
-    return _select(category, True)
+def heldout_prompts(category: str | None = None, benchmark: str = "zero_shot") -> list[str]:
+    """``benchmark``'s held-out captions (zero_shot: none for single_object and two_object)."""
+    return _select(category, True, benchmark)
+
+
+def pretraining_prompts(category: str | None = None, benchmark: str = "zero_shot") -> list[str]:
+    """The captions pretraining draws from: every caption for geneval (the base model sees
+    every combination; only RL never prompts for the held-out strings), the training captions
+    for zero_shot."""
+    return all_captions(category) if benchmark == "geneval" else train_prompts(category, benchmark)
 
 
 __all__ = [
     "CATEGORIES",
+    "GENEVAL_HELD_OUT_SHARE",
+    "GENEVAL_MIX",
+    "GENEVAL_SPLIT_SEED",
     "HELD_OUT",
     "NUMBER_WORDS",
     "RELATION_MARGIN",
     "RELATION_WORDS",
+    "SPLITS",
     "Caption",
     "Constraint",
     "CountIs",
     "Exists",
     "Related",
     "all_captions",
+    "geneval_held_out",
     "heldout_prompts",
+    "is_held_out",
     "parse_caption",
+    "pretraining_prompts",
     "relation_holds",
     "train_prompts",
 ]

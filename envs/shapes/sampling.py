@@ -7,8 +7,9 @@ verifier's connected components never merge), ``EDGE`` between a box and the bor
 named axis and within ``ALIGN`` of each other across it, so the image shows the named relation
 and not a perpendicular one.
 
-Objects whose colour the caption leaves open never take a held-out colour-shape pair, so
-pretraining images never show, say, a green triangle. Distractors (optional) are objects of
+Under the zero_shot split, objects whose colour the caption leaves open never take a held-out
+colour-shape pair, so pretraining images never show, say, a green triangle; under geneval every
+colour is free. Distractors (optional) are objects of
 shapes the caption does not name: they cannot change whether any of its constraints hold.
 """
 
@@ -19,7 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs.shapes.captions import CATEGORIES, HELD_OUT, Caption, heldout_prompts, parse_caption, train_prompts
+from envs.shapes.captions import (
+    CATEGORIES,
+    GENEVAL_MIX,
+    HELD_OUT,
+    Caption,
+    heldout_prompts,
+    parse_caption,
+    pretraining_prompts,
+    train_prompts,
+)
 from envs.shapes.scene import COLOURS, SHAPES, Scene, SceneObject, render
 
 SIZE_RANGE = (0.13, 0.19)
@@ -31,8 +41,8 @@ _CANDIDATES = 64  # positions tried at once for each object
 _ATTEMPTS = 200  # fresh sizes and positions for the whole scene before giving up
 
 
-def _free_colour(shape: str, rng: np.random.Generator) -> str:
-    allowed = [c for c in COLOURS if ("colour_shape", c, shape) not in HELD_OUT]
+def _free_colour(shape: str, rng: np.random.Generator, benchmark: str = "zero_shot") -> str:
+    allowed = [c for c in COLOURS if benchmark == "geneval" or ("colour_shape", c, shape) not in HELD_OUT]
     return allowed[rng.integers(len(allowed))]
 
 
@@ -69,19 +79,22 @@ def _related_pair(
     ]
 
 
-def sample_scene(caption: str | Caption, rng: np.random.Generator, max_distractors: int = 0) -> Scene:
+def sample_scene(
+    caption: str | Caption, rng: np.random.Generator, max_distractors: int = 0, benchmark: str = "zero_shot"
+) -> Scene:
     """A random scene that satisfies every constraint of ``caption``.
 
     It holds the named objects (``count`` of them for counting) plus 0 to ``max_distractors``
-    objects of unnamed shapes (as room allows: at most MAX_OBJECTS in all).
+    objects of unnamed shapes (as room allows: at most MAX_OBJECTS in all); colours the caption
+    leaves open are free under ``benchmark`` (see the module doc).
     """
     caption = parse_caption(caption) if isinstance(caption, str) else caption
-    named = [(shape, colour or _free_colour(shape, rng)) for shape, colour in caption.objects]
+    named = [(shape, colour or _free_colour(shape, rng, benchmark)) for shape, colour in caption.objects]
     named *= caption.count or 1
     others = [s for s in SHAPES if s not in {shape for shape, _ in caption.objects}]
     room = min(max_distractors, MAX_OBJECTS - len(named))
     extra_shapes = rng.choice(others, size=rng.integers(room + 1)) if room > 0 else []
-    wanted = named + [(str(s), _free_colour(str(s), rng)) for s in extra_shapes]
+    wanted = named + [(str(s), _free_colour(str(s), rng, benchmark)) for s in extra_shapes]
     for _ in range(_ATTEMPTS):
         sizes = rng.uniform(*SIZE_RANGE, size=len(wanted))
         placed: list[SceneObject] = []
@@ -114,24 +127,73 @@ class CaptionedImages:
         return len(self.captions)
 
 
-def sample_captions(num: int, rng: np.random.Generator, split: str = "train") -> list[str]:
-    """``num`` captions of ``split`` ("train" or "heldout"): a category uniformly (among those
-    with captions in the split), then a caption of it uniformly."""
-    prompts_of = {"train": train_prompts, "heldout": heldout_prompts}.get(split)
+SUBSETS = ("train", "heldout", "pretrain")
+
+
+def category_weights(benchmark: str) -> dict[str, float]:
+    """How often each category is drawn: GenEval's mix for geneval, uniform for zero_shot."""
+    if benchmark == "geneval":
+        total = sum(GENEVAL_MIX.values())
+        return {c: GENEVAL_MIX[c] / total for c in CATEGORIES}
+    return {c: 1.0 / len(CATEGORIES) for c in CATEGORIES}
+
+
+def _pools(split: str, benchmark: str) -> dict[str, list[str]]:
+    prompts_of = {"train": train_prompts, "heldout": heldout_prompts, "pretrain": pretraining_prompts}.get(split)
     if prompts_of is None:
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    pools = [p for p in (prompts_of(category) for category in CATEGORIES) if p]
-    return [pools[i][rng.integers(len(pools[i]))] for i in rng.integers(len(pools), size=num)]
+        raise ValueError(f"split must be one of {', '.join(SUBSETS)}, got {split!r}")
+    pools = {category: prompts_of(category, benchmark) for category in CATEGORIES}
+    return {c: p for c, p in pools.items() if p}
+
+
+def sample_captions(
+    num: int, rng: np.random.Generator, split: str = "train", benchmark: str = "zero_shot"
+) -> list[str]:
+    """``num`` captions of ``split`` ("train", "heldout" or "pretrain") of the ``benchmark``
+    split: a category (among those with captions in the split; GenEval's mix for geneval
+    training and held-out prompts, uniform otherwise), then a caption of it uniformly."""
+    pools = list(_pools(split, benchmark).items())
+    if benchmark == "geneval" and split != "pretrain":
+        p = np.array([category_weights(benchmark)[c] for c, _ in pools])
+        picks = rng.choice(len(pools), size=num, p=p / p.sum())
+    else:  # the zero_shot split's draws, unchanged since it was the only one
+        picks = rng.integers(len(pools), size=num)
+    return [pools[i][1][rng.integers(len(pools[i][1]))] for i in picks]
+
+
+def evaluation_captions(num: int, rng: np.random.Generator, split: str, benchmark: str) -> list[str]:
+    """A fixed evaluation list of ``num`` captions. geneval: stratified, each category's share
+    of ``num`` exactly GenEval's (largest remainders), cycling through a shuffle of the
+    category's captions (every string once before any twice); zero_shot: ``sample_captions``
+    (as this split has always been evaluated)."""
+    if benchmark != "geneval":
+        return sample_captions(num, rng, split, benchmark)
+    pools = _pools(split, benchmark)
+    weights = category_weights(benchmark)
+    share = np.array([weights[c] for c in pools]) / sum(weights[c] for c in pools) * num
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(-(share - counts), kind="stable")[: num - counts.sum()]] += 1
+    out: list[str] = []
+    for pool, count in zip(pools.values(), counts, strict=True):
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        out += [order[i % len(order)] for i in range(count)]
+    return out
 
 
 def sample_pairs(
-    num: int, seed: int, split: str = "train", size: int = 32, max_distractors: int = 0, antialias: bool = True
+    num: int,
+    seed: int,
+    split: str = "train",
+    size: int = 32,
+    max_distractors: int = 0,
+    antialias: bool = True,
+    benchmark: str = "zero_shot",
 ) -> CaptionedImages:
     """``num`` (image, caption) pairs; the same seed gives the same pairs. Pretraining data
-    comes from ``split="train"``."""
+    comes from ``split="pretrain"`` (zero_shot: the training captions; geneval: all)."""
     rng = np.random.default_rng(seed)
-    captions = sample_captions(num, rng, split)
-    scenes = [sample_scene(c, rng, max_distractors) for c in captions]
+    captions = sample_captions(num, rng, split, benchmark)
+    scenes = [sample_scene(c, rng, max_distractors, benchmark) for c in captions]
     return CaptionedImages(render(scenes, size, antialias), captions, scenes)
 
 
@@ -141,7 +203,10 @@ __all__ = [
     "GAP",
     "MAX_OBJECTS",
     "SIZE_RANGE",
+    "SUBSETS",
     "CaptionedImages",
+    "category_weights",
+    "evaluation_captions",
     "sample_captions",
     "sample_pairs",
     "sample_scene",

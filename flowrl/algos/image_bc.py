@@ -1,6 +1,7 @@
 """Pretraining the text-conditioned image flow by flow matching on the shapes world.
 
-Every step draws a fresh batch of (image, caption) pairs from the world's training captions
+Every step draws a fresh batch of (image, caption) pairs from the pretraining captions of
+``env.benchmark`` (geneval: all; zero_shot: the training captions)
 (``envs.shapes.sample_pairs``, seeded from (seed, step), so a resumed pretraining sees the
 same batches), replaces a share ``policy.caption_dropout`` of the captions by the empty one
 (the unconditional field that classifier-free guidance needs), and takes a rectified-flow step
@@ -34,7 +35,8 @@ def shapes_batches(cfg: ExperimentConfig, device: torch.device) -> Draw:
     dropout = cfg.policy.caption_dropout
 
     def draw(step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        pairs = sample_pairs(batch, derive_seed(cfg.seed, PAIRS_STREAM, step), split="train", size=size)
+        seed = derive_seed(cfg.seed, PAIRS_STREAM, step)
+        pairs = sample_pairs(batch, seed, split="pretrain", size=size, benchmark=cfg.env.benchmark)
         ids = tokenizer.encode(pairs.captions)[0].to(device)
         return drop_captions(ids, dropout, generator), from_pixels(pairs.images).to(device)
 

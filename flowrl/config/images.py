@@ -18,8 +18,15 @@ class ShapesEnvConfig(_Strict):
 
     type: Literal["shapes"] = Field(description="env family: shapes (text-to-image, envs/shapes)")
     image_size: int = Field(32, ge=8, description="image side in pixels (the network's and the reward's)")
+    benchmark: Literal["geneval", "zero_shot"] = Field(
+        "geneval",
+        description="the split of the shapes benchmark (envs/shapes/captions.py): geneval = pretraining sees every "
+        "caption, RL never prompts for the held-out strings, GenEval's category mix; zero_shot = held-out "
+        "colour-shape pairs, counts and arrangements never seen in pretraining or training",
+    )
     prompt_split: Literal["train", "heldout"] = Field(
-        "train", description="captions the training prompts are drawn from (evaluation always uses heldout)"
+        "train",
+        description="captions of the benchmark split the training prompts are drawn from (evaluation reports both)",
     )
     prompts_per_iteration: int = Field(8, ge=1, description="prompts drawn per iteration (one group each)")
     group_size: int = Field(4, ge=1, description="images per prompt (a GRPO group)")

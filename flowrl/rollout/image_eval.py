@@ -1,14 +1,17 @@
-"""Evaluation of a text-to-image policy on the shapes world's held-out prompts.
+"""Evaluation of a text-to-image policy on the shapes world's held-out and training prompts.
 
-A fixed list of ``eval.episodes`` held-out prompts (drawn once from the seed), each drawn
-``env.group_size`` times with the deterministic ODE on ``policy.eval_denoising_steps`` steps
-from fixed initial noise, so successive evaluations compare the same prompts and noise
+Fixed lists of ``eval.episodes`` held-out prompts and as many training prompts of the
+``env.benchmark`` split, drawn once from the seed by the same sampler
+(``envs.shapes.evaluation_captions``: GenEval's category mix, stratified, for geneval), each
+drawn ``env.group_size`` times with the deterministic ODE on ``policy.eval_denoising_steps``
+steps from fixed initial noise, so successive evaluations compare the same prompts and noise
 (common random numbers). Metrics:
 
-    eval/return              mean score of the experiment's reward model
-    eval/accuracy            share of images the verifier finds correct (= eval/success_rate)
-    eval/accuracy_<category> the same per caption category (counting, colors, position, color_attr)
-    eval/jpeg_kb             mean JPEG size (quality 95)
+    eval/return              mean score of the experiment's reward model (held-out prompts)
+    eval/accuracy            share of held-out images the verifier finds correct (= eval/success_rate)
+    eval/accuracy_<category> the same per caption category
+    eval/train_accuracy      the same on the training prompts (and eval/train_accuracy_<category>)
+    eval/jpeg_kb             mean JPEG size (quality 95; held-out images)
     eval/diversity           mean pairwise distance between the images of a prompt (RMS pixels)
 
 and a grid of the first ``GRID_PROMPTS`` prompts (one row each, ``group_size`` images) as
@@ -76,31 +79,38 @@ class ImageEvaluator:
     module doc. ``run_dir`` None: metrics only, no PNG or TensorBoard image."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None) -> None:
-        from envs.shapes import Tokenizer, sample_captions
+        from envs.shapes import Tokenizer, evaluation_captions
         from flowrl.rewards.registry import build_reward
         from flowrl.rewards.verifier import ShapesVerifier
 
         env = cfg.env
         self.group_size, self.run_dir = env.group_size, run_dir
-        self.prompts = sample_captions(
-            cfg.eval.episodes, np.random.default_rng(derive_seed(cfg.seed, EVAL_STREAM)), "heldout"
-        )
+        rng = np.random.default_rng(derive_seed(cfg.seed, EVAL_STREAM))
+        self.prompts = evaluation_captions(cfg.eval.episodes, rng, "heldout", env.benchmark)
+        self.train_prompts = evaluation_captions(cfg.eval.episodes, rng, "train", env.benchmark)
         self.per_image = [p for p in self.prompts for _ in range(self.group_size)]
-        self.ids = Tokenizer().encode(self.per_image)[0]
+        self.train_per_image = [p for p in self.train_prompts for _ in range(self.group_size)]
+        tokenizer = Tokenizer()
+        self.ids = tokenizer.encode(self.per_image)[0]
+        self.train_ids = tokenizer.encode(self.train_per_image)[0]
         shape = (len(self.per_image), 3, env.image_size, env.image_size)
         self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, EVAL_STREAM, 1)))
+        # the training prompts' images start from the held-out ones' noise: the two accuracies
+        # differ by the prompts alone
         self.reward = build_reward(env.reward)
         self.reward_type = str(env.reward.get("type"))
         self.verifier = ShapesVerifier()
         self._writer: Any = None
 
     @torch.no_grad()
-    def images(self, policy: TextImagePolicy) -> Tensor:
-        """The evaluation images ``[N, 3, H, W]`` in [0, 1] (prompt-major)."""
+    def images(self, policy: TextImagePolicy, train: bool = False) -> Tensor:
+        """The evaluation images ``[N, 3, H, W]`` in [0, 1] (prompt-major) of the held-out
+        prompts (of the training prompts with ``train``)."""
         device = next(policy.parameters()).device
+        ids = self.train_ids if train else self.ids
         out = [
-            policy.images_from(self.ids[i : i + BATCH].to(device), self.noise[i : i + BATCH].to(device)).cpu()
-            for i in range(0, len(self.ids), BATCH)
+            policy.images_from(ids[i : i + BATCH].to(device), self.noise[i : i + BATCH].to(device)).cpu()
+            for i in range(0, len(ids), BATCH)
         ]
         return to_pixels(torch.cat(out))
 
@@ -121,12 +131,21 @@ class ImageEvaluator:
             "eval/success_rate": accuracy,
             "eval/accuracy": accuracy,
             **category_accuracy(self.per_image, correct, "eval/"),
+            **self._train_accuracy(policy),
             "eval/jpeg_kb": float(jpeg_kilobytes(images, 95).mean()),
             "eval/diversity": group_diversity(images, self.group_size),
         }
         if self.run_dir is not None:
             self._save_grid(images, iteration, env_steps)
         return metrics
+
+    def _train_accuracy(self, policy: TextImagePolicy) -> dict[str, float]:
+        """``eval/train_accuracy`` (and per category): the verifier on the training prompts' images."""
+        correct = self.verifier(ImageBatch(self.images(policy, train=True), self.train_per_image)).details["correct"]
+        return {
+            "eval/train_accuracy": float(correct.mean()),
+            **category_accuracy(self.train_per_image, correct, "eval/train_"),
+        }
 
     def _score(self, batch: ImageBatch, iteration: int) -> RewardOutput | Tensor:
         """The reward model's checked scores of the evaluation images; RewardError (one line)

@@ -98,7 +98,8 @@ class PromptCollector:
     """Collects GRPO rollouts of ``group_size`` images per prompt (see the module doc).
 
     rewards: the RewardPool that scores ``ImageBatch``es. split: the captions prompts are
-    drawn from ("train" or "heldout"). same_noise: a group's images start from one noise.
+    drawn from ("train" or "heldout") of the ``benchmark`` split ("geneval" or "zero_shot",
+    ``envs.shapes.captions``). same_noise: a group's images start from one noise.
     reward_weights: a multi reward's component weights when GRPO takes per-reward advantages
     (``per_reward_weights``): the rollout then carries each component's scores.
     """
@@ -113,10 +114,11 @@ class PromptCollector:
         same_noise: bool = False,
         split: str = "train",
         reward_weights: dict[str, float] | None = None,
+        benchmark: str = "zero_shot",
     ) -> None:
         from envs.shapes import Tokenizer
 
-        self.rewards, self.seed, self.split = rewards, seed, split
+        self.rewards, self.seed, self.split, self.benchmark = rewards, seed, split, benchmark
         self.prompts_per_iteration, self.group_size = prompts_per_iteration, group_size
         self.prompts_per_chunk, self.same_noise = prompts_per_chunk, same_noise
         self.reward_weights = reward_weights
@@ -134,7 +136,7 @@ class PromptCollector:
         from envs.shapes import sample_captions
 
         rng = np.random.default_rng(derive_seed(self.seed, PROMPT_STREAM, iteration))
-        return sample_captions(self.prompts_per_iteration, rng, self.split)
+        return sample_captions(self.prompts_per_iteration, rng, self.split, self.benchmark)
 
     def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
         """One image per "env": ``prompts_per_iteration`` groups of ``group_size`` images.
@@ -263,6 +265,7 @@ def make_prompt_collector(cfg: ExperimentConfig) -> PromptCollector:
         env.same_noise,
         env.prompt_split,
         per_reward_weights(env.reward),
+        env.benchmark,
     )
 
 

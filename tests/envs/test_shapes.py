@@ -278,3 +278,41 @@ def test_tokenizer_errors_name_the_problem():
         tok.encode(["a <pad>"])
     with pytest.raises(ValueError, match="has 9 words; the tokenizer takes 8"):
         tok.encode(["a circle to the left of a red square"])
+
+
+# ---------------------------------------------------------------- the geneval (fair) split
+def test_geneval_split_holds_out_strings_of_every_category_never_trained_on():
+    from envs.shapes import GENEVAL_MIX, sample_captions
+
+    train, heldout = train_prompts(benchmark="geneval"), heldout_prompts(benchmark="geneval")
+    assert not set(train) & set(heldout) and sorted(train + heldout) == sorted(all_captions())
+    assert list(GENEVAL_MIX) == list(CATEGORIES)
+    for category in CATEGORIES:  # GenEval's six categories, a quarter of each held out
+        n = len(all_captions(category))
+        assert len(heldout_prompts(category, "geneval")) == max(1, round(n / 4)), category
+    # what RL draws (many iterations' worth) never holds a held-out string
+    drawn = sample_captions(5000, np.random.default_rng(0), "train", "geneval")
+    assert not set(drawn) & set(heldout) and set(drawn) == set(train)
+    with pytest.raises(ValueError, match="unknown benchmark split 'fair'"):
+        train_prompts(benchmark="fair")
+
+
+def test_every_geneval_held_out_caption_is_shown_in_pretraining_data():
+    """Every held-out caption's pixels (its colour-shape pairs, its count, its arrangement, all
+    at once) are in some pretraining scene; under zero_shot no pretraining scene shows a
+    held-out colour-shape pair (the oracle: each caption's constraints checked on the scene's
+    objects)."""
+    from envs.shapes import sample_captions
+
+    rng = np.random.default_rng(5)
+    scenes = {}
+    for benchmark in ("geneval", "zero_shot"):
+        captions = sample_captions(4000, rng, "pretrain", benchmark)
+        scenes[benchmark] = [sample_scene(c, rng, benchmark=benchmark) for c in captions]
+    for text in heldout_prompts(benchmark="geneval"):
+        constraints = parse_caption(text).constraints
+        assert any(all(c.holds(s.objects) for c in constraints) for s in scenes["geneval"]), text
+    pairs = {(o.colour, o.shape) for s in scenes["geneval"] for o in s.objects}
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES}
+    held = {(k[1], k[2]) for k in HELD_OUT if k[0] == "colour_shape"}
+    assert not held & {(o.colour, o.shape) for s in scenes["zero_shot"] for o in s.objects}

@@ -98,7 +98,7 @@ def test_a_nan_reward_is_an_error_naming_the_reward_model_and_the_sample():
 
 
 def test_evaluation_logs_accuracy_per_category_and_writes_the_png_grid(tmp_path):
-    cfg = tiny_config("eval.episodes=3")
+    cfg = tiny_config("eval.episodes=3", "env.benchmark=zero_shot")
     policy = _policy(cfg)
     evaluator = ImageEvaluator(cfg, tmp_path)
     try:
@@ -113,8 +113,25 @@ def test_evaluation_logs_accuracy_per_category_and_writes_the_png_grid(tmp_path)
     assert first["eval/diversity"] > 0
     categories = {k.removeprefix("eval/accuracy_") for k in first if k.startswith("eval/accuracy_")}
     assert categories and categories <= {"counting", "colors", "position", "color_attr"}  # held-out prompts
+    assert 0 <= first["eval/train_accuracy"] <= 1 and any(k.startswith("eval/train_accuracy_") for k in first)
     for name in ("iter_0000.png", "iter_0007.png"):
         with Image.open(tmp_path / "samples" / name) as png:  # 3 rows of 2 images of 16 px, 2 px apart, x4
             assert png.size == ((2 * 18 + 2) * 4, (3 * 18 + 2) * 4)
     assert len((tmp_path / "samples" / "prompts.txt").read_text().splitlines()) == 3
     assert list((tmp_path / "tensorboard" / "samples").glob("events.out.tfevents.*"))
+
+
+def test_geneval_evaluation_draws_held_out_and_training_prompts_with_genevals_mix():
+    """The geneval split: held-out and training prompts by the same stratified sampler, each
+    category's share GenEval's to within one prompt, no held-out string among the training ones."""
+    from envs.shapes import GENEVAL_MIX, heldout_prompts, parse_caption, train_prompts
+
+    cfg = tiny_config("eval.episodes=64", "env.benchmark=geneval")
+    evaluator = ImageEvaluator(cfg, None)
+    assert set(evaluator.prompts) <= set(heldout_prompts(benchmark="geneval"))
+    assert set(evaluator.train_prompts) <= set(train_prompts(benchmark="geneval"))
+    total = sum(GENEVAL_MIX.values())
+    for prompts in (evaluator.prompts, evaluator.train_prompts):
+        categories = [parse_caption(p).category for p in prompts]
+        for category, weight in GENEVAL_MIX.items():
+            assert abs(categories.count(category) - 64 * weight / total) < 1, category
