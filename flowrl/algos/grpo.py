@@ -40,16 +40,22 @@ from flowrl.runtime import derive_seed
 
 
 def episode_advantages(
-    outcome: Tensor, group: Tensor, group_size: int, eps: float
+    outcome: Tensor, group: Tensor, group_size: int, eps: float, std: str = "group"
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Group-normalised outcomes of N episodes.
 
-    outcome ``[N]``; group ``[N]`` (group ids, ``group_size`` consecutive envs each).
+    outcome ``[N]``; group ``[N]`` (group ids, ``group_size`` consecutive envs each). ``std``:
+    "group" divides by each group's std, "global" by the (population) std of all N outcomes
+    (Flow-GRPO's ``global_std``); the mean is the group's either way.
     Returns ``(advantages [N], keep [N] bool, stats)``: ``keep`` is False for the episodes of
     groups whose outcomes all tie (no signal).
     """
     _check_groups(group, group_size)
-    adv, has_signal = group_advantages(outcome.view(-1, group_size).double(), eps)
+    grouped = outcome.view(-1, group_size).double()
+    adv, has_signal = group_advantages(grouped, eps)
+    if std == "global":
+        centred = grouped - grouped.mean(dim=1, keepdim=True)
+        adv = centred / (grouped.std(unbiased=False) + eps)
     return adv.reshape(-1).to(outcome.dtype), *_kept(has_signal, group_size)
 
 
@@ -118,8 +124,8 @@ class GRPO(PolicyGradientAlgorithm):
     """Policy + optimiser (+ a frozen reference when ``beta > 0``)."""
 
     name = "GRPO"
-    # the checkpoint's keys, in order (reference only with beta > 0)
-    checkpoint_state = ("policy", "actor_opt", "generator", "reference")
+    # the checkpoint's keys, in order (reference only with beta > 0, ema only with ema_decay > 0)
+    checkpoint_state = ("policy", "actor_opt", "generator", "reference", "ema")
 
     def __init__(
         self,
@@ -135,9 +141,28 @@ class GRPO(PolicyGradientAlgorithm):
         self.optimizer = PolicyOptimizer(policy, cfg)
         self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
         self.reference = frozen_copy(policy) if cfg.beta > 0 else None
+        self.ema = frozen_copy(policy) if cfg.ema_decay > 0 else None
         self._stats: dict[str, float] = {}
         # how a [B, S] per-step log-prob becomes the policy-gradient samples' (unit_values)
         self._unit = (policy.sample_unit, policy.log_prob_reduce, event_numel(policy))
+
+    @property
+    def eval_policy(self) -> Policy | None:
+        """What evaluation samples: the EMA of the weights (``ema_decay > 0``), else None (the
+        trained policy)."""
+        return self.ema
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``ema <- decay * ema + (1 - decay) * theta`` for every floating-point tensor of the state."""
+        assert self.ema is not None
+        decay = self.cfg.ema_decay
+        trained = self.policy.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(trained[name].to(value.device), 1.0 - decay)
+            else:
+                value.copy_(trained[name])
 
     @torch.no_grad()
     def _old_means(self, batch: GRPOBatch) -> Tensor:
@@ -161,7 +186,9 @@ class GRPO(PolicyGradientAlgorithm):
                 rollout.reward_components, rollout.reward_weights, rollout.group, self.group_size, self.cfg.adv_eps
             )
         else:
-            adv, keep, stats = episode_advantages(outcome, rollout.group, self.group_size, self.cfg.adv_eps)
+            adv, keep, stats = episode_advantages(
+                outcome, rollout.group, self.group_size, self.cfg.adv_eps, self.cfg.advantages.std
+            )
         steps = rollout.valid & keep.unsqueeze(0)  # [T, N]
         assert rollout.episode_done is not None
         stats["grpo/outcome_mean"] = float(outcome.mean())
@@ -181,6 +208,8 @@ class GRPO(PolicyGradientAlgorithm):
         size = batch.advantages.shape[0]
         metrics = dict(self._stats)
         if size == 0:  # every group tied: nothing to learn from this rollout
+            if self.ema is not None:
+                self._update_ema()
             return {**metrics, "train/epochs": 0.0}
         history = MetricHistory()
         old_mean = self._old_means(batch) if cfg.ratio_norm else None
@@ -193,6 +222,8 @@ class GRPO(PolicyGradientAlgorithm):
         metrics["train/advantage_std"] = batch.advantages.std().item() if size > 1 else 0.0
         if self.running_obs_stats:
             update_obs_stats(batch.cond, self.policy)
+        if self.ema is not None:
+            self._update_ema()
         return metrics
 
     def _minibatch(

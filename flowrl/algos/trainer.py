@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import envs as flowrl_envs
-from flowrl.algos.policy_gradient import NumericalError, check_ratio
+from flowrl.algos.policy_gradient import NumericalError, check_ratio_of
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
 from flowrl.errors import CheckpointError, FlowRLError, Interrupted
@@ -177,11 +177,13 @@ class Trainer:
         self.reports_success = cfg.env.type == "shapes" or cfg.env.id in flowrl_envs.REPORTS_SUCCESS
 
     def evaluate(self) -> dict[str, float]:
+        # an algorithm that keeps an EMA of the weights (GRPO's ema_decay) is evaluated with it
+        policy = getattr(self.algo, "eval_policy", None) or self.rollout_policy
         if self.evaluator is not None:
-            return self.evaluator(self.rollout_policy, self.iteration, self.env_steps)
+            return self.evaluator(policy, self.iteration, self.env_steps)
         env = self.cfg.env
         return evaluate_policy(
-            self.rollout_policy, env.id, self.cfg.policy.horizon, self.cfg.eval.episodes, self.cfg.seed, env.kwargs
+            policy, env.id, self.cfg.policy.horizon, self.cfg.eval.episodes, self.cfg.seed, env.kwargs
         )
 
     def save_checkpoint(self) -> None:
@@ -251,7 +253,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 algo.set_progress(it / iterations)
                 batch = algo.prepare(rollout)  # advantages
-                ratio_metrics = check_ratio(policy, batch.cond, batch.samples, cfg.algo.ratio_check_tol, algo.name)
+                ratio_metrics = check_ratio_of(policy, batch.cond, batch.samples, cfg.algo, algo.name)
                 metrics = algo.update(batch, it)
                 self.publish_weights(it)
                 t2 = time.perf_counter()

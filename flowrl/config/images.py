@@ -83,6 +83,16 @@ class TextImagePolicyConfig(_Strict):
     cfg_scale: float = Field(
         1.0, ge=0, description="classifier-free guidance in sampling, training and evaluation; 1 = no guidance"
     )
+    detach_uncond: bool = Field(
+        False,
+        description="fine-tuning: no gradient through the unconditional branch of classifier-free guidance (its "
+        "weight 1 - cfg_scale would push every prompt's shared unconditional field); sampling is unchanged",
+    )
+    freeze_text: bool = Field(
+        False,
+        description="fine-tuning: keep the caption encoder (word and position embeddings, its transformer) fixed, "
+        "as Flow-GRPO keeps SD3's text encoders; pretraining trains it either way",
+    )
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="pretraining: share of captions replaced by the empty one (learns the CFG field)"
     )

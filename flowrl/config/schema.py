@@ -331,6 +331,11 @@ class PolicyGradientConfig(_Strict):
     ratio_check_tol: float = Field(
         1e-4, gt=0, description="max |ratio - 1| allowed when re-evaluating a fresh rollout before the first update"
     )
+    ratio_check: Literal["all", "first_minibatch"] = Field(
+        "all",
+        description="which samples the ratio = 1 check re-evaluates before the first update: all, or only the "
+        "first minibatch_size ones (an extra no-grad pass over one minibatch instead of the whole rollout)",
+    )
 
 
 class PPOConfig(PolicyGradientConfig):
@@ -357,6 +362,17 @@ class PPOConfig(PolicyGradientConfig):
     )
 
 
+class GRPOAdvantagesConfig(_Strict):
+    """GRPO's normalisation (Flow-GRPO's PerPromptStatTracker, its statistics cleared every
+    iteration: one group per prompt, so per-prompt statistics are the group's)."""
+
+    std: Literal["group", "global"] = Field(
+        "group",
+        description="advantage = (r - group mean) / (std + adv_eps) with the std of the group, or of every outcome "
+        "of the iteration (Flow-GRPO's global_std: a 0.75 vs 1.0 difference stays smaller than 0 vs 1)",
+    )
+
+
 class GRPOConfig(PolicyGradientConfig):
     """GRPO without a critic: each env runs one episode per iteration from its group's shared
     reset state; the group-normalised outcome is the advantage of every step of the episode."""
@@ -375,6 +391,16 @@ class GRPOConfig(PolicyGradientConfig):
         description="GRPO-Guard's ratio normalisation: add ||mu_theta - mu_old||^2 / (2 sigma^2) to each step's "
         "log-ratio, removing its negative bias so the clipped ratio is centred at 1 at every denoising step "
         "(fixed-std converters: flow_sde, cps)",
+    )
+    advantages: GRPOAdvantagesConfig = Field(
+        default_factory=lambda: GRPOAdvantagesConfig(), description="how outcomes become advantages"
+    )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="evaluate an exponential moving average of the policy's weights, updated after every "
+        "iteration's update with this decay (Flow-GRPO's train.ema); 0 = evaluate the trained weights",
     )
 
 
@@ -483,6 +509,12 @@ class ExperimentConfig(_Strict):
                 "env.reward.advantages: per_reward normalises each reward's scores within a group; it needs "
                 "algo.outcome: return"
             )
+        if self.env.reward.get("advantages") == "per_reward" and isinstance(self.algo, GRPOConfig):
+            if self.algo.advantages.std == "global":
+                problems.append(
+                    "env.reward.advantages: per_reward normalises each reward within its group; it takes no "
+                    "algo.advantages.std: global (remove one of them)"
+                )
         patch = 4 * self.policy.patch
         if self.env.image_size % patch:
             problems.append(f"env.image_size={self.env.image_size} must be a multiple of 4 * policy.patch = {patch}")

@@ -126,7 +126,10 @@ def build_policy(cfg: ExperimentConfig, actor: Actor) -> Policy:
             p.eval_denoising_steps, solver=cfg.mdp.solver, grid_kind="shifted", grid_shift=p.time_shift
         )
         sampler = build_sampler(cfg, actor)
-        return TextImagePolicy(actor, sampler, evaluation, p.cfg_scale, cfg.mdp.sample_unit, cfg.mdp.log_prob_reduce)
+        policy = TextImagePolicy(actor, sampler, evaluation, p.cfg_scale, cfg.mdp.sample_unit, cfg.mdp.log_prob_reduce)
+        policy.velocity.detach_uncond = p.detach_uncond
+        actor.text.requires_grad_(not p.freeze_text)  # frozen parameters stay out of the optimiser
+        return policy
     assert isinstance(actor, VelocityMLP)
     if isinstance(p, DiffusionPolicyConfig):
         return DiffusionPolicy(actor, p.train_steps, p.denoising_steps, p.min_std, p.denoised_clip)

@@ -175,11 +175,16 @@ class TextImageVelocity(nn.Module):
 
 class GuidedVelocity(nn.Module):
     """Classifier-free guidance: ``v_uncond + scale * (v_cond - v_uncond)`` (scale 1 = the
-    conditional field alone; the unconditional field sees the empty caption)."""
+    conditional field alone; the unconditional field sees the empty caption).
 
-    def __init__(self, velocity: TextImageVelocity, scale: float) -> None:
+    ``detach_uncond``: the value is the same, but no gradient flows through ``v_uncond``. With
+    it, a policy-gradient step moves the field only through the conditional branch; without it
+    the unconditional branch, which every prompt shares, takes gradient with weight
+    ``1 - scale`` (-1.5 at 2.5)."""
+
+    def __init__(self, velocity: TextImageVelocity, scale: float, detach_uncond: bool = False) -> None:
         super().__init__()
-        self.velocity, self.scale = velocity, scale
+        self.velocity, self.scale, self.detach_uncond = velocity, scale, detach_uncond
 
     @property
     def event_shape(self) -> tuple[int, int, int]:
@@ -192,6 +197,8 @@ class GuidedVelocity(nn.Module):
         t_b = _batch_time(t, b, x)
         both = self.velocity(torch.cat([cond, torch.full_like(cond, PAD)]), torch.cat([x, x]), torch.cat([t_b, t_b]))
         v_cond, v_uncond = both[:b], both[b:]
+        if self.detach_uncond:
+            v_uncond = v_uncond.detach()
         return v_uncond + self.scale * (v_cond - v_uncond)
 
 
