@@ -12,15 +12,18 @@ One command runs the whole comparison:
 network, more prompts and iterations: a GPU machine's) and keeps their pretrained model in
 ``cache/shapes/paper-pretrain/``.
 
-Per method it reports the held-out compositional accuracy (the ODE at
-``policy.eval_denoising_steps``, on the same held-out prompts and noise for every method of a
-seed) before and after, per caption category; the JPEG size and the diversity within a
-prompt before and after (a reward-hacked model draws blank or identical images); the time per
-iteration (sampling, scoring, update; evaluation excluded) and its ratio to Flow-GRPO's; the
-NFE per training image; the peak memory of the learner process during the run (Linux's peak
-RSS, reset at the run's start, and its growth over the RSS then: what the run itself added
-to a process that already holds the earlier runs' imports; on CUDA also
-``torch.cuda.max_memory_allocated``); and the share of the reward scoring hidden behind
+The split is the experiment files' ``env.benchmark`` (override it for all with
+``env.benchmark=zero_shot``): geneval, the GenEval-fair split, or zero_shot, the earlier one;
+each keeps its own pretrained model (``default_pretrained``), and a model pretrained on the
+other split is refused. Per method it reports the held-out accuracy and the training-prompt
+accuracy (the ODE at ``policy.eval_denoising_steps``, the same sampler and noise for both, the
+same prompts for every method of a seed) before and after, per caption category; the JPEG size
+and the diversity within a prompt before and after (a reward-hacked model draws blank or
+identical images); the time per iteration (sampling, scoring, update; evaluation excluded) and
+its ratio to Flow-GRPO's; the NFE per training image; the peak memory of the learner process
+during the run (Linux's peak RSS, reset at the run's start, and its growth over the RSS then:
+what the run itself added to a process that already holds the earlier runs' imports; on CUDA
+also ``torch.cuda.max_memory_allocated``); and the share of the reward scoring hidden behind
 sampling (``time/reward_hidden_fraction``; 0 with in-process scoring, ``ray.enabled: false``).
 
 Results: ``images.json`` (table, learning curves, the commands), ``images_grid.png`` (the
@@ -57,7 +60,34 @@ DEFAULT_PRETRAINED = {
     "cpu": Path("cache") / "shapes" / "pretrain" / "pretrained.pt",
     "paper": Path("cache") / "shapes" / "paper-pretrain" / "pretrained.pt",
 }
-REPORTED = ("eval/accuracy", "eval/return", "eval/jpeg_kb", "eval/diversity")  # plus eval/accuracy_<category>
+# plus eval/accuracy_<category> and eval/train_accuracy_<category>
+REPORTED = ("eval/accuracy", "eval/train_accuracy", "eval/return", "eval/jpeg_kb", "eval/diversity")
+SPLIT_LABELS = {
+    "geneval": "GenEval-fair split: held-out prompt strings RL never trains on, every combination seen in pretraining",
+    "zero_shot": "zero-shot split: held-out colour-shape pairs, counts and arrangements never seen in pretraining",
+}
+
+
+def default_pretrained(size: str, benchmark: str) -> Path:
+    """Where the bench keeps the pretrained model of ``size`` and ``benchmark`` split (the
+    two splits pretrain on different captions, so each has its own)."""
+    path = DEFAULT_PRETRAINED[size]
+    return path if benchmark == "geneval" else path.parent.with_name(f"{path.parent.name}-{benchmark}") / path.name
+
+
+def check_pretrained_split(checkpoint: Path, benchmark: str) -> None:
+    """A pretrained model whose pretraining run folder says another split is refused: its
+    pretraining captions do not fit this split's held-out set."""
+    config = checkpoint.parent / "config.yaml"
+    if not config.is_file():
+        return  # a checkpoint without its run folder: nothing to compare
+    pretrained_on = load_config(config).env
+    split = getattr(pretrained_on, "benchmark", None)
+    if split is not None and split != benchmark:
+        raise FlowRLError(
+            f"{checkpoint} was pretrained on the {split} split ({config}), this bench runs env.benchmark={benchmark}; "
+            f"give --pretrained a model pretrained on {benchmark}, or leave --pretrained out"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,15 +127,21 @@ def run_images_bench(
     returns them."""
     chosen = select_methods(methods)
     common.check_bench_args("images", seeds, size, SIZES)
-    folder, pretrained = SIZES[size], Path(pretrained or DEFAULT_PRETRAINED[size])
+    folder = SIZES[size]
     pretrain_file = folder / "shapes_pretrain.yaml"
     overrides, extra = common.bench_overrides(overrides, iterations)
-    for method in chosen:  # every file and override checked before any work
-        load_config(folder / method.file, extra)
+    benchmarks = {load_config(folder / m.file, extra).env.benchmark for m in chosen}  # every file checked first
+    if len(benchmarks) != 1:
+        raise FlowRLError(f"the methods' files name different splits ({sorted(benchmarks)}): set env.benchmark=...")
+    benchmark = benchmarks.pop()
+    pretrained = Path(pretrained or default_pretrained(size, benchmark))
+    if pretrained.is_file():
+        check_pretrained_split(pretrained, benchmark)
     out = Path(out_dir)
     checkpoint, pretrain_s = prepare_pretrained(pretrained, pretrain_file, overrides, progress)
     results: dict[str, Any] = {
         **common.results_header(size, seeds, iterations, overrides),
+        "benchmark": benchmark,
         "pretrained": str(checkpoint),
         "pretrain_s": pretrain_s,
         "commands": {"bench": _bench_command(out, chosen, iterations, seeds, overrides, pretrained, size)},
@@ -183,7 +219,9 @@ def _fine_tune(cfg: ExperimentConfig, seed: int, command: str, progress: bool) -
 
 
 def _reported(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k in REPORTED or k.startswith("eval/accuracy_")}
+    return {
+        k: v for k, v in metrics.items() if k in REPORTED or k.startswith(("eval/accuracy_", "eval/train_accuracy_"))
+    }
 
 
 def summarise(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -322,7 +360,7 @@ def format_table(results: dict[str, Any]) -> str:
     rows = results["rows"]
     from envs.shapes import CATEGORIES
 
-    found = {k.removeprefix("eval/accuracy_") for r in rows for k in r["after"] if "accuracy_" in k}
+    found = {k.removeprefix("eval/accuracy_") for r in rows for k in r["after"] if k.startswith("eval/accuracy_")}
     categories = [c for c in CATEGORIES if c in found]
 
     def change(row: dict[str, Any], key: str, fmt: str = ".2f") -> str:
@@ -336,19 +374,21 @@ def format_table(results: dict[str, Any]) -> str:
         parts += [f"{row['cuda_peak_mb']:.0f} MB CUDA"] if row["cuda_peak_mb"] is not None else []
         return ", ".join(parts) or "?"
 
+    split = results.get("benchmark", "zero_shot")
     lines = [
         f"**flowrl bench images** ({results['size']}-sized, {results['machine']['cpus']} CPUs; mean over seeds "
-        f"{results['seeds']}; held-out accuracy with the ODE)\n",
-        "| method | held-out accuracy | "
+        f"{results['seeds']}; accuracy with the ODE; {SPLIT_LABELS[split]})\n",
+        "| method | held-out accuracy | training-prompt accuracy | "
         + " | ".join(categories)
         + " | JPEG kB | diversity | s / iteration | vs Flow-GRPO | NFE / image | peak memory | reward hidden |",
-        "|---" * (9 + len(categories)) + "|",
+        "|---" * (10 + len(categories)) + "|",
     ]
     for r in rows:
         ratio = f"{r['time_vs_flow_grpo']:.2f}x" if r["time_vs_flow_grpo"] is not None else ""
         cells = [
             r["method"],
             change(r, "eval/accuracy"),
+            change(r, "eval/train_accuracy"),
             *(change(r, f"eval/accuracy_{c}") for c in categories),
             change(r, "eval/jpeg_kb"),
             change(r, "eval/diversity", ".3f"),
@@ -362,7 +402,16 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["METHODS", "format_table", "prepare_pretrained", "run_images_bench", "select_methods", "summarise"]
+__all__ = [
+    "METHODS",
+    "check_pretrained_split",
+    "default_pretrained",
+    "format_table",
+    "prepare_pretrained",
+    "run_images_bench",
+    "select_methods",
+    "summarise",
+]
 
 
 def cli_handler(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ def test_images_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypatch
         times[method] = np.mean([r["time/collect_s"] + r["time/update_s"] for r in trained])
         assert row["s_per_iteration"] == pytest.approx(times[method])
         for when in ("before", "after"):
-            assert {"eval/accuracy", "eval/jpeg_kb", "eval/diversity"} <= set(row[when])
+            assert {"eval/accuracy", "eval/train_accuracy", "eval/jpeg_kb", "eval/diversity"} <= set(row[when])
             categories = [k for k in row[when] if k.startswith("eval/accuracy_")]
             assert categories and all(0 <= row[when][k] <= 1 for k in categories)
             assert row[when] == pytest.approx(run[when])  # one seed: the row is the run
@@ -85,6 +85,14 @@ def test_images_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypatch
     assert again["pretrain_s"] is None and "pretrain" not in again["commands"]
     ((row),) = again["rows"]
     assert row["method"] == "Flash" and row["seeds"] == [3] and row["time_vs_flow_grpo"] is None
+    assert results["benchmark"] == "geneval" and "GenEval-fair split" in printed
+
+    # the zero-shot split keeps its own pretrained model; the geneval one is refused for it, in one line
+    zero = ["bench", "images", "--methods", "flash", "--out", str(tmp_path / "z"), "--no-progress", *TINY]
+    assert main([*zero, "--pretrained", "cache/shapes/pretrain/pretrained.pt", "env.benchmark=zero_shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was pretrained on the geneval split" in err
+    assert not (tmp_path / "z").exists()
 
 
 def test_bad_input_is_a_one_line_error_before_any_run(tmp_path, monkeypatch, capsys):
