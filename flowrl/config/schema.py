@@ -538,6 +538,8 @@ class ExperimentConfig(_Strict):
             dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
         if family in IMAGE_POLICY_TYPES:
             dead["pretrain.demos"] = "to gym envs (text_image pretraining draws pairs from the shapes world)"
+        if getattr(self.policy, "cfg_scale", None) == 1.0:
+            dead["policy.detach_uncond"] = "to classifier-free guidance (policy.cfg_scale other than 1)"
         if self.env.type == "shapes":
             dead["algo.max_steps"] = "to gym envs (an image is one step)"
             dead["ray.cpus_per_worker"] = "to gym env workers (reward workers reserve no CPU)"

@@ -47,6 +47,8 @@ def test_advantages_std_is_a_validated_key():
         tiny_config("algo.ema_decay=1.0")
     with pytest.raises(ConfigError, match="ratio_check"):
         tiny_config("algo.ratio_check=some")
+    with pytest.raises(ConfigError, match="policy.detach_uncond only applies to classifier-free guidance"):
+        tiny_config("policy.detach_uncond=true", "policy.cfg_scale=1.0")
 
 
 # ------------------------------------------------------------------------------ CFG detach
