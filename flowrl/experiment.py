@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from flowrl.algos.bc import action_chunks, bc_loss, check_demos, dataset_obs_stats, demo_batches, fit, load_demos
 from flowrl.algos.trainer import Algorithm, Trainer
-from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
+from flowrl.config import (
+    LIKELIHOOD_FREE_ALGOS,
+    AWMConfig,
+    ExperimentConfig,
+    GRPOConfig,
+    NFTConfig,
+    load_config,
+    save_config,
+)
 from flowrl.errors import CheckpointError, FlowRLError
 from flowrl.models.build import (
     Actor,
@@ -349,8 +357,16 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
-    """PPO (with a critic on the actor's observations) or GRPO, from ``cfg.algo``."""
+    """PPO (with a critic on the actor's observations), GRPO, DiffusionNFT or AWM, from ``cfg.algo``."""
     running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
+    if isinstance(cfg.algo, NFTConfig):
+        from flowrl.algos.nft import NFT
+
+        return NFT(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
+    if isinstance(cfg.algo, AWMConfig):
+        from flowrl.algos.awm import AWM
+
+        return AWM(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
     if isinstance(cfg.algo, GRPOConfig):
         from flowrl.algos.grpo import GRPO
 
@@ -367,6 +383,8 @@ def _method(cfg: ExperimentConfig) -> str:
     if cfg.policy.type == "diffusion":
         return f"DPPO, {cfg.policy.denoising_steps} denoising steps" if algo == "PPO" else f"diffusion {algo}"
     m = cfg.mdp
+    if cfg.algo.type in LIKELIHOOD_FREE_ALGOS:  # no converter or window: the ODE samples
+        return f"{algo}, {cfg.policy.type} flow, K = {cfg.policy.denoising_steps}, {m.solver} ODE sampling"
     window = m.window.type if m.window.type != "sliding" else f"sliding({m.window.size})"
     solver = "" if m.solver == "euler" else f", {m.solver} solver"
     unit = "" if m.sample_unit == "chain" else ", per-step samples"
