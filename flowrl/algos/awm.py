@@ -4,16 +4,19 @@ GRPO-style advantages, on the policy's own clean samples.
 
 The current policy samples clean actions or images with the deterministic ODE (any solver,
 ``flowrl.algos.likelihood_free``); each sample x, with its group advantage A clipped to
-[-c, c], is noised again at every grid time t (x_t = (1 - t) eps + t x, target v* = x - eps,
-the pretraining path) and trains
+[-c, c] and scaled into [-1, 1] (w = clip(A, -c, c) / c, the paper's advantage_max = 1), is
+noised again at every grid time t (x_t = (1 - t) eps + t x, target v* = x - eps, the
+pretraining path) and trains
 
-    L = mean over rows of  clip(A, -c, c) * mean (v_theta(x_t, t) - v*)^2
+    L = mean over rows of  w * mean (v_theta(x_t, t) - v*)^2
+        + old_coef * mean ||v_theta - v_old||^2  +  beta * mean ||v_theta - v_ref||^2
 
-With every A = 1 it is the pretraining loss; the gradient pulls the field towards samples of
-positive advantage and pushes it away from those of negative advantage (the paper's
-policy-gradient view: the flow-matching error stands in for -log-likelihood). The reference
-regulariser ``beta`` (mean ||v_theta - v_ref||^2, the paper's "Uniform" KL) keeps the pushing
-away bounded.
+With every w = 1 the first term is the pretraining loss; its gradient pulls the field towards
+samples of positive advantage and pushes it away from those of negative advantage (the paper's
+policy-gradient view: the flow-matching error stands in for -log-likelihood). Pushing away is
+unbounded on its own: the proximal term to the policy that collected the rollout (v_old, the
+paper's ema_beta = 1) makes each row's loss convex for |w| < 1, and ``beta`` (the paper's
+"Uniform" KL) keeps the field near the initial policy.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from flowrl.config import AWMConfig
 
 
 def awm_loss(v: Tensor, target: Tensor, advantages: Tensor, clip: float) -> Tensor:
-    """``mean_rows clip(A, -clip, clip) * mean_dims (v - target)^2``: v, target ``[R, *E]``, A ``[R]``."""
-    return (advantages.clamp(-clip, clip) * matching_error(v, target)).mean()
+    """``mean_rows w * mean_dims (v - target)^2`` with ``w = clip(A, -clip, clip) / clip`` in [-1, 1]:
+    v, target ``[R, *E]``, A ``[R]``."""
+    return (advantages.clamp(-clip, clip) / clip * matching_error(v, target)).mean()
 
 
 class AWM(LikelihoodFreeAlgorithm):

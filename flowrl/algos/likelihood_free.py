@@ -12,8 +12,10 @@ Training: every kept sample x (its episode's group-normalised outcome as advanta
 ``episode_advantages``) is noised again by the forward process at every time t_0..t_{K-1} of
 the sampler's grid, with fresh noise eps: x_t = (1 - t) eps + t x, target velocity x - eps
 (flowrl's convention, the same as pretraining, ``flowrl.algos.flow_bc``). Each algorithm
-turns the velocity predicted there into its loss; an optional regulariser ``beta * mean
-||v_theta - v_ref||^2`` keeps the field near the reference (the initial policy, a frozen copy).
+turns the velocity predicted there into its loss; optional regularisers ``beta * mean
+||v_theta - v_ref||^2`` keep the field near the reference (the initial policy, a frozen copy)
+and ``old_coef * mean ||v_theta - v_old||^2`` near the policy that collected the rollout (a
+trust region, AWM's ``ema_beta``).
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ class LikelihoodFreeAlgorithm:
         )
         self.generator = torch.Generator().manual_seed(derive_seed(seed, 2))
         self.reference = frozen_copy(policy) if cfg.beta > 0 else None
+        # the proximal term's v_old: the policy that collected the rollout (``anchor_policy``)
+        self._snapshot = frozen_copy(policy) if cfg.old_coef > 0 else None
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the Trainer's protocol
@@ -204,6 +208,8 @@ class LikelihoodFreeAlgorithm:
         size = batch.advantages.shape[0]
         metrics = dict(self._stats)
         if size > 0:
+            if self._snapshot is not None:
+                self._snapshot.load_state_dict(self.policy.state_dict())
             history: dict[str, list[float]] = {}
             times = self.policy.sampler.grid[:-1]  # the times the sampler queries the field
             for _ in range(cfg.epochs):
@@ -251,6 +257,11 @@ class LikelihoodFreeAlgorithm:
         """What happens after the update of ``iteration`` (NFT: the old policy's soft update)."""
         return {}
 
+    def anchor_policy(self) -> Policy | None:
+        """The policy of the proximal term (``old_coef``): by default a snapshot of the trained
+        policy taken before each update, i.e. the one that collected the rollout."""
+        return self._snapshot
+
     # ------------------------------------------------------------------ one step
     def _step(self, rows: NoisedRows, iteration: int) -> dict[str, float]:
         """One optimiser step on ``rows``: the algorithm's loss plus the reference regulariser."""
@@ -263,5 +274,12 @@ class LikelihoodFreeAlgorithm:
             reg = (v - v_ref).pow(2).mean()
             loss = loss + self.cfg.beta * reg
             logged["losses/kl_ref"] = reg.item()
+        anchor = self.anchor_policy() if self.cfg.old_coef > 0 else None
+        if anchor is not None:
+            with torch.no_grad():
+                v_anchor = anchor.velocity(rows.cond, rows.x_t, rows.t, rows.t)
+            prox = (v - v_anchor).pow(2).mean()
+            loss = loss + self.cfg.old_coef * prox
+            logged["losses/old_prox"] = prox.item()
         grad_norm = guarded_step(self.actor_opt, self.params, loss, self.cfg.max_grad_norm, self.guard, iteration)
         return {**logged, "train/grad_norm": grad_norm}

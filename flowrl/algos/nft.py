@@ -104,6 +104,10 @@ class NFT(LikelihoodFreeAlgorithm):
         loss = nft_loss(v, v_old, rows.target, rows.t, r, cfg.nft_beta, cfg.adaptive_weight).mean()
         return loss, {"nft/r_mean": r.mean().item(), "nft/old_distance": (v - v_old).pow(2).mean().item()}
 
+    def anchor_policy(self) -> Policy | None:
+        """The proximal term (``old_coef``) anchors to the old policy, which collected the rollout."""
+        return self.old
+
     @torch.no_grad()
     def after_update(self, iteration: int) -> dict[str, float]:
         """old <- d old + (1 - d) theta (parameters); buffers (observation statistics) copied."""

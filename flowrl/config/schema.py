@@ -412,6 +412,12 @@ class LikelihoodFreeConfig(_Strict):
         description="weight of the velocity regulariser to the reference (initial) policy, mean ||v_theta - v_ref||^2 "
         "on the same noised samples; 0 = off",
     )
+    old_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a proximal term mean ||v_theta - v_old||^2 to the policy that collected the rollout "
+        "(a trust region: AWM's ema_beta); 0 = off",
+    )
 
 
 class NFTConfig(LikelihoodFreeConfig):
@@ -447,9 +453,16 @@ class NFTConfig(LikelihoodFreeConfig):
 
 class AWMConfig(LikelihoodFreeConfig):
     """Advantage-Weighted Matching (Xue et al. 2025): the pretraining flow-matching loss on the
-    policy's own clean samples, each sample's error weighted by its clipped group advantage."""
+    policy's own clean samples, each sample's error weighted by its group advantage clipped to
+    [-adv_clip_max, adv_clip_max] and divided by adv_clip_max (into [-1, 1], AWM's advantage_max = 1)."""
 
     type: Literal["awm"]
+    old_coef: float = Field(
+        1.0,
+        ge=0,
+        description="weight of a proximal term mean ||v_theta - v_old||^2 to the policy that collected the rollout "
+        "(AWM's ema_beta = 1: with the advantages scaled into [-1, 1] no row's loss is concave); 0 = off",
+    )
     beta: float = Field(
         1e-3,
         ge=0,

@@ -20,7 +20,8 @@ def _field() -> VelocityMLP:
 
 
 def test_with_every_advantage_one_it_is_the_pretraining_loss() -> None:
-    """The same draws of t and eps as ``flow_matching_loss`` (t first, then eps, one generator)."""
+    """Weights w = clip(A, -c, c) / c = 1 (A = 1, c = 1) and the same draws of t and eps as
+    ``flow_matching_loss`` (t first, then eps, one generator)."""
     velocity = _field()
     obs, chunks = torch.randn(6, 3), torch.randn(6, 4, 2)
     want = flow_matching_loss(velocity, obs, chunks, torch.Generator().manual_seed(5))
@@ -28,15 +29,15 @@ def test_with_every_advantage_one_it_is_the_pretraining_loss() -> None:
     t = torch.rand(6, generator=g)
     eps = torch.randn(chunks.shape, generator=g)
     x_t, target = forward_noise(chunks, t, eps)
-    got = awm_loss(velocity(obs, x_t, t, t), target, torch.ones(6), clip=5.0)
+    got = awm_loss(velocity(obs, x_t, t, t), target, torch.ones(6), clip=1.0)  # w = 1
     torch.testing.assert_close(got, want)
 
 
-def _grads(advantages: torch.Tensor) -> list[torch.Tensor]:
+def _grads(advantages: torch.Tensor, clip: float = 5.0) -> list[torch.Tensor]:
     velocity = _field()
     obs, chunks = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.ones(4, 4, 2)
     rows = noised_rows(obs, chunks, advantages, torch.tensor([0.0, 0.5]), torch.Generator().manual_seed(2))
-    awm_loss(velocity(rows.cond, rows.x_t, rows.t, rows.t), rows.target, rows.advantages, clip=5.0).backward()
+    awm_loss(velocity(rows.cond, rows.x_t, rows.t, rows.t), rows.target, rows.advantages, clip).backward()
     return [p.grad.clone() for p in velocity.parameters()]
 
 
@@ -45,9 +46,14 @@ def test_gradient_flips_sign_with_the_advantage() -> None:
     assert any(g.abs().sum() > 0 for g in plus)
     for a, b in zip(plus, minus, strict=True):
         torch.testing.assert_close(a, -b)
-    # clipped at +-clip: an advantage of 50 weighs like 5
+    # clipped at +-clip: an advantage of 50 weighs like 5, which is w = 1
     for a, b in zip(_grads(torch.full((4,), 50.0)), _grads(torch.full((4,), 5.0)), strict=True):
         torch.testing.assert_close(a, b)
+    one = _grads(torch.full((4,), 5.0), clip=1.0)  # A = 5 with clip 1: w = 1 again
+    for a, b in zip(_grads(torch.full((4,), 5.0)), one, strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(_grads(torch.full((4,), 2.5)), _grads(torch.full((4,), 0.5), clip=1.0), strict=True):
+        torch.testing.assert_close(a, b)  # w = A / clip
 
 
 def test_a_step_pulls_towards_positive_and_pushes_away_from_negative_samples() -> None:
