@@ -359,14 +359,12 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
     """PPO (with a critic on the actor's observations), GRPO, DiffusionNFT or AWM, from ``cfg.algo``."""
     running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
-    if isinstance(cfg.algo, NFTConfig):
+    if isinstance(cfg.algo, NFTConfig | AWMConfig):
+        from flowrl.algos.awm import AWM
         from flowrl.algos.nft import NFT
 
-        return NFT(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
-    if isinstance(cfg.algo, AWMConfig):
-        from flowrl.algos.awm import AWM
-
-        return AWM(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
+        kind = NFT if isinstance(cfg.algo, NFTConfig) else AWM
+        return kind(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running, _sample_bounds(cfg))
     if isinstance(cfg.algo, GRPOConfig):
         from flowrl.algos.grpo import GRPO
 
@@ -374,6 +372,17 @@ def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device:
     from flowrl.algos.ppo import PPO
 
     return PPO(policy, build_critic(actor).to(device), cfg.algo, device, cfg.seed, running)
+
+
+def _sample_bounds(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a sample can execute: the image's pixel range [-1, 1] (model space), or a gym env's
+    Box action bounds per action dim (None where they are infinite)."""
+    if cfg.env.type == "shapes":
+        return torch.tensor(-1.0), torch.tensor(1.0)
+    env = gym.make(cfg.env.id, **cfg.env.kwargs)
+    low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (env.action_space.low, env.action_space.high))
+    env.close()
+    return (low, high) if bool(torch.isfinite(low).all() and torch.isfinite(high).all()) else None
 
 
 def _method(cfg: ExperimentConfig) -> str:

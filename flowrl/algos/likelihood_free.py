@@ -149,8 +149,12 @@ class LikelihoodFreeAlgorithm:
         seed: int,
         group_size: int,
         running_obs_stats: bool = False,
+        bounds: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """``bounds``: (low, high) broadcastable to a sample ``[*E]`` (a Box action space per
+        action dim, the image's pixel range), or None; see ``prepare``."""
         self.policy, self.cfg, self.device, self.group_size = policy, cfg, device, group_size
+        self.bounds = None if bounds is None else (bounds[0].to(device), bounds[1].to(device))
         self.running_obs_stats = running_obs_stats
         self.params = list(policy.velocity.parameters())
         self.actor_opt = torch.optim.Adam(self.params, lr=cfg.actor_lr)
@@ -196,9 +200,14 @@ class LikelihoodFreeAlgorithm:
         stats["grpo/kept_steps"] = float(steps.sum())
         self._stats = stats
         dev = self.device
+        samples = rollout.samples[steps].to(dev)
+        if self.bounds is not None:
+            # Train on what the env executed (it clips actions, the reward clamps pixels): beyond
+            # the bounds an outcome does not change, so nothing would stop samples drifting there.
+            samples.final = torch.maximum(torch.minimum(samples.final, self.bounds[1]), self.bounds[0])
         return ForwardBatch(
             cond=rollout.obs[steps].to(dev),
-            samples=rollout.samples[steps].to(dev),
+            samples=samples,
             advantages=adv.unsqueeze(0).expand_as(steps)[steps].to(dev),
         )
 

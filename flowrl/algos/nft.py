@@ -84,8 +84,9 @@ class NFT(LikelihoodFreeAlgorithm):
         seed: int,
         group_size: int,
         running_obs_stats: bool = False,
+        bounds: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        super().__init__(policy, cfg, device, seed, group_size, running_obs_stats)
+        super().__init__(policy, cfg, device, seed, group_size, running_obs_stats, bounds)
         self.old = frozen_copy(policy)
         self._sampler_copy: Policy | None = None  # the old policy where the rollout policy lives
 
