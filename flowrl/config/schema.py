@@ -471,6 +471,11 @@ class AWMConfig(LikelihoodFreeConfig):
     )
 
 
+def _either(names: tuple[str, ...]) -> str:
+    """``("a", "b", "c")`` -> ``"a, b or c"``."""
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
 LIKELIHOOD_FREE_ALGOS = ("nft", "awm")  # no log-probs: no ratio check, no converter or window
 GROUP_ALGOS = ("grpo", *LIKELIHOOD_FREE_ALGOS)  # one episode per env from group-shared resets
 
@@ -532,7 +537,7 @@ class ExperimentConfig(_Strict):
                 f"algo.type: {self.algo.type} needs env.group_size >= 2 (envs per group sharing a reset state)"
             )
         if not grouped and isinstance(self.env, GymEnvConfig) and self.env.group_size > 1:
-            problems.append(f"env.group_size only applies to algo.type {', '.join(GROUP_ALGOS)}; remove it")
+            problems.append(f"env.group_size only applies to algo.type: {_either(GROUP_ALGOS)}; remove it")
         if self.algo.type in LIKELIHOOD_FREE_ALGOS and self.policy.type not in ("rectified_flow", *IMAGE_POLICY_TYPES):
             problems.append(
                 f"algo.type: {self.algo.type} trains a plain velocity field with flow matching: it needs policy.type "
@@ -576,7 +581,7 @@ class ExperimentConfig(_Strict):
         problems = []
         if self.algo.type not in GROUP_ALGOS:
             problems.append(
-                f"env.type: shapes needs algo.type {', '.join(GROUP_ALGOS)} (got {self.algo.type}): images have no "
+                f"env.type: shapes needs algo.type: {_either(GROUP_ALGOS)} (got {self.algo.type}): images have no "
                 "env steps"
             )
         if isinstance(self.mdp.converter, NoiseNetConverter) and self.algo.type not in LIKELIHOOD_FREE_ALGOS:
