@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from flowrl.algos.bc import action_chunks, bc_loss, check_demos, dataset_obs_stats, demo_batches, fit, load_demos
 from flowrl.algos.trainer import Algorithm, Trainer
-from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
+from flowrl.config import (
+    LIKELIHOOD_FREE_ALGOS,
+    AWMConfig,
+    ExperimentConfig,
+    GRPOConfig,
+    NFTConfig,
+    load_config,
+    save_config,
+)
 from flowrl.errors import CheckpointError, FlowRLError
 from flowrl.models.build import (
     Actor,
@@ -349,8 +357,14 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
-    """PPO (with a critic on the actor's observations) or GRPO, from ``cfg.algo``."""
+    """PPO (with a critic on the actor's observations), GRPO, DiffusionNFT or AWM, from ``cfg.algo``."""
     running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
+    if isinstance(cfg.algo, NFTConfig | AWMConfig):
+        from flowrl.algos.awm import AWM
+        from flowrl.algos.nft import NFT
+
+        kind = NFT if isinstance(cfg.algo, NFTConfig) else AWM
+        return kind(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running, _sample_bounds(cfg))
     if isinstance(cfg.algo, GRPOConfig):
         from flowrl.algos.grpo import GRPO
 
@@ -360,6 +374,17 @@ def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device:
     return PPO(policy, build_critic(actor).to(device), cfg.algo, device, cfg.seed, running)
 
 
+def _sample_bounds(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a sample can execute: the image's pixel range [-1, 1] (model space), or a gym env's
+    Box action bounds per action dim (None where they are infinite)."""
+    if cfg.env.type == "shapes":
+        return torch.tensor(-1.0), torch.tensor(1.0)
+    env = gym.make(cfg.env.id, **cfg.env.kwargs)
+    low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (env.action_space.low, env.action_space.high))
+    env.close()
+    return (low, high) if bool(torch.isfinite(low).all() and torch.isfinite(high).all()) else None
+
+
 def _method(cfg: ExperimentConfig) -> str:
     algo = cfg.algo.type.upper()
     if cfg.policy.type == "gaussian":
@@ -367,6 +392,8 @@ def _method(cfg: ExperimentConfig) -> str:
     if cfg.policy.type == "diffusion":
         return f"DPPO, {cfg.policy.denoising_steps} denoising steps" if algo == "PPO" else f"diffusion {algo}"
     m = cfg.mdp
+    if cfg.algo.type in LIKELIHOOD_FREE_ALGOS:  # no converter or window: the ODE samples
+        return f"{algo}, {cfg.policy.type} flow, K = {cfg.policy.denoising_steps}, {m.solver} ODE sampling"
     window = m.window.type if m.window.type != "sliding" else f"sliding({m.window.size})"
     solver = "" if m.solver == "euler" else f", {m.solver} solver"
     unit = "" if m.sample_unit == "chain" else ", per-step samples"

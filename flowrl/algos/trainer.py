@@ -1,7 +1,8 @@
 """The Trainer owns the fine-tuning loop and nothing else; it imports no algorithm.
 
     collect -> non-finite reward check -> advantages (Algorithm.prepare) -> ratio = 1 check
-    -> update epochs (Algorithm.update) -> end_iteration: evaluate when due, log, checkpoint
+    (where the samples carry log-probs) -> update epochs (Algorithm.update) -> end_iteration:
+    evaluate when due, log, checkpoint
 
 An algorithm (ppo.py, grpo.py) decides how to collect (T steps of running episodes, or one
 episode per env from group-shared resets), how to turn the rollout into advantages, and how
@@ -47,6 +48,9 @@ class Batch(Protocol):
 
 
 class Algorithm(Protocol):
+    """``stores_log_probs`` (a class attribute, True when absent): False for algorithms whose
+    samples carry no log-probs (DiffusionNFT, AWM), for which the ratio = 1 check does not apply."""
+
     name: str
 
     def collect(self, collector: Collector, policy: Policy, iteration: int) -> Rollout: ...
@@ -253,7 +257,11 @@ class Trainer:
                 t1 = time.perf_counter()
                 algo.set_progress(it / iterations)
                 batch = algo.prepare(rollout)  # advantages
-                ratio_metrics = check_ratio_of(policy, batch.cond, batch.samples, cfg.algo, algo.name)
+                ratio_metrics = (
+                    check_ratio_of(policy, batch.cond, batch.samples, cfg.algo, algo.name)
+                    if getattr(algo, "stores_log_probs", True)
+                    else {}
+                )
                 metrics = algo.update(batch, it)
                 self.publish_weights(it)
                 t2 = time.perf_counter()

@@ -404,7 +404,108 @@ class GRPOConfig(PolicyGradientConfig):
     )
 
 
-AlgoConfig = Annotated[PPOConfig | GRPOConfig, Field(discriminator="type")]
+class LikelihoodFreeConfig(_Strict):
+    """What DiffusionNFT and AWM share: no log-probs; collection with the deterministic ODE
+    (``mdp.solver``) in GRPO's groups (one episode per env from group-shared resets); training
+    on the forward (noising) process of the policy's own clean samples, each at every time
+    t_0..t_{K-1} of the sampler's grid, with fresh noise."""
+
+    iterations: int = Field(50, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over each rollout")
+    minibatch_size: int = Field(256, ge=1, description="env steps (or images) per minibatch, each at all K grid times")
+    actor_lr: float = Field(3e-4, gt=0, description="policy network learning rate (Adam)")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear = anneal the learning rate to 0 over the iterations"
+    )
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_skipped_updates: int = Field(
+        3,
+        ge=1,
+        description="an update whose loss or gradient norm is non-finite is skipped; this many in a row stop the "
+        "run (the last good checkpoint is kept)",
+    )
+    max_steps: int = Field(
+        64,
+        ge=1,
+        description="policy (action-chunk) steps budget per episode; an unfinished episode scores its outcome so far",
+    )
+    outcome: Literal["return", "success"] = Field("return", description="what an episode scores")
+    adv_eps: float = Field(1e-4, gt=0, description="advantage = (r - mean) / (std + adv_eps) within each group")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the velocity regulariser to the reference (initial) policy, mean ||v_theta - v_ref||^2 "
+        "on the same noised samples; 0 = off",
+    )
+    old_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a proximal term mean ||v_theta - v_old||^2 to the policy that collected the rollout "
+        "(a trust region: AWM's ema_beta); 0 = off",
+    )
+
+
+class NFTConfig(LikelihoodFreeConfig):
+    """DiffusionNFT (Zheng et al., ICLR 2026): flow matching of implicit positive and negative
+    policies built from the current and the old velocity fields, weighted by an optimality
+    probability r = clip(A, -c, c) / (2c) + 1/2 of each sample's group advantage."""
+
+    type: Literal["nft"]
+    beta: float = Field(
+        1e-4,
+        ge=0,
+        description="weight of the velocity regulariser to the reference (initial) policy, mean ||v_theta - v_ref||^2 "
+        "on the same noised samples (DiffusionNFT's 1e-4); 0 = off",
+    )
+    nft_beta: float = Field(
+        1.0,
+        gt=0,
+        description="DiffusionNFT's beta: v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - beta v_theta",
+    )
+    adaptive_weight: bool = Field(
+        True,
+        description="the paper's adaptive weighting: each sample's squared error of the clean-sample estimate "
+        "x + (1 - t) v divided by its (detached) mean absolute error; false = plain ||v - (x_1 - eps)||^2",
+    )
+    old_decay_rate: float = Field(
+        0.001,
+        ge=0,
+        description="the old policy (which samples and gives v_old) follows the trained one after every iteration: "
+        "old <- d old + (1 - d) theta with d = min(old_decay_rate * iteration, old_decay_max)",
+    )
+    old_decay_max: float = Field(0.5, ge=0, lt=1, description="the largest decay d of the old policy's soft update")
+
+
+class AWMConfig(LikelihoodFreeConfig):
+    """Advantage-Weighted Matching (Xue et al. 2025): the pretraining flow-matching loss on the
+    policy's own clean samples, each sample's error weighted by its group advantage clipped to
+    [-adv_clip_max, adv_clip_max] and divided by adv_clip_max (into [-1, 1], AWM's advantage_max = 1)."""
+
+    type: Literal["awm"]
+    old_coef: float = Field(
+        1.0,
+        ge=0,
+        description="weight of a proximal term mean ||v_theta - v_old||^2 to the policy that collected the rollout "
+        "(AWM's ema_beta = 1: with the advantages scaled into [-1, 1] no row's loss is concave); 0 = off",
+    )
+    beta: float = Field(
+        1e-3,
+        ge=0,
+        description="weight of the velocity regulariser to the reference (initial) policy, mean ||v_theta - v_ref||^2 "
+        "on the same noised samples (AWM's GenEval setting 1e-3); 0 = off",
+    )
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """``("a", "b", "c")`` -> ``"a, b or c"``."""
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+LIKELIHOOD_FREE_ALGOS = ("nft", "awm")  # no log-probs: no ratio check, no converter or window
+GROUP_ALGOS = ("grpo", *LIKELIHOOD_FREE_ALGOS)  # one episode per env from group-shared resets
+
+AlgoConfig = Annotated[PPOConfig | GRPOConfig | NFTConfig | AWMConfig, Field(discriminator="type")]
 
 
 class EvalConfig(_Strict):
@@ -456,11 +557,18 @@ class ExperimentConfig(_Strict):
                 "policy.obs_norm: dataset needs demonstrations (pretrain) or policy.pretrained; a policy trained "
                 "from scratch (pretrain: null) uses policy.obs_norm: running or none"
             )
-        grpo = isinstance(self.algo, GRPOConfig)
-        if grpo and self.env.group_size < 2:
-            problems.append("algo.type: grpo needs env.group_size >= 2 (envs per group sharing a reset state)")
-        if not grpo and isinstance(self.env, GymEnvConfig) and self.env.group_size > 1:
-            problems.append("env.group_size only applies to algo.type: grpo; remove it")
+        grouped = self.algo.type in GROUP_ALGOS
+        if grouped and self.env.group_size < 2:
+            problems.append(
+                f"algo.type: {self.algo.type} needs env.group_size >= 2 (envs per group sharing a reset state)"
+            )
+        if not grouped and isinstance(self.env, GymEnvConfig) and self.env.group_size > 1:
+            problems.append(f"env.group_size only applies to algo.type: {_either(GROUP_ALGOS)}; remove it")
+        if self.algo.type in LIKELIHOOD_FREE_ALGOS and self.policy.type not in ("rectified_flow", *IMAGE_POLICY_TYPES):
+            problems.append(
+                f"algo.type: {self.algo.type} trains a plain velocity field with flow matching: it needs policy.type "
+                f"rectified_flow or text_image (got {self.policy.type})"
+            )
         window = self.mdp.window
         if self.policy.type in FLOW_TYPES or image:
             k = self.policy.denoising_steps
@@ -497,9 +605,12 @@ class ExperimentConfig(_Strict):
         if not shapes:
             return []
         problems = []
-        if not isinstance(self.algo, GRPOConfig):
-            problems.append(f"env.type: shapes needs algo.type: grpo (got {self.algo.type}): images have no env steps")
-        if isinstance(self.mdp.converter, NoiseNetConverter):
+        if self.algo.type not in GROUP_ALGOS:
+            problems.append(
+                f"env.type: shapes needs algo.type: {_either(GROUP_ALGOS)} (got {self.algo.type}): images have no "
+                "env steps"
+            )
+        if isinstance(self.mdp.converter, NoiseNetConverter) and self.algo.type not in LIKELIHOOD_FREE_ALGOS:
             problems.append(
                 f"mdp.converter.type: {self.mdp.converter.type} has a noise net on observations; text_image "
                 "policies use flow_sde or cps (set mdp.converter.type)"
@@ -527,6 +638,10 @@ class ExperimentConfig(_Strict):
         learned_noise = family in FLOW_TYPES and isinstance(self.mdp.converter, NoiseNetConverter)
         if family not in (*FLOW_TYPES, *IMAGE_POLICY_TYPES):
             dead["mdp"] = "to flow policies (policy.type rectified_flow, shortcut, meanflow or text_image)"
+        elif self.algo.type in LIKELIHOOD_FREE_ALGOS:  # they sample with the ODE (mdp.solver) and store no steps
+            why = f"to algorithms with log-probs (ppo, grpo); algo.type {self.algo.type} samples with the ODE"
+            dead |= {f"mdp.{k}": why for k in ("converter", "window", "steps_after_window", "sample_unit")}
+            dead["mdp.log_prob_reduce"] = why
         if not learned_noise:
             dead["algo.noise_lr"] = "to a learned noise (flow policies with mdp.converter.type reinflow or flow_noise)"
         if not (learned_noise or family == "gaussian"):

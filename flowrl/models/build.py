@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from flowrl.config import (
+    LIKELIHOOD_FREE_ALGOS,
     AllStepsWindow,
     CPSConverterConfig,
     DiffusionPolicyConfig,
@@ -100,11 +101,12 @@ def build_converter(cfg: ExperimentConfig, actor: Actor) -> Converter:
 
 
 def build_sampler(cfg: ExperimentConfig, actor: Actor) -> ChainSampler:
-    """The flow sampler of the experiment: grid, converter, window and solver."""
+    """The flow sampler of the experiment: grid, converter, window and solver (no converter for
+    the likelihood-free algorithms: they sample with the ODE alone)."""
     assert isinstance(cfg.policy, FlowPolicyConfig | TextImagePolicyConfig)
     return ChainSampler(
         cfg.policy.denoising_steps,
-        converter=build_converter(cfg, actor),
+        converter=None if cfg.algo.type in LIKELIHOOD_FREE_ALGOS else build_converter(cfg, actor),
         window=build_window(cfg),
         solver=cfg.mdp.solver,
         steps_after_window=cfg.mdp.steps_after_window,
