@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from flowrl.algos.bc import action_chunks, bc_loss, check_demos, dataset_obs_stats, demo_batches, fit, load_demos
 from flowrl.algos.trainer import Algorithm, Trainer
-from flowrl.config import ExperimentConfig, GRPOConfig, load_config, save_config
+from flowrl.config import ACFlowConfig, ExperimentConfig, GRPOConfig, load_config, save_config
 from flowrl.errors import CheckpointError, FlowRLError
 from flowrl.models.build import (
     Actor,
@@ -349,19 +349,25 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
-    """PPO (with a critic on the actor's observations) or GRPO, from ``cfg.algo``."""
+    """PPO (with a critic on the actor's observations), GRPO or AC-Flow (a critic on the chain's
+    states), from ``cfg.algo``."""
     running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
     if isinstance(cfg.algo, GRPOConfig):
         from flowrl.algos.grpo import GRPO
 
         return GRPO(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
+    if isinstance(cfg.algo, ACFlowConfig):
+        from flowrl.algos.ac_flow import ACFlow, chain_critic
+
+        critic = chain_critic(actor, cfg.algo.critic_hidden_dims).to(device)
+        return ACFlow(policy, critic, cfg.algo, device, cfg.seed, running)
     from flowrl.algos.ppo import PPO
 
     return PPO(policy, build_critic(actor).to(device), cfg.algo, device, cfg.seed, running)
 
 
 def _method(cfg: ExperimentConfig) -> str:
-    algo = cfg.algo.type.upper()
+    algo = "AC-Flow" if cfg.algo.type == "ac_flow" else cfg.algo.type.upper()
     if cfg.policy.type == "gaussian":
         return f"Gaussian {algo}"
     if cfg.policy.type == "diffusion":

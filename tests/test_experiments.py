@@ -57,6 +57,14 @@ TINY = {
         f"algo.max_steps={GRPO_MAX_STEPS}",
         "algo.minibatch_size=16",
     ],
+    # AC-Flow: one episode per env, like GRPO, without groups; no critic warm-up, so the actor's update runs
+    "ac_flow": [
+        *COMMON,
+        "env.num_envs=4",
+        f"algo.max_steps={GRPO_MAX_STEPS}",
+        "algo.minibatch_size=16",
+        "algo.critic_warmup_iterations=0",
+    ],
 }
 
 
@@ -122,6 +130,8 @@ def _smoke(path: Path, overrides: list[str], tmp_path: Path) -> None:
     assert records[1]["env_steps"] > 0
     if algo == "ppo":
         assert "losses/value" in records[1]
+    elif algo == "ac_flow":  # a critic on the chain's states, and the critic-weighted actor loss
+        assert "losses/value" in records[1] and "losses/fm" in records[1]
     else:  # no critic; groups of env.group_size envs, one episode each of at most max_steps chunks
         assert "losses/value" not in records[1] and records[1]["grpo/groups"] == GRPO_ENVS / GRPO_GROUP
         # one episode per env: finished, or cut at max_steps (HalfCheetah's never finish early)

@@ -23,6 +23,7 @@ from flowrl.config.schema import (
     IMAGE_POLICY_TYPES,
     MOVED,
     POLICY_TYPES,
+    ACFlowConfig,
     AlgoConfig,
     AllStepsWindow,
     ConverterConfig,
@@ -50,6 +51,7 @@ from flowrl.config.schema import (
 )
 
 __all__ = [
+    "ACFlowConfig",
     "ENV_TYPES",
     "FLOW_TYPES",
     "IMAGE_POLICY_TYPES",
