@@ -215,7 +215,7 @@ def test_ac_flow_learns_the_two_goal_task(tmp_path) -> None:
             "pretrain": {"demos": {"episodes": 200}, "steps": 800},
             "algo": {
                 "type": "ac_flow",
-                "iterations": 20,
+                "iterations": 30,
                 "max_steps": 8,
                 "epochs": 10,
                 "minibatch_size": 64,
@@ -224,8 +224,8 @@ def test_ac_flow_learns_the_two_goal_task(tmp_path) -> None:
                 "w2_coef": 0.1,
                 "critic_hidden_dims": [64, 64],
             },
-            "eval": {"episodes": 50, "every": 20},
-            "checkpoint_every": 20,
+            "eval": {"episodes": 50, "every": 30},
+            "checkpoint_every": 30,
             "ray": {"enabled": False},
         }
     )
