@@ -439,6 +439,15 @@ class ACFlowConfig(_Strict):
         "the initial policy's velocities at the same points (bounds W2 of their samples); 0 = off",
     )
 
+    @model_validator(mode="after")
+    def _actor_trains(self) -> ACFlowConfig:
+        if self.critic_warmup_iterations >= self.iterations:
+            raise ValueError(
+                f"critic_warmup_iterations={self.critic_warmup_iterations} >= iterations={self.iterations}: the actor "
+                "would never be trained; lower the warm-up or raise algo.iterations"
+            )
+        return self
+
 
 AlgoConfig = Annotated[PPOConfig | GRPOConfig | ACFlowConfig, Field(discriminator="type")]
 

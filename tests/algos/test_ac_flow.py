@@ -192,6 +192,7 @@ def test_checkpoint_round_trip() -> None:
         ({"policy": {"type": "shortcut"}}, "needs policy.type: rectified_flow"),
         ({"algo": {"type": "ac_flow", "adv_clip": 0}}, "adv_clip"),
         ({"algo": {"type": "ac_flow", "weighting": "softmax"}}, "weighting"),
+        ({"algo": {"type": "ac_flow", "iterations": 5, "critic_warmup_iterations": 5}}, "never be trained"),
     ],
 )
 def test_bad_configs_are_one_clear_error(overrides, message) -> None:
