@@ -39,6 +39,7 @@ from flowrl.config import ACFlowConfig
 from flowrl.core.batch import TensorBatch
 from flowrl.models.networks import ObsNormalizer, SinusoidalTimeEmbedding, copy_obs_stats
 from flowrl.models.policy import Policy, frozen_copy
+from flowrl.models.text_image import PAD, TextImageVelocity
 from flowrl.rollout.rollout import Collector, Rollout
 from flowrl.runtime import derive_seed
 
@@ -67,8 +68,45 @@ class ChainCritic(nn.Module):
         return self.net(features).squeeze(-1)
 
 
-def chain_critic(actor: nn.Module, hidden_dims: Sequence[int]) -> ChainCritic:
-    """A critic for ``actor``'s chains, normalising observations with the actor's statistics."""
+class ImageChainCritic(nn.Module):
+    """V(x_t, t, caption) for the image model: ``ids [B, L], x [B, C, H, W], t [B] -> [B]``. The
+    caption's mean token embedding, a strided CNN's features of the image being denoised and
+    time features go through an MLP with LayerNorm."""
+
+    def __init__(
+        self, vocab_size: int, image_size: int, image_channels: int, hidden_dims: Sequence[int], width: int = 16
+    ) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, width, padding_idx=PAD)
+        self.conv = nn.Sequential(
+            nn.Conv2d(image_channels, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+        )
+        self.time_embed = SinusoidalTimeEmbedding(32)
+        dim = width + width * (image_size // 4) ** 2 + 32
+        layers: list[nn.Module] = []
+        for hidden in hidden_dims:
+            layers += [nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+            dim = hidden
+        layers.append(nn.Linear(dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, ids: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        keep = (ids != PAD).unsqueeze(-1).to(x.dtype)
+        caption = (self.tokens(ids) * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # the empty caption pools to 0
+        features = torch.cat([caption, self.conv(x), self.time_embed(t)], dim=1)
+        return self.net(features).squeeze(-1)
+
+
+def chain_critic(actor: nn.Module, hidden_dims: Sequence[int]) -> ChainCritic | ImageChainCritic:
+    """A critic for ``actor``'s chains: on captions and images for the image model, else on
+    observations normalised with the actor's statistics."""
+    if isinstance(actor, TextImageVelocity):
+        c = actor.config
+        return ImageChainCritic(c["vocab_size"], c["image_size"], c["image_channels"], hidden_dims)
     critic = ChainCritic(actor.obs_dim, actor.event_shape, hidden_dims)
     copy_obs_stats(actor, critic)
     return critic
@@ -203,7 +241,7 @@ class ACFlow(PolicyGradientAlgorithm):
     def __init__(
         self,
         policy: Policy,
-        critic: ChainCritic,
+        critic: ChainCritic | ImageChainCritic,
         cfg: ACFlowConfig,
         device: torch.device,
         seed: int,

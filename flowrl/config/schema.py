@@ -559,8 +559,10 @@ class ExperimentConfig(_Strict):
         if not shapes:
             return []
         problems = []
-        if not isinstance(self.algo, GRPOConfig):
-            problems.append(f"env.type: shapes needs algo.type: grpo (got {self.algo.type}): images have no env steps")
+        if not isinstance(self.algo, GRPOConfig | ACFlowConfig):
+            problems.append(
+                f"env.type: shapes needs algo.type: grpo or ac_flow (got {self.algo.type}): images have no env steps"
+            )
         if isinstance(self.mdp.converter, NoiseNetConverter):
             problems.append(
                 f"mdp.converter.type: {self.mdp.converter.type} has a noise net on observations; text_image "
