@@ -100,7 +100,7 @@ def test_critic_weighted_loss_matches_a_per_sample_computation() -> None:
         w2 = sum((v[k] - vr[k]) ** 2 for k in range(dim)) / dim
         total += float(weights[i]) * fm + alpha * w2
     assert float(loss.detach()) == pytest.approx(total / m, rel=1e-5)
-    assert metrics["losses/policy"] + alpha * metrics["losses/w2"] == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["losses/policy"] + alpha * metrics["losses/w2"] == pytest.approx(float(loss.detach()), rel=1e-5)
     # the gradient flows into the policy only
     loss.backward()
     assert policy.w.grad is not None and ref.w.grad is None
