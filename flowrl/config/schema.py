@@ -598,6 +598,7 @@ class ExperimentConfig(_Strict):
             dead["pretrain.demos"] = "to gym envs (text_image pretraining draws pairs from the shapes world)"
         if self.env.type == "shapes":
             dead["algo.max_steps"] = "to gym envs (an image is one step)"
+            dead["algo.gamma"] = "to gym envs (an image is one step)"
             dead["ray.cpus_per_worker"] = "to gym env workers (reward workers reserve no CPU)"
         return dead
 

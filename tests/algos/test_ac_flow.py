@@ -201,6 +201,14 @@ def test_bad_configs_are_one_clear_error(overrides, message) -> None:
         build_config(data)
 
 
+def test_a_discount_on_images_is_a_dead_key() -> None:
+    from tests.image_setup import tiny_config
+
+    assert tiny_config("algo={type: ac_flow, critic_warmup_iterations: 0, iterations: 1}").algo.type == "ac_flow"
+    with pytest.raises(ConfigError, match="algo.gamma only applies to gym envs"):
+        tiny_config("algo={type: ac_flow, critic_warmup_iterations: 0, iterations: 1, gamma: 0.9}")
+
+
 def test_ac_flow_learns_the_two_goal_task(tmp_path) -> None:
     """The bimodal pretrained policy moves to the rewarded goal: a critic on the chain's states,
     its warm-up, then critic-weighted flow matching."""
