@@ -20,6 +20,7 @@ from flowrl.algos.bc import action_chunks, bc_loss, check_demos, dataset_obs_sta
 from flowrl.algos.trainer import Algorithm, Trainer
 from flowrl.config import (
     LIKELIHOOD_FREE_ALGOS,
+    ACFlowConfig,
     AWMConfig,
     ExperimentConfig,
     GRPOConfig,
@@ -357,7 +358,8 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device: torch.device) -> Algorithm:
-    """PPO (with a critic on the actor's observations), GRPO, DiffusionNFT or AWM, from ``cfg.algo``."""
+    """PPO (with a critic on the actor's observations), GRPO, DiffusionNFT, AWM or AC-Flow (a critic
+    on the chain's states), from ``cfg.algo``."""
     running = getattr(cfg.policy, "obs_norm", "none") == "running"  # image policies have no observations
     if isinstance(cfg.algo, NFTConfig | AWMConfig):
         from flowrl.algos.awm import AWM
@@ -369,6 +371,11 @@ def build_algorithm(cfg: ExperimentConfig, policy: Policy, actor: Actor, device:
         from flowrl.algos.grpo import GRPO
 
         return GRPO(policy, cfg.algo, device, cfg.seed, cfg.env.group_size, running)
+    if isinstance(cfg.algo, ACFlowConfig):
+        from flowrl.algos.ac_flow import ACFlow, chain_critic
+
+        critic = chain_critic(actor, cfg.algo.critic_hidden_dims).to(device)
+        return ACFlow(policy, critic, cfg.algo, device, cfg.seed, running)
     from flowrl.algos.ppo import PPO
 
     return PPO(policy, build_critic(actor).to(device), cfg.algo, device, cfg.seed, running)
@@ -386,7 +393,7 @@ def _sample_bounds(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] |
 
 
 def _method(cfg: ExperimentConfig) -> str:
-    algo = cfg.algo.type.upper()
+    algo = "AC-Flow" if cfg.algo.type == "ac_flow" else cfg.algo.type.upper()
     if cfg.policy.type == "gaussian":
         return f"Gaussian {algo}"
     if cfg.policy.type == "diffusion":

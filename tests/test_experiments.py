@@ -57,6 +57,14 @@ TINY = {
         f"algo.max_steps={GRPO_MAX_STEPS}",
         "algo.minibatch_size=16",
     ],
+    # AC-Flow: one episode per env, like GRPO, without groups; no critic warm-up, so the actor's update runs
+    "ac_flow": [
+        *COMMON,
+        "env.num_envs=4",
+        f"algo.max_steps={GRPO_MAX_STEPS}",
+        "algo.minibatch_size=16",
+        "algo.critic_warmup_iterations=0",
+    ],
 }
 TINY["nft"] = TINY["awm"] = TINY["grpo"]  # the likelihood-free algorithms collect GRPO's groups
 
@@ -126,6 +134,8 @@ def _smoke(path: Path, overrides: list[str], tmp_path: Path) -> None:
     assert records[1]["env_steps"] > 0
     if algo == "ppo":
         assert "losses/value" in records[1]
+    elif algo == "ac_flow":  # a critic on the chain's states, and the critic-weighted actor loss
+        assert "losses/value" in records[1] and "losses/fm" in records[1]
     else:  # no critic; groups of env.group_size envs, one episode each of at most max_steps chunks
         assert "losses/value" not in records[1] and records[1]["grpo/groups"] == GRPO_ENVS / GRPO_GROUP
         # one episode per env: finished, or cut at max_steps (HalfCheetah's never finish early)
@@ -199,7 +209,9 @@ def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
     from flowrl.models.build import load_image_network
 
     command = "pretrain" if path.name == "shapes_pretrain.yaml" else "train"
-    assert main([command, str(path), *IMAGE_TINY, f"runs_dir={tmp_path}", "--no-progress"]) == 0
+    algo = (yaml.safe_load(path.read_text()).get("algo") or {}).get("type")
+    extra = ["algo.critic_warmup_iterations=0"] if algo == "ac_flow" else []  # one iteration: the actor's
+    assert main([command, str(path), *IMAGE_TINY, *extra, f"runs_dir={tmp_path}", "--no-progress"]) == 0
     (run,) = tmp_path.iterdir()
     cfg = load_config(run / "config.yaml")
     load_image_network(run / "pretrained.pt", cfg)  # the checked loader reads it back
@@ -209,11 +221,16 @@ def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
     records = read_metrics(run)
     assert [r["iteration"] for r in records] == [0, 1]
     update = records[1]
-    assert update["grpo/kept_steps"] == 4 and "losses/policy" in update
     if cfg.algo.type in ("nft", "awm"):  # no log-probs stored: no ratio = 1 check
-        assert "train/ratio_check_dev" not in update
+        assert "train/ratio_check_dev" not in update and update["grpo/kept_steps"] == 4
     else:
         assert update["train/ratio_check_dev"] <= 1e-4
+    if cfg.algo.type == "grpo":
+        assert update["grpo/kept_steps"] == 4 and "losses/policy" in update
+    elif cfg.algo.type == "ac_flow":  # a critic on the chain's images, and the critic-weighted actor loss
+        assert "losses/value" in update and "losses/fm" in update
+    else:
+        assert "losses/policy" in update
     assert {"eval/accuracy", "eval/jpeg_kb", "eval/diversity", "charts/accuracy", "time/reward_wait_s"} <= set(update)
     assert (run / "samples" / "iter_0001.png").is_file() and (run / "policy.pt").is_file()
     load_image_network(run / "policy.pt", cfg)

@@ -130,13 +130,11 @@ def check_ratio(policy: Policy, cond, samples: TensorBatch, tol: float, algo: st
     }
 
 
-def check_ratio_of(
-    policy: Policy, cond, samples: TensorBatch, cfg: PolicyGradientConfig, algo: str
-) -> dict[str, float]:
+def check_ratio_of(policy: Policy, cond, samples: TensorBatch, cfg: Any, algo: str) -> dict[str, float]:
     """``check_ratio`` on the samples ``cfg.ratio_check`` names: all of them, or the first
     ``cfg.minibatch_size`` (one minibatch's no-grad pass instead of the whole rollout's; a
     sampling / re-evaluation mismatch shows on any sample)."""
-    rows = cfg.minibatch_size if cfg.ratio_check == "first_minibatch" else None
+    rows = cfg.minibatch_size if getattr(cfg, "ratio_check", "all") == "first_minibatch" else None
     return check_ratio(policy, cond[:rows], samples[:rows], cfg.ratio_check_tol, algo)
 
 

@@ -25,6 +25,7 @@ from flowrl.config.schema import (
     LIKELIHOOD_FREE_ALGOS,
     MOVED,
     POLICY_TYPES,
+    ACFlowConfig,
     AlgoConfig,
     AllStepsWindow,
     AWMConfig,
@@ -55,6 +56,7 @@ from flowrl.config.schema import (
 )
 
 __all__ = [
+    "ACFlowConfig",
     "ENV_TYPES",
     "GROUP_ALGOS",
     "LIKELIHOOD_FREE_ALGOS",

@@ -505,7 +505,79 @@ def _either(names: tuple[str, ...]) -> str:
 LIKELIHOOD_FREE_ALGOS = ("nft", "awm")  # no log-probs: no ratio check, no converter or window
 GROUP_ALGOS = ("grpo", *LIKELIHOOD_FREE_ALGOS)  # one episode per env from group-shared resets
 
-AlgoConfig = Annotated[PPOConfig | GRPOConfig | NFTConfig | AWMConfig, Field(discriminator="type")]
+
+class ACFlowConfig(_Strict):
+    """AC-Flow (Fan et al. 2025): an actor-critic for flow policies without log-prob ratios.
+    Each env runs one episode per iteration; a critic V(x_t, t, obs) learns the shaped
+    reward-to-go at the chain's intermediate states, its advantages along the chain (clipped,
+    after a critic warm-up) weight a flow-matching loss on the policy's own samples, and a W2
+    term keeps the velocity near the initial policy's (flowrl/algos/ac_flow.py)."""
+
+    type: Literal["ac_flow"]
+    iterations: int = Field(50, ge=1)
+    max_steps: int = Field(
+        64,
+        ge=1,
+        description="policy (action-chunk) steps budget per episode; an unfinished episode scores its rewards so far",
+    )
+    epochs: int = Field(4, ge=1, description="passes over each rollout (critic and actor)")
+    minibatch_size: int = Field(256, ge=1, description="env steps per minibatch (each with its S chain states)")
+    actor_lr: float = Field(3e-4, gt=0, description="policy network learning rate")
+    critic_lr: float = Field(1e-3, gt=0, description="critic learning rate")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear = anneal both learning rates to 0 over the iterations"
+    )
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_skipped_updates: int = Field(
+        3, ge=1, description="updates with a non-finite loss or gradient norm skipped in a row before the run stops"
+    )
+    ratio_check_tol: float = Field(
+        1e-4, gt=0, description="max |ratio - 1| of the stored chain steps re-evaluated before the first update"
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="discount per policy step of the reward-to-go")
+    reward_shaping: Literal["standardize", "none"] = Field(
+        "standardize",
+        description="standardize = the reward-to-go of the iteration's env steps made mean 0, std 1 (the critic's "
+        "target and the advantages stay of order 1 whatever the env's reward scale); none = raw",
+    )
+    critic_hidden_dims: list[int] = Field(
+        [256, 256], min_length=1, description="MLP widths of the critic V(x_t, t, obs) (LayerNorm, SiLU)"
+    )
+    critic_warmup_iterations: int = Field(
+        5, ge=0, description="first iterations that train only the critic; the actor stays as it is"
+    )
+    chain_lambda: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="GAE lambda over the denoising chain: 1 = advantage G - V(x_t) (Monte Carlo), 0 = one-step TD "
+        "V(x_next) - V(x_t) (the last step's next value is G)",
+    )
+    adv_clip: float = Field(1.0, gt=0, description="advantages clipped to [-adv_clip, adv_clip] before weighting")
+    weighting: Literal["exp", "normalized_exp"] = Field(
+        "exp",
+        description="critic weight of a chain state: exp = exp(A / temperature); normalized_exp = the same divided "
+        "by its mean over the iteration's batch (a softmax over the batch, times its size)",
+    )
+    temperature: float = Field(0.5, gt=0, description="temperature of the critic weights exp(A / temperature)")
+    w2_coef: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the W2 regulariser: mean squared difference per dimension between the policy's and "
+        "the initial policy's velocities at the same points (bounds W2 of their samples); 0 = off",
+    )
+
+    @model_validator(mode="after")
+    def _actor_trains(self) -> ACFlowConfig:
+        if self.critic_warmup_iterations >= self.iterations:
+            raise ValueError(
+                f"critic_warmup_iterations={self.critic_warmup_iterations} >= iterations={self.iterations}: the actor "
+                "would never be trained; lower the warm-up or raise algo.iterations"
+            )
+        return self
+
+
+AlgoConfig = Annotated[PPOConfig | GRPOConfig | NFTConfig | AWMConfig | ACFlowConfig, Field(discriminator="type")]
 
 
 class EvalConfig(_Strict):
@@ -544,7 +616,7 @@ class ExperimentConfig(_Strict):
         default_factory=PretrainConfig,
         description="behaviour cloning before fine-tuning; null = start from random weights (policy from scratch)",
     )
-    algo: AlgoConfig = Field(default_factory=lambda: PPOConfig(type="ppo"), description="ppo or grpo")
+    algo: AlgoConfig = Field(default_factory=lambda: PPOConfig(type="ppo"), description="ppo, grpo or ac_flow")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -582,6 +654,8 @@ class ExperimentConfig(_Strict):
                     f"mdp.solver: {self.mdp.solver} needs a plain velocity field (policy.type: rectified_flow); "
                     f"{self.policy.type} policies predict average velocities over their own steps: use euler"
                 )
+        if isinstance(self.algo, ACFlowConfig):
+            problems += self._ac_flow_problems()
         if isinstance(self.algo, PPOConfig) and isinstance(self.env, GymEnvConfig):
             batch = self.env.num_envs * self.algo.steps_per_iteration
             if self.algo.minibatch_size > batch:
@@ -592,6 +666,21 @@ class ExperimentConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _ac_flow_problems(self) -> list[str]:
+        """AC-Flow regresses a plain velocity field and trains no noise net."""
+        problems = []
+        if self.policy.type not in ("rectified_flow", *IMAGE_POLICY_TYPES):
+            problems.append(
+                f"algo.type: ac_flow fine-tunes a velocity field by flow matching: it needs policy.type: "
+                f"rectified_flow (got {self.policy.type})"
+            )
+        elif isinstance(self.mdp.converter, NoiseNetConverter):
+            problems.append(
+                f"algo.type: ac_flow trains no noise net (mdp.converter.type: {self.mdp.converter.type}); explore "
+                "with a fixed noise: mdp.converter.type flow_sde or cps"
+            )
+        return problems
 
     def _image_problems(self) -> list[str]:
         """The image track's rules: shapes <-> text_image, GRPO, converters without a noise net."""
@@ -605,9 +694,10 @@ class ExperimentConfig(_Strict):
         if not shapes:
             return []
         problems = []
-        if self.algo.type not in GROUP_ALGOS:
+        image_algos = (*GROUP_ALGOS, "ac_flow")
+        if self.algo.type not in image_algos:
             problems.append(
-                f"env.type: shapes needs algo.type: {_either(GROUP_ALGOS)} (got {self.algo.type}): images have no "
+                f"env.type: shapes needs algo.type: {_either(image_algos)} (got {self.algo.type}): images have no "
                 "env steps"
             )
         if isinstance(self.mdp.converter, NoiseNetConverter) and self.algo.type not in LIKELIHOOD_FREE_ALGOS:
@@ -657,6 +747,7 @@ class ExperimentConfig(_Strict):
             dead["policy.detach_uncond"] = "to classifier-free guidance (policy.cfg_scale other than 1)"
         if self.env.type == "shapes":
             dead["algo.max_steps"] = "to gym envs (an image is one step)"
+            dead["algo.gamma"] = "to gym envs (an image is one step)"
             dead["ray.cpus_per_worker"] = "to gym env workers (reward workers reserve no CPU)"
         return dead
 
