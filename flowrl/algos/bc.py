@@ -72,7 +72,9 @@ def bc_loss(policy: PolicyConfig, pretrain: PretrainConfig) -> LossFn:
 
 
 def _flow_loss(family: str, pretrain: PretrainConfig) -> LossFn:
-    """The flow family's loss, plus the dispersive term on the hidden activations of its own pass."""
+    """The flow family's loss, plus the dispersive term on the hidden activations of its own pass
+    (then ``pretrain/loss`` is their weighted sum, logged beside ``pretrain/flow`` and
+    ``pretrain/dispersive``)."""
     disp, fraction = pretrain.dispersive, pretrain.consistency_fraction
 
     def flow(actor: nn.Module, o: Tensor, c: Tensor, g: torch.Generator, hidden: list[Tensor] | None) -> Tensor:
@@ -89,7 +91,7 @@ def _flow_loss(family: str, pretrain: PretrainConfig) -> LossFn:
         hidden: list[Tensor] = []
         loss = flow(actor, o, c, g, hidden)
         term = dispersive_layers_loss(hidden, disp.layers, disp.variant, disp.temperature, disp.margin)
-        return loss + disp.weight * term, {"pretrain/dispersive": term.detach()}
+        return loss + disp.weight * term, {"pretrain/flow": loss.detach(), "pretrain/dispersive": term.detach()}
 
     return regularised
 

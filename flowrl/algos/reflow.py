@@ -245,7 +245,8 @@ def _pairs_file(src: _Source, out: Path, obs: Tensor, args: argparse.Namespace, 
     """The pairs for these settings: read from ``out`` when a call made them before, else made
     and saved there (teacher digest, K, N and seed in the name)."""
     p = src.cfg.policy
-    path = out / f"pairs-{_digest(src.checkpoint)}-K{args.teacher_steps}-N{args.pairs}-seed{args.seed}.pt"
+    held = args.held_out_used  # a split with other held-out observations makes other pairs
+    path = out / f"pairs-{_digest(src.checkpoint)}-K{args.teacher_steps}-N{args.pairs}-H{held}-seed{args.seed}.pt"
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
         tqdm.write(f"reusing {path} ({args.pairs} pairs)")
@@ -292,9 +293,9 @@ def run_reflow(args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_actor(src.checkpoint, p, *dims)
     args.seed = cfg.seed if args.seed is None else args.seed
     obs = _observations(src, dims)
-    held = min(args.held_out, max(1, len(obs) // 5))
     if len(obs) < 2:
         raise FlowRLError(f"flowrl reflow: the dataset has {len(obs)} observation; it needs at least 2")
+    held = args.held_out_used = min(args.held_out, max(1, len(obs) // 5))
     out = Path(args.out) if args.out else src.run_dir / "reflow"
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)

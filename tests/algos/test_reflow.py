@@ -162,7 +162,7 @@ def test_flowrl_reflow_writes_a_student_that_fine_tuning_loads(pretrained_run, c
     report = json.loads((run / "reflow" / "reflow.json").read_text())
     assert set(report["straightness_after"]) == {"1_step", "2_step"}
     assert report["straightness_before"]["1_step"] >= 0
-    (pairs_file,) = (run / "reflow").glob("pairs-*-K3-N64-seed0.pt")
+    (pairs_file,) = (run / "reflow").glob("pairs-*-K3-N64-H*-seed0.pt")
     saved = torch.load(pairs_file, weights_only=True)
     assert saved["noise"].shape == (64, 4, 2) and saved["actions"].shape == (64, 4, 2)
     finetune = load_config(run / "reflow" / "finetune.yaml", [])

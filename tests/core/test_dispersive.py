@@ -126,8 +126,10 @@ def test_every_flow_family_logs_and_applies_the_dispersive_term(family: str) -> 
         draw = demo_batches(obs, chunks, 32, torch.device("cpu"))
         _, metrics = fit(actor, draw, bc_loss(cfg.policy, cfg.pretrain), cfg.pretrain, 0, progress=False)
         finals[weight] = metrics
-    assert "pretrain/dispersive" not in finals[None]
-    assert math.isfinite(finals[5.0]["pretrain/dispersive"])
+    assert "pretrain/dispersive" not in finals[None] and "pretrain/flow" in finals[5.0]
+    on = finals[5.0]
+    assert math.isfinite(on["pretrain/dispersive"])
+    assert on["pretrain/loss"] == pytest.approx(on["pretrain/flow"] + 5.0 * on["pretrain/dispersive"], rel=1e-5)
 
 
 def test_a_heavy_dispersive_weight_spreads_the_hidden_activations() -> None:
