@@ -281,7 +281,11 @@ COMMANDS: tuple[Command, ...] = (
             ),
             arg("--eval-episodes", type=int, help="episodes per success evaluation (default: eval.episodes; 0 = none)"),
             arg("--seed", type=int, help="seed of the pairs, the split and the training (default: the run's seed)"),
-            arg("--out", help="output folder (default: RUN/reflow); pairs made there before are reused"),
+            arg(
+                "--out",
+                help="folder of student.pt, finetune.yaml and reflow.json (default: RUN/reflow); the pairs stay in "
+                "RUN/reflow, reused by later calls",
+            ),
             _NO_PROGRESS,
         ),
     ),

@@ -13,8 +13,9 @@ flow policy so that 1-2 integration steps do what its K did.
    against the teacher's K-step ODE from the same noise, on held-out observations; before (the
    teacher itself at 1 / 2 steps) and after (the student).
 
-``flowrl reflow RUN_OR_CHECKPOINT`` (``cli_handler``) does all three in ``RUN/reflow``: the pairs
-file (reused by a later call with the same teacher, K, N and seed), ``student.pt`` (the format of
+``flowrl reflow RUN_OR_CHECKPOINT`` (``cli_handler``) does all three: the pairs file in
+``RUN/reflow`` (reused by a later call with the same teacher, K, N, split and seed, whatever its
+``--out``), and in ``--out`` (default ``RUN/reflow``) ``student.pt`` (the format of
 ``pretrained.pt``: ``policy.pretrained`` loads it), ``finetune.yaml`` (the run's config with
 ``policy.pretrained`` and ``policy.denoising_steps: 1``) and ``reflow.json`` (the report).
 """
@@ -241,12 +242,14 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def _pairs_file(src: _Source, out: Path, obs: Tensor, args: argparse.Namespace, device: torch.device, teacher):
-    """The pairs for these settings: read from ``out`` when a call made them before, else made
-    and saved there (teacher digest, K, N and seed in the name)."""
+def _pairs_file(src: _Source, obs: Tensor, args: argparse.Namespace, device: torch.device, teacher):
+    """The pairs for these settings: read from ``RUN/reflow`` when a call made them before (with
+    any --out), else made and saved there (teacher digest, K, N, split and seed in the name)."""
     p = src.cfg.policy
     held = args.held_out_used  # a split with other held-out observations makes other pairs
-    path = out / f"pairs-{_digest(src.checkpoint)}-K{args.teacher_steps}-N{args.pairs}-H{held}-seed{args.seed}.pt"
+    folder = src.run_dir / "reflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"pairs-{_digest(src.checkpoint)}-K{args.teacher_steps}-N{args.pairs}-H{held}-seed{args.seed}.pt"
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
         tqdm.write(f"reusing {path} ({args.pairs} pairs)")
@@ -302,7 +305,7 @@ def run_reflow(args: argparse.Namespace) -> dict[str, Any]:
     teacher = teacher.to(device).requires_grad_(False)
     perm = torch.randperm(len(obs), generator=torch.Generator().manual_seed(args.seed))
     held_obs, train_obs = obs[perm[:held]].to(device), obs[perm[held:]].to(device)
-    pairs, pairs_path = _pairs_file(src, out, train_obs, args, device, teacher)
+    pairs, pairs_path = _pairs_file(src, train_obs, args, device, teacher)
     report = _train_and_measure(src, args, teacher, pairs, held_obs, device, out)
     report |= {"pairs_file": str(pairs_path), "held_out_observations": held}
     atomic_write_text(json.dumps(report, indent=2), out / "reflow.json")

@@ -170,11 +170,13 @@ def test_flowrl_reflow_writes_a_student_that_fine_tuning_loads(pretrained_run, c
         (run / "reflow" / "student.pt").resolve()
     )
     load_actor(finetune.policy.pretrained, finetune.policy, 2, 2)  # the pretrained.pt format
-    # the same settings again: the pairs are reused, not made again
-    assert main([*args, "--eval-episodes", "0", "--no-progress"]) == 0
+    assert yaml.safe_load((run / "reflow" / "finetune.yaml").read_text())["policy"]["denoising_steps"] == 1
+    # the same teacher (named by its checkpoint this time) and settings, another --out: the pairs are reused
+    again = ["reflow", str(run / "pretrained.pt"), *args[2:], "--out", str(run / "second"), "--eval-episodes", "0"]
+    assert main([*again, "--no-progress"]) == 0
     assert "reusing" in capsys.readouterr().out
     assert torch.equal(torch.load(pairs_file, weights_only=True)["actions"], saved["actions"])
-    assert yaml.safe_load((run / "reflow" / "finetune.yaml").read_text())["policy"]["denoising_steps"] == 1
+    assert (run / "second" / "student.pt").is_file() and len(list((run / "reflow").glob("pairs-*"))) == 1
 
 
 @pytest.mark.parametrize(
