@@ -195,10 +195,11 @@ def fit(
     seed: int,
     progress: bool = True,
     run_dir: Path | None = None,
+    desc: str = "pretrain",
 ) -> tuple[nn.Module, dict[str, float]]:
     """Behaviour cloning of ``actor`` on batches ``draw(step, generator) -> (condition,
     target)`` (``demo_batches`` of demonstrations, or image-caption pairs drawn fresh) with
-    AdamW for ``cfg.steps``; returns its EMA copy and the final loss.
+    AdamW for ``cfg.steps``; returns its EMA copy and the final loss. ``desc`` names the progress bar.
 
     With ``run_dir``: the mean loss of every 100 steps goes to ``pretrain_metrics.jsonl`` and
     ``tensorboard/pretrain``; a checkpoint (weights, EMA, optimiser, generator) is written to
@@ -214,7 +215,7 @@ def fit(
     log = None
     if run_dir is not None:  # records a killed run wrote after its checkpoint are dropped (-1: all of them)
         log = RunLog(run_dir, resume_after=run.step if run.step else -1, name="pretrain", step_key="step")
-    bar = progress_bar(range(run.step, cfg.steps), "pretrain", progress, initial=run.step, total=cfg.steps)
+    bar = progress_bar(range(run.step, cfg.steps), desc, progress, initial=run.step, total=cfg.steps)
     try:
         for _ in bar:
             run.train_step(draw, loss_fn)

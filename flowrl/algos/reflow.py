@@ -159,7 +159,7 @@ def train_student(
     def loss_fn(actor: nn.Module, o: Tensor, pair: Tensor, g: torch.Generator) -> Tensor:
         return reflow_loss(actor, o, pair[:, 0], pair[:, 1], timesteps, loss, g)
 
-    return fit(student, draw, loss_fn, cfg, seed, progress)
+    return fit(student, draw, loss_fn, cfg, seed, progress, desc="reflow student")
 
 
 @torch.no_grad()

@@ -202,3 +202,15 @@ def test_a_missing_run_or_checkpoint_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["reflow", str(tmp_path / "empty")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_a_run_of_another_policy_family_is_one_line(tmp_path, capsys) -> None:
+    from flowrl.config import build_config, save_config
+
+    run = tmp_path / "gaussian"
+    run.mkdir()
+    save_config(build_config({"name": "g", "policy": {"type": "gaussian"}}), run / "config.yaml")
+    (run / "pretrained.pt").write_bytes(b"not read")
+    assert main(["reflow", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trains a gaussian policy; reflow straightens flow policies" in err[0]
