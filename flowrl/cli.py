@@ -256,6 +256,40 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "reflow",
+        "straighten a pretrained flow policy for 1-2 step sampling: its own ODE's (noise, action) pairs, a student "
+        "retrained on them, straightness and success before / after (RUN/reflow)",
+        "flowrl.algos.reflow:cli_handler",
+        (
+            arg(
+                "source",
+                metavar="RUN_OR_CHECKPOINT",
+                help="run folder of `flowrl pretrain` (its pretrained.pt) or a checkpoint in one",
+            ),
+            arg("--pairs", type=int, default=20000, help="teacher (noise, action) pairs to train the student on"),
+            arg("--teacher-steps", type=int, default=32, help="K, the teacher's ODE steps that make each pair"),
+            arg("--steps", type=int, help="student gradient steps (default: the run's pretrain.steps)"),
+            arg("--batch-size", type=int, help="student batch size (default: the run's pretrain.batch_size)"),
+            arg("--lr", type=float, help="student learning rate (default: the run's pretrain.lr)"),
+            arg("--timesteps", choices=["uniform", "u_shaped"], default="u_shaped", help="student's t distribution"),
+            arg("--loss", choices=["l2", "huber"], default="huber", help="squared error or pseudo-Huber"),
+            arg(
+                "--held-out",
+                type=int,
+                default=256,
+                help="observations kept out of the pairs to measure straightness (at most a fifth)",
+            ),
+            arg("--eval-episodes", type=int, help="episodes per success evaluation (default: eval.episodes; 0 = none)"),
+            arg("--seed", type=int, help="seed of the pairs, the split and the training (default: the run's seed)"),
+            arg(
+                "--out",
+                help="folder of student.pt, finetune.yaml and reflow.json (default: RUN/reflow); the pairs stay in "
+                "RUN/reflow, reused by later calls",
+            ),
+            _NO_PROGRESS,
+        ),
+    ),
+    Command(
         "eval",
         "evaluate a run (RUN_DIR: its config.yaml and policy.pt) or an experiment's checkpoint with the "
         "deterministic policy",

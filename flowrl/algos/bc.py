@@ -23,6 +23,7 @@ from flowrl.algos.diffusion_bc import diffusion_loss
 from flowrl.algos.flow_bc import flow_matching_loss, meanflow_loss, shortcut_loss
 from flowrl.config import PolicyConfig, PretrainConfig
 from flowrl.core.demos_file import DEMO_KEYS
+from flowrl.core.dispersive import layers_loss as dispersive_layers_loss
 from flowrl.errors import DatasetError, FlowRLError, Interrupted
 from flowrl.models.diffusion_policy import cosine_alphas_cumprod
 from flowrl.rollout.demos import check_demos, load_demos
@@ -50,17 +51,16 @@ def dataset_obs_stats(obs: Tensor, min_std: float = 1e-2) -> tuple[Tensor, Tenso
     return obs.mean(0), obs.std(0).clamp(min=min_std)
 
 
-LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
+# loss(actor, condition, target, generator) -> the loss, or (the loss, extra metrics to log)
+LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor | tuple[Tensor, dict[str, Tensor]]]
 
 
 def bc_loss(policy: PolicyConfig, pretrain: PretrainConfig) -> LossFn:
-    """The loss of ``policy.type``: ``loss(actor, obs [B, O], chunks [B, Ta, Da], generator)``."""
-    if policy.type == "rectified_flow":
-        return flow_matching_loss
-    if policy.type == "shortcut":
-        return lambda actor, o, c, g: shortcut_loss(actor, o, c, pretrain.consistency_fraction, g)
-    if policy.type == "meanflow":
-        return lambda actor, o, c, g: meanflow_loss(actor, o, c, pretrain.consistency_fraction, g)
+    """The loss of ``policy.type``: ``loss(actor, obs [B, O], chunks [B, Ta, Da], generator)``;
+    a flow family with ``pretrain.dispersive`` on adds its weighted dispersive term (and returns it
+    as ``pretrain/dispersive``)."""
+    if policy.type in ("rectified_flow", "shortcut", "meanflow"):
+        return _flow_loss(policy.type, pretrain)
     if policy.type == "diffusion":
         alphas = cosine_alphas_cumprod(policy.train_steps)
         return lambda actor, o, c, g: diffusion_loss(actor, o, c, alphas.to(c.device), g)
@@ -69,6 +69,31 @@ def bc_loss(policy: PolicyConfig, pretrain: PretrainConfig) -> LossFn:
         return ((actor(o)[0] - c) ** 2).mean()
 
     return gaussian_mean_loss
+
+
+def _flow_loss(family: str, pretrain: PretrainConfig) -> LossFn:
+    """The flow family's loss, plus the dispersive term on the hidden activations of its own pass
+    (then ``pretrain/loss`` is their weighted sum, logged beside ``pretrain/flow`` and
+    ``pretrain/dispersive``)."""
+    disp, fraction = pretrain.dispersive, pretrain.consistency_fraction
+
+    def flow(actor: nn.Module, o: Tensor, c: Tensor, g: torch.Generator, hidden: list[Tensor] | None) -> Tensor:
+        if family == "shortcut":
+            return shortcut_loss(actor, o, c, fraction, g, hidden=hidden)
+        if family == "meanflow":
+            return meanflow_loss(actor, o, c, fraction, g, hidden=hidden)
+        return flow_matching_loss(actor, o, c, g, hidden=hidden)
+
+    if not disp.enabled:
+        return lambda actor, o, c, g: flow(actor, o, c, g, None)
+
+    def regularised(actor: nn.Module, o: Tensor, c: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden: list[Tensor] = []
+        loss = flow(actor, o, c, g, hidden)
+        term = dispersive_layers_loss(hidden, disp.layers, disp.variant, disp.temperature, disp.margin)
+        return loss + disp.weight * term, {"pretrain/flow": loss.detach(), "pretrain/dispersive": term.detach()}
+
+    return regularised
 
 
 class PretrainError(FlowRLError, FloatingPointError):
@@ -103,11 +128,16 @@ class _Pretraining:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.step = 0
         self.losses: list[float] = []
+        self.extras: dict[str, list[float]] = {}  # the loss's extra metrics (pretrain/dispersive), last 100
 
     def train_step(self, draw: Draw, loss_fn: LossFn) -> None:
         """One AdamW step on a fresh batch, then the EMA; a non-finite loss stops the run."""
         cond, target = draw(self.step, self.gen)
         loss = loss_fn(self.actor, cond, target, self.gen)
+        if isinstance(loss, tuple):
+            loss, extra = loss
+            for key, value in extra.items():
+                self.extras[key] = [*self.extras.get(key, []), float(value)][-100:]
         if not torch.isfinite(loss):
             raise PretrainError(
                 f"the pretraining loss is {loss.item()} at step {self.step}: lower pretrain.lr (now {self.cfg.lr:g})"
@@ -125,6 +155,10 @@ class _Pretraining:
 
     def mean_loss(self) -> float:
         return float(np.mean(self.losses[-100:]))
+
+    def metrics(self) -> dict[str, float]:
+        """The mean loss and extra metrics of the last 100 steps."""
+        return {"pretrain/loss": self.mean_loss(), **{k: float(np.mean(v)) for k, v in self.extras.items()}}
 
     def save(self, path: Path) -> None:
         state = {"step": self.step, "actor": self.actor.state_dict(), "ema": self.ema.state_dict()}
@@ -161,10 +195,11 @@ def fit(
     seed: int,
     progress: bool = True,
     run_dir: Path | None = None,
+    desc: str = "pretrain",
 ) -> tuple[nn.Module, dict[str, float]]:
     """Behaviour cloning of ``actor`` on batches ``draw(step, generator) -> (condition,
     target)`` (``demo_batches`` of demonstrations, or image-caption pairs drawn fresh) with
-    AdamW for ``cfg.steps``; returns its EMA copy and the final loss.
+    AdamW for ``cfg.steps``; returns its EMA copy and the final loss. ``desc`` names the progress bar.
 
     With ``run_dir``: the mean loss of every 100 steps goes to ``pretrain_metrics.jsonl`` and
     ``tensorboard/pretrain``; a checkpoint (weights, EMA, optimiser, generator) is written to
@@ -180,20 +215,20 @@ def fit(
     log = None
     if run_dir is not None:  # records a killed run wrote after its checkpoint are dropped (-1: all of them)
         log = RunLog(run_dir, resume_after=run.step if run.step else -1, name="pretrain", step_key="step")
-    bar = progress_bar(range(run.step, cfg.steps), "pretrain", progress, initial=run.step, total=cfg.steps)
+    bar = progress_bar(range(run.step, cfg.steps), desc, progress, initial=run.step, total=cfg.steps)
     try:
         for _ in bar:
             run.train_step(draw, loss_fn)
             if run.step % 100 == 0:
                 bar.set_postfix(loss=f"{run.mean_loss():.4f}", refresh=False)
                 if log is not None:
-                    log.log(run.step, {"pretrain/loss": run.mean_loss()})
+                    log.log(run.step, run.metrics())
             if checkpoint is not None:
                 run.checkpoint_when_due(checkpoint)
     finally:
         if log is not None:
             log.close()
-    return run.ema.requires_grad_(True), {"pretrain/loss": run.mean_loss()}
+    return run.ema.requires_grad_(True), run.metrics()
 
 
 def _load_pretrain_checkpoint(path: Path) -> dict:

@@ -12,7 +12,10 @@ eps ~ N(0, I), x_t = (1 - t) eps + t a, and v = a - eps is the conditional veloc
   derivative du/dt = v . d_x u + d_t u, a Jacobian-vector product. Part of each batch has
   r = t (plain flow matching); the target is held fixed (stop-gradient).
 
-The training loop (EMA, progress) is ``flowrl.algos.bc``.
+Every loss takes ``hidden``: a list that, when given, receives the hidden activations
+``[B, H_l]`` (one per MLP layer, ``VelocityMLP.forward_with_hidden``) of the prediction pass that
+carries the gradient, for the dispersive regulariser (flowrl.core.dispersive) without a second
+forward pass. The training loop (EMA, progress) is ``flowrl.algos.bc``.
 """
 
 from __future__ import annotations
@@ -37,15 +40,28 @@ def _part(b: int, fraction: float, at_most: int) -> int:
     return min(at_most, max(1, round(b * fraction)))
 
 
+def _predict(velocity: VelocityMLP, hidden: list[Tensor] | None, obs, x: Tensor, t, t_next) -> Tensor:
+    """``velocity(obs, x, t, t_next)``; with ``hidden`` its hidden activations are appended there."""
+    if hidden is None:
+        return velocity(obs, x, t, t_next)
+    out, layers = velocity.forward_with_hidden(obs, x, t, t_next)
+    hidden.extend(layers)
+    return out
+
+
 def flow_matching_loss(
-    velocity: VelocityMLP, obs: Tensor, chunks: Tensor, generator: torch.Generator | None = None
+    velocity: VelocityMLP,
+    obs: Tensor,
+    chunks: Tensor,
+    generator: torch.Generator | None = None,
+    hidden: list[Tensor] | None = None,
 ) -> Tensor:
     """Rectified-flow loss on a batch: obs ``[B, O]`` (any condition the field takes, e.g.
     caption ids), chunks ``[B, *E]`` (action chunks ``[B, Ta, Da]``, images ``[B, C, H, W]``)."""
     b = chunks.shape[0]
     t = torch.rand(b, generator=generator, device=chunks.device)
     eps = torch.randn(chunks.shape, generator=generator, device=chunks.device)
-    return ((velocity(obs, _path(chunks, eps, t), t, t) - (chunks - eps)) ** 2).mean()
+    return ((_predict(velocity, hidden, obs, _path(chunks, eps, t), t, t) - (chunks - eps)) ** 2).mean()
 
 
 def shortcut_loss(
@@ -54,6 +70,7 @@ def shortcut_loss(
     chunks: Tensor,
     consistency_fraction: float,
     generator: torch.Generator | None = None,
+    hidden: list[Tensor] | None = None,
 ) -> Tensor:
     """Shortcut-model loss: flow matching at d = 0 plus self-consistency at d = 2^-k,
     k = 1..SHORTCUT_HALVINGS, on ``consistency_fraction`` of the batch."""
@@ -73,8 +90,12 @@ def shortcut_loss(
         x_mid = x_sc + d.view(-1, 1, 1) * first
         second = velocity(o_sc, x_mid, t_sc + d, t_sc + 2 * d)
         sc_target = 0.5 * (first + second)
-    pred_sc = velocity(o_sc, x_sc, t_sc, t_sc + 2 * d)
-    pred_fm = velocity(obs[n_sc:], x_t[n_sc:], t_fm, t_fm)
+    h_sc: list[Tensor] | None = None if hidden is None else []
+    h_fm: list[Tensor] | None = None if hidden is None else []
+    pred_sc = _predict(velocity, h_sc, o_sc, x_sc, t_sc, t_sc + 2 * d)
+    pred_fm = _predict(velocity, h_fm, obs[n_sc:], x_t[n_sc:], t_fm, t_fm)
+    if hidden is not None:  # both parts of the batch, in its order
+        hidden.extend(torch.cat([a, b_]) for a, b_ in zip(h_sc, h_fm, strict=True))
     fm_target = chunks[n_sc:] - eps[n_sc:]
     errors = torch.cat([(pred_sc - sc_target).flatten(1), (pred_fm - fm_target).flatten(1)])
     return (errors**2).mean()
@@ -87,6 +108,7 @@ def meanflow_loss(
     interval_fraction: float,
     generator: torch.Generator | None = None,
     weight_power: float = 1.0,
+    hidden: list[Tensor] | None = None,
 ) -> Tensor:
     """MeanFlow loss on a batch; ``interval_fraction`` of it has r > t.
 
@@ -102,10 +124,14 @@ def meanflow_loss(
     x_t = _path(chunks, eps, t)
     v = chunks - eps
 
-    def field(x: Tensor, t_: Tensor) -> Tensor:
-        return velocity(obs, x, t_, r)
+    def field(x: Tensor, t_: Tensor) -> tuple[Tensor, list[Tensor]]:
+        out: list[Tensor] = []
+        return _predict(velocity, None if hidden is None else out, obs, x, t_, r), out
 
-    u, du_dt = torch.func.jvp(field, (x_t, t), (v, torch.ones_like(t)))
+    # the activations come back as jvp's aux: the pass that makes u, no second one
+    u, du_dt, layers = torch.func.jvp(field, (x_t, t), (v, torch.ones_like(t)), has_aux=True)
+    if hidden is not None:
+        hidden.extend(layers)
     target = (v + (r - t).view(-1, 1, 1) * du_dt).detach()
     err = ((u - target) ** 2).flatten(1).mean(dim=1)
     return (err / (err.detach() + 1e-3) ** weight_power).mean()

@@ -283,10 +283,54 @@ class DemosConfig(_Strict):
         return {} if self.path is None else {"episodes": "to scripted demos (path: null)"}
 
 
+class DispersiveConfig(_Strict):
+    """DM1's dispersive regulariser (Wang & He's Dispersive Loss): spreads apart the hidden
+    activations of the velocity MLP within each batch (flowrl.core.dispersive)."""
+
+    weight: float | None = Field(
+        None, ge=0, description="weight of the dispersive loss added to the flow loss; 0 or null = off"
+    )
+    variant: Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"] = Field(
+        "infonce_l2",
+        description="infonce_l2 / infonce_cosine: log-mean-exp of -distance / temperature over the batch's pairs; "
+        "hinge: squared hinge on pair distances below margin; covariance: squared off-diagonal covariance",
+    )
+    layers: list[int] = Field(
+        [-1],
+        min_length=1,
+        description="hidden layers whose activations are dispersed (indices into policy.hidden_dims, negative "
+        "from the last); the loss is their mean",
+    )
+    temperature: float = Field(0.5, gt=0, description="tau of the InfoNCE variants")
+    margin: float = Field(1.0, gt=0, description="hinge: pairs with squared distance per feature below it repel")
+
+    def _inactive(self) -> dict[str, str]:
+        off = {}
+        if self.variant not in ("infonce_l2", "infonce_cosine"):
+            off["temperature"] = "to variant infonce_l2 or infonce_cosine"
+        if self.variant != "hinge":
+            off["margin"] = "to variant: hinge"
+        return off
+
+    @model_validator(mode="after")
+    def _distinct_layers(self) -> DispersiveConfig:
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"dispersive.layers lists a layer twice ({self.layers}); list each once")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.weight)
+
+
 class PretrainConfig(_Strict):
     """Behaviour cloning of the policy family named by policy.type."""
 
     demos: DemosConfig = Field(default_factory=DemosConfig)
+    dispersive: DispersiveConfig = Field(
+        default_factory=DispersiveConfig,
+        description="flow policies: dispersive regularisation of the network's hidden activations (off by default)",
+    )
     consistency_fraction: float = Field(
         0.25,
         gt=0,
@@ -656,6 +700,14 @@ class ExperimentConfig(_Strict):
                 )
         if isinstance(self.algo, ACFlowConfig):
             problems += self._ac_flow_problems()
+        if self.pretrain is not None and self.policy.type in FLOW_TYPES:
+            depth = len(self.policy.hidden_dims)
+            wrong = [i for i in self.pretrain.dispersive.layers if not -depth <= i < depth]
+            if wrong:
+                problems.append(
+                    f"pretrain.dispersive.layers {wrong} outside the {depth} hidden layers of policy.hidden_dims; "
+                    f"use indices {-depth}..{depth - 1}"
+                )
         if isinstance(self.algo, PPOConfig) and isinstance(self.env, GymEnvConfig):
             batch = self.env.num_envs * self.algo.steps_per_iteration
             if self.algo.minibatch_size > batch:
@@ -741,6 +793,8 @@ class ExperimentConfig(_Strict):
             dead["algo.ratio_norm"] = "to flow policies with a fixed-std converter (mdp.converter.type flow_sde or cps)"
         if family not in ("shortcut", "meanflow"):
             dead["pretrain.consistency_fraction"] = "to policy.type shortcut or meanflow"
+        if family not in FLOW_TYPES:
+            dead["pretrain.dispersive"] = "to flow policies (policy.type rectified_flow, shortcut or meanflow)"
         if family in IMAGE_POLICY_TYPES:
             dead["pretrain.demos"] = "to gym envs (text_image pretraining draws pairs from the shapes world)"
         if getattr(self.policy, "cfg_scale", None) == 1.0:

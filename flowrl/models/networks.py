@@ -137,6 +137,14 @@ class VelocityMLP(ChunkNet):
         self.net = mlp(in_dim, hidden_dims, horizon * action_dim)
 
     def forward(self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None) -> Tensor:
+        return self.forward_with_hidden(obs, x, t, t_next)[0]
+
+    def forward_with_hidden(
+        self, obs: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``forward``'s velocity and, from the same pass, the activation ``[B, H_l]`` after each
+        hidden layer l of the MLP (one per ``hidden_dims`` entry): the embeddings a dispersive
+        loss (flowrl.core.dispersive) spreads apart."""
         b = x.shape[0]
         t_b = _batch_time(t, b, x)
         parts = [self.obs_norm(obs), x.reshape(b, -1), self.time_embed(t_b)]
@@ -144,7 +152,13 @@ class VelocityMLP(ChunkNet):
             if t_next is None:
                 raise ValueError("a step-conditioned velocity field needs t_next (the end of the step)")
             parts.append(self.time_embed(_batch_time(t_next, b, x) - t_b))
-        return self.net(torch.cat(parts, dim=-1)).view(b, self.horizon, self.action_dim)
+        h = torch.cat(parts, dim=-1)
+        hidden = []
+        for layer in self.net:
+            h = layer(h)
+            if not isinstance(layer, nn.Linear):  # an activation closes a hidden layer
+                hidden.append(h)
+        return h.view(b, self.horizon, self.action_dim), hidden
 
 
 class ReinFlowNoiseNet(ChunkNet):
