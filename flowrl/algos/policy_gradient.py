@@ -140,7 +140,10 @@ class PolicyOptimizer:
             f"the learning rates are likely too high (algo.actor_lr={cfg.actor_lr:g}), or the observations or "
             "rewards explode",
         )
-        frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+        # The trained groups must be trainable; parameters outside them (a LoRA policy's frozen base
+        # model) are allowed.
+        grouped = {id(p) for params in policy.param_groups().values() for p in params}
+        frozen = [name for name, p in policy.named_parameters() if not p.requires_grad and id(p) in grouped]
         if frozen:
             raise ValueError(f"policy parameters are frozen (requires_grad=False): {frozen[:3]}")
         lrs = {"actor": cfg.actor_lr, "noise": cfg.noise_lr}
