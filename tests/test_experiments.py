@@ -258,6 +258,14 @@ def test_sd3_experiment_runs_on_a_tiny_sd3(path, tmp_path_factory):
     assert all("lora_" in name for name in checkpoint["actor"])  # LoRA-only
     policy = load_image_network(run / "policy.pt", load_config(run / "config.yaml"))
     assert torch.equal(next(iter(policy.state_dict().values())), next(iter(checkpoint["actor"].values())))
+    if path.name != "sd3_flow_grpo.yaml":
+        return
+    # resume from the LoRA-only checkpoint: one more iteration, from where the first one left the LoRA
+    assert main(["train", "--resume", str(run), "algo.iterations=2", "--no-progress"]) == 0
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1, 2]
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 2 and set(resumed["actor"]) == set(checkpoint["actor"])
+    assert any(not torch.equal(resumed["actor"][k], checkpoint["actor"][k]) for k in checkpoint["actor"])
 
 
 MANISKILL = sorted((EXPERIMENTS / "maniskill").glob("*.yaml"))
