@@ -35,7 +35,9 @@ def folder(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
 
 
-def _policy(folder: Path, window=None, cfg_scale: float = 1.0, lora: LoRASpec | None = None) -> SD3Policy:
+def _policy(
+    folder: Path, window=None, cfg_scale: float = 1.0, lora: LoRASpec | None = None, checkpointing: bool = False
+) -> SD3Policy:
     keys = Tokenizer().encode(PROMPTS)[0]
     return load_sd3_policy(
         folder,
@@ -48,6 +50,7 @@ def _policy(folder: Path, window=None, cfg_scale: float = 1.0, lora: LoRASpec | 
         lora=lora or LoRASpec(rank=4, alpha=8.0),
         cfg_scale=cfg_scale,
         max_sequence_length=8,
+        gradient_checkpointing=checkpointing,
     )
 
 
@@ -199,3 +202,18 @@ def test_missing_or_foreign_folders_are_one_line(tmp_path):
     with pytest.raises(FlowRLError, match="not a diffusers Stable Diffusion 3 folder") as foreign:
         check_sd3_folder(tmp_path / "other")
     assert "\n" not in str(missing.value) and "\n" not in str(foreign.value)
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(folder):
+    cond, x = _cond(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    grads, state = [], None
+    for checkpointing in (False, True):
+        policy = _policy(folder, checkpointing=checkpointing)
+        _perturb_lora(policy)
+        state = state or policy.state_dict()
+        policy.load_state_dict(state)  # the same LoRA in both (peft draws A at random)
+        policy.velocity(cond, x, 0.4).square().sum().backward()
+        grads.append({n: p.grad for n, p in policy.lora_parameters().items()})
+    assert _policy(folder, checkpointing=True).transformer.gradient_checkpointing
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad)
