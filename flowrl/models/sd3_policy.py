@@ -94,20 +94,25 @@ def check_sd3_folder(path: str | Path) -> Path:
 @torch.no_grad()
 def encode_prompts(folder: Path, prompts: Sequence[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
     """``(embeds [P, L, D], pooled [P, Dp])`` of ``prompts`` by the folder's three text encoders
-    (the pipeline's own ``encode_prompt``), on the CPU in float32; the encoders are freed."""
+    (the pipeline's own ``encode_prompt``; on CUDA when there is one), returned on the CPU in
+    float32; the encoders are freed."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=None, vae=None)
+    if torch.cuda.is_available():  # T5-XXL on the CPU takes minutes for a few hundred prompts
+        pipe.to("cuda")
     embeds, pooled = [], []
     for i in range(0, len(prompts), 32):
         chunk = list(prompts[i : i + 32])
         e, _, p, _ = pipe.encode_prompt(
             chunk, None, None, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
         )
-        embeds.append(e.float())
-        pooled.append(p.float())
+        embeds.append(e.float().cpu())
+        pooled.append(p.float().cpu())
     del pipe
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return torch.cat(embeds), torch.cat(pooled)
 
 
