@@ -86,7 +86,13 @@ def preflight(cfg: ExperimentConfig) -> None:
         from flowrl.rewards.registry import check_reward
 
         check_reward(cfg.env.reward)
-        if cfg.policy.pretrained is not None:
+        if cfg.policy.type == "sd3":  # cheap checks: loading SD3 here would load it twice
+            from flowrl.models.sd3_policy import check_sd3_folder
+
+            check_sd3_folder(cfg.policy.path)
+            if cfg.policy.pretrained is not None and not Path(cfg.policy.pretrained).expanduser().is_file():
+                raise CheckpointError(f"checkpoint not found: {cfg.policy.pretrained} (policy.pretrained)")
+        elif cfg.policy.pretrained is not None:
             load_image_network(cfg.policy.pretrained, cfg)
         return
     if cfg.ray.enabled and cfg.ray.address is None and not cfg.env.batched:  # a joined cluster: checked on joining

@@ -236,6 +236,63 @@ def test_image_experiment_runs_with_a_tiny_budget(path, tmp_path):
     load_image_network(run / "policy.pt", cfg)
 
 
+SD3_FILES = sorted((EXPERIMENTS / "images" / "sd3").glob("*.yaml"))
+# The SD3 files name SD3.5-Medium and PickScore folders the user downloads: the smoke test puts a
+# tiny random SD3 built here (tests/sd3_setup.py) in their place, with a JPEG reward, on the CPU.
+SD3_TINY = [
+    "device=cpu",
+    "env.image_size=16",
+    "env.prompts_per_iteration=2",
+    "env.group_size=2",
+    "env.reward={type: jpeg}",
+    "policy.denoising_steps=6",
+    "policy.eval_denoising_steps=4",
+    "policy.max_sequence_length=8",
+    "policy.lora={rank: 2, alpha: 4}",
+    "algo.iterations=1",
+    "algo.minibatch_size=4",
+    "eval.episodes=2",
+]
+
+
+def test_the_sd3_files_are_the_papers_methods_at_k_25():
+    cfgs = {p.name: load_config(p) for p in SD3_FILES}
+    assert sorted(cfgs) == ["sd3_flash.yaml", "sd3_flow_grpo.yaml", "sd3_mixgrpo.yaml"]
+    assert all(c.policy.type == "sd3" and c.policy.denoising_steps == 25 for c in cfgs.values())
+    assert cfgs["sd3_mixgrpo.yaml"].mdp.window.size == 4 and cfgs["sd3_flash.yaml"].mdp.steps_after_window
+
+
+def test_an_sd3_file_with_its_placeholder_paths_is_one_line(capsys):
+    assert main(["train", str(SD3_FILES[0]), "device=cpu", "env.reward={type: jpeg}"]) == 2
+    assert "SD3 model folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", SD3_FILES, ids=lambda p: p.name)
+def test_sd3_experiment_runs_on_a_tiny_sd3(path, tmp_path_factory):
+    pytest.importorskip("peft")
+    from flowrl.models.build import load_image_network
+    from tests.sd3_setup import build_tiny_sd3
+
+    folder = build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(["train", str(path), *SD3_TINY, f"policy.path={folder}", f"runs_dir={runs}", "--no-progress"]) == 0
+    (run,) = runs.iterdir()
+    update = read_metrics(run)[1]
+    assert update["train/ratio_check_dev"] <= 1e-4 and update["grpo/kept_steps"] > 0
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all("lora_" in name for name in checkpoint["actor"])  # LoRA-only
+    policy = load_image_network(run / "policy.pt", load_config(run / "config.yaml"))
+    assert torch.equal(next(iter(policy.state_dict().values())), next(iter(checkpoint["actor"].values())))
+    if path.name != "sd3_flow_grpo.yaml":
+        return
+    # resume from the LoRA-only checkpoint: one more iteration, from where the first one left the LoRA
+    assert main(["train", "--resume", str(run), "algo.iterations=2", "--no-progress"]) == 0
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1, 2]
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 2 and set(resumed["actor"]) == set(checkpoint["actor"])
+    assert any(not torch.equal(resumed["actor"][k], checkpoint["actor"][k]) for k in checkpoint["actor"])
+
+
 MANISKILL = sorted((EXPERIMENTS / "maniskill").glob("*.yaml"))
 PAPER_MANISKILL = sorted((EXPERIMENTS / "maniskill" / "paper").glob("*.yaml"))  # `flowrl bench maniskill --size paper`
 

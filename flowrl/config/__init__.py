@@ -6,7 +6,7 @@ types are errors that name the key and the file (``loading.py``). Command-line o
 ``x=null``); ``~key.sub`` removes a key of the file.
 """
 
-from flowrl.config.images import ShapesEnvConfig, TextImagePolicyConfig
+from flowrl.config.images import LoRAConfig, SD3PolicyConfig, ShapesEnvConfig, TextImagePolicyConfig
 from flowrl.config.loading import (
     ConfigError,
     build_config,
@@ -93,6 +93,8 @@ __all__ = [
     "ShapesEnvConfig",
     "SlidingWindowConfig",
     "TextImagePolicyConfig",
+    "SD3PolicyConfig",
+    "LoRAConfig",
     "WindowConfig",
     "build_config",
     "format_validation_error",

@@ -114,3 +114,48 @@ class TextImagePolicyConfig(_Strict):
         if dim % 4:
             raise ValueError(f"text_dim must be a multiple of 4 (4 attention heads), got {dim}")
         return dim
+
+
+class LoRAConfig(_Strict):
+    """peft LoRA on the SD3 transformer (the only trained weights)."""
+
+    rank: int = Field(32, ge=1, description="LoRA rank r (Flow-GRPO: 32)")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha; the adapter's scale is alpha / rank (Flow-GRPO: 64)")
+    targets: list[str] = Field(
+        [
+            "attn.add_k_proj",
+            "attn.add_q_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+            "attn.to_k",
+            "attn.to_out.0",
+            "attn.to_q",
+            "attn.to_v",
+        ],
+        min_length=1,
+        description="names (suffixes) of the transformer's modules that get an adapter; default: every projection "
+        "of the joint attention, as Flow-GRPO",
+    )
+
+
+class SD3PolicyConfig(_Strict):
+    """diffusers' Stable Diffusion 3 from a local folder (flowrl/models/sd3_policy.py): its transformer,
+    trained by a LoRA, is the velocity field; its VAE decodes; its text encoders embed every prompt once."""
+
+    type: Literal["sd3"] = Field(description="Stable Diffusion 3 (diffusers folder) with a peft LoRA")
+    path: str = Field(description="local diffusers SD3 folder (model_index.json, transformer/, vae/, text encoders)")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    denoising_steps: int = Field(10, ge=1, description="K, sampling steps in training (the MDP's steps)")
+    eval_denoising_steps: int = Field(40, ge=1, description="ODE steps of evaluation (and of the sample grids)")
+    time_shift: float | None = Field(
+        None, gt=0, description="the scheduler's time shift; null = the folder's scheduler config (SD3.5: 3.0)"
+    )
+    cfg_scale: float = Field(4.5, ge=0, description="classifier-free guidance (Flow-GRPO on SD3.5: 4.5); 1 = none")
+    max_sequence_length: int = Field(128, ge=1, description="T5 tokens per prompt (Flow-GRPO: 128)")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast of the transformer on CUDA (ignored on the CPU); untested here"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in backward")
+    pretrained: str | None = Field(
+        None, description="LoRA weights to start from (.safetensors written by flowrl); null = a fresh adapter"
+    )

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_serializer, model_validator
 
 from flowrl.config.base import _Strict
-from flowrl.config.images import ShapesEnvConfig, TextImagePolicyConfig
+from flowrl.config.images import SD3PolicyConfig, ShapesEnvConfig, TextImagePolicyConfig
 
 
 # --------------------------------------------------------------------------- env
@@ -87,7 +87,7 @@ class RayConfig(_Strict):
 # --------------------------------------------------------------------------- policy
 FLOW_TYPES = ("rectified_flow", "shortcut", "meanflow")
 POLICY_TYPES = (*FLOW_TYPES, "diffusion", "gaussian")  # the policies of gym envs
-IMAGE_POLICY_TYPES = ("text_image",)  # the policies of env.type: shapes
+IMAGE_POLICY_TYPES = ("text_image", "sd3")  # the policies of env.type: shapes
 
 
 class _PolicyBase(_Strict):
@@ -163,7 +163,8 @@ PolicyConfig = Annotated[
     Annotated[FlowPolicyConfig, Tag("flow")]
     | Annotated[DiffusionPolicyConfig, Tag("diffusion")]
     | Annotated[GaussianPolicyConfig, Tag("gaussian")]
-    | Annotated[TextImagePolicyConfig, Tag("text_image")],
+    | Annotated[TextImagePolicyConfig, Tag("text_image")]
+    | Annotated[SD3PolicyConfig, Tag("sd3")],
     Discriminator(_policy_tag, custom_error_type="policy_type", custom_error_message="unknown policy type"),
 ]
 
@@ -739,7 +740,7 @@ class ExperimentConfig(_Strict):
         shapes, image = self.env.type == "shapes", self.policy.type in IMAGE_POLICY_TYPES
         if shapes != image:
             return [
-                "env.type: shapes needs policy.type: text_image"
+                "env.type: shapes needs policy.type: text_image or sd3"
                 if shapes
                 else f"policy.type: {self.policy.type} needs env.type: shapes"
             ]
@@ -768,6 +769,10 @@ class ExperimentConfig(_Strict):
                     "env.reward.advantages: per_reward normalises each reward within its group; it takes no "
                     "algo.advantages.std: global (remove one of them)"
                 )
+        if self.policy.type == "sd3":
+            if self.pretrain is not None:
+                problems.append("policy.type: sd3 is fine-tuned from its folder's weights: set pretrain: null")
+            return problems
         patch = 4 * self.policy.patch
         if self.env.image_size % patch:
             problems.append(f"env.image_size={self.env.image_size} must be a multiple of 4 * policy.patch = {patch}")

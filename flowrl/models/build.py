@@ -23,6 +23,7 @@ from flowrl.config import (
     NoiseNetConverter,
     OneRandomStepWindow,
     PolicyConfig,
+    SD3PolicyConfig,
     SlidingWindowConfig,
     TextImagePolicyConfig,
 )
@@ -35,9 +36,11 @@ from flowrl.models.image_policy import TextImagePolicy
 from flowrl.models.networks import GaussianActor, ReinFlowNoiseNet, ValueMLP, VelocityMLP, copy_obs_stats
 from flowrl.models.policy import Policy
 from flowrl.models.sampler import ChainSampler, Converter, CPSConverter, FlowSDEConverter, ReinFlowConverter
+from flowrl.models.sd3_policy import LoRASpec, SD3Policy, load_sd3_policy
 from flowrl.models.text_image import TextImageVelocity
 
-Actor = VelocityMLP | GaussianActor | TextImageVelocity
+# An SD3 policy is its own "network": its state is the LoRA (the base model stays in its folder).
+Actor = VelocityMLP | GaussianActor | TextImageVelocity | SD3Policy
 
 
 def arch_keys(cfg: PolicyConfig) -> tuple[str, ...]:
@@ -79,7 +82,7 @@ def build_window(cfg: ExperimentConfig) -> StepWindow:
     )
 
 
-def build_converter(cfg: ExperimentConfig, actor: Actor) -> Converter:
+def build_converter(cfg: ExperimentConfig, actor: Actor | None) -> Converter:
     c = cfg.mdp.converter
     if isinstance(c, NoiseNetConverter):
         assert isinstance(actor, VelocityMLP)
@@ -122,6 +125,9 @@ def build_policy(cfg: ExperimentConfig, actor: Actor) -> Policy:
     if isinstance(p, GaussianPolicyConfig):
         assert isinstance(actor, GaussianActor)
         return GaussianPolicy(actor)
+    if isinstance(p, SD3PolicyConfig):
+        assert isinstance(actor, SD3Policy)
+        return actor
     if isinstance(p, TextImagePolicyConfig):
         assert isinstance(actor, TextImageVelocity)
         evaluation = ChainSampler(
@@ -150,6 +156,8 @@ def actor_record(actor: Actor, cfg: PolicyConfig) -> dict[str, Any]:
     an image network's constructor arguments)."""
     if isinstance(actor, TextImageVelocity):
         return {"actor": actor.state_dict(), "arch": {"type": cfg.type, **_plain(actor.config)}}
+    if isinstance(actor, SD3Policy):  # the LoRA tensors and their spec; the base model is policy.path's
+        return {"actor": actor.state_dict(), "arch": {"type": cfg.type, **actor.lora.metadata()}}
     return {
         "actor": actor.state_dict(),
         "arch": {
@@ -240,11 +248,67 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def build_image_network(cfg: ExperimentConfig) -> TextImageVelocity:
+def build_sd3_policy(cfg: ExperimentConfig) -> SD3Policy:
+    """``policy.type: sd3``: the folder's SD3 with a fresh LoRA (or ``policy.pretrained``'s), every
+    caption of the shapes world (and the empty one, CFG's) embedded once."""
+    from envs.shapes import Tokenizer, all_captions
+
+    p = cfg.policy
+    assert isinstance(p, SD3PolicyConfig)
+    prompts = ["", *all_captions()]
+    sampler = {
+        "converter": build_converter(cfg, None),
+        "window": build_window(cfg),
+        "solver": cfg.mdp.solver,
+        "steps_after_window": cfg.mdp.steps_after_window,
+    }
+    policy = load_sd3_policy(
+        p.path,
+        prompts,
+        Tokenizer().encode(prompts)[0],
+        image_size=cfg.env.image_size,
+        denoising_steps=p.denoising_steps,
+        eval_denoising_steps=p.eval_denoising_steps,
+        sampler_kwargs=sampler,
+        lora=LoRASpec(p.lora.rank, p.lora.alpha, tuple(p.lora.targets)),
+        cfg_scale=p.cfg_scale,
+        time_shift=p.time_shift,
+        max_sequence_length=p.max_sequence_length,
+        mixed_precision=p.mixed_precision == "bf16",
+        gradient_checkpointing=p.gradient_checkpointing,
+        sample_unit=cfg.mdp.sample_unit,
+        log_prob_reduce=cfg.mdp.log_prob_reduce,
+    )
+    if p.pretrained is not None:
+        _load_sd3_weights(policy, Path(p.pretrained).expanduser())
+    return policy
+
+
+def _load_sd3_weights(policy: SD3Policy, path: Path) -> None:
+    """LoRA weights from a ``save_lora`` .safetensors or a flowrl checkpoint (policy.pt, last.pt)."""
+    if path.suffix == ".safetensors":
+        policy.load_lora(path)
+        return
+    record = read_record(path)
+    arch = {k: v for k, v in record["arch"].items() if k != "type"}
+    if record["arch"].get("type") != "sd3" or arch != policy.lora.metadata():
+        raise CheckpointError(
+            f"{path} does not fit this experiment (its policy {record['arch']}, the experiment's: sd3 with LoRA "
+            f"{policy.lora.metadata()}); set policy.lora to the checkpoint's or use a checkpoint of this experiment"
+        )
+    try:
+        policy.load_state_dict(record["actor"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def build_image_network(cfg: ExperimentConfig) -> TextImageVelocity | SD3Policy:
     """The text-conditioned velocity field of ``policy.type: text_image`` for ``env.image_size``
-    and the shapes world's tokenizer, with fresh weights."""
+    and the shapes world's tokenizer, with fresh weights (``sd3``: ``build_sd3_policy``)."""
     from envs.shapes import MAX_TOKENS, Tokenizer
 
+    if cfg.policy.type == "sd3":
+        return build_sd3_policy(cfg)
     p = cfg.policy
     assert isinstance(p, TextImagePolicyConfig)
     return TextImageVelocity(
@@ -258,10 +322,17 @@ def build_image_network(cfg: ExperimentConfig) -> TextImageVelocity:
     )
 
 
-def load_image_network(path: str | Path, cfg: ExperimentConfig) -> TextImageVelocity:
+def load_image_network(path: str | Path, cfg: ExperimentConfig) -> TextImageVelocity | SD3Policy:
     """The network of a text_image checkpoint (pretrained.pt, policy.pt), checked like
-    ``load_actor``: readable, a flowrl checkpoint, the experiment's sizes, fitting finite weights."""
+    ``load_actor``: readable, a flowrl checkpoint, the experiment's sizes, fitting finite weights.
+    ``sd3``: the policy with the LoRA of ``path`` (a flowrl checkpoint or a ``save_lora`` file)."""
     path = Path(path).expanduser()
+    if cfg.policy.type == "sd3":
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path} (policy.pretrained or --checkpoint)")
+        policy = build_sd3_policy(cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"pretrained": None})}))
+        _load_sd3_weights(policy, path)
+        return policy
     record = read_record(path)
     network = build_image_network(cfg)
     expected = {"type": cfg.policy.type, **_plain(network.config)}

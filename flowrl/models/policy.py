@@ -86,7 +86,10 @@ P = TypeVar("P", bound=nn.Module)
 
 def frozen_copy(policy: P) -> P:
     """The reference policy for KL and W2 terms: a frozen copy (small networks; a LoRA
-    model would disable its adapter instead)."""
+    model disables its adapter instead: its ``frozen_reference()``)."""
+    make_reference = getattr(policy, "frozen_reference", None)
+    if make_reference is not None:
+        return make_reference()
     return copy.deepcopy(policy).requires_grad_(False)
 
 
