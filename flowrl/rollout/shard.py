@@ -17,17 +17,18 @@ exception (the collector that runs the shard adds what to do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from flowrl.core.batch import TensorBatch
 from flowrl.core.env_step import EnvStep, VectorEnv
 from flowrl.errors import EnvError, FlowRLError, brief
 from flowrl.models.policy import Policy
-from flowrl.rollout.rollout import TIME_MAJOR, Rollout
+from flowrl.rollout.rollout import Rollout
 from flowrl.rollout.vector_env import GymVectorEnv
 from flowrl.runtime import derive_seed
 
@@ -75,17 +76,58 @@ class EnvSpec:
         return [replace(self, num_envs=self.num_envs // count, index=i) for i in range(count)]
 
 
-def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Tensor) -> None:
-    """Append one policy step of every env to the time-major lists of a Rollout."""
-    for key, value in (
-        ("obs", obs),
-        ("next_obs", step.reached),
-        ("rewards", step.reward.to(torch.float32)),
-        ("terminated", step.terminated),
-        ("truncated", step.truncated),
-        ("valid", valid),
-    ):
-        rows[key].append(value)
+class _Buffers:
+    """The ``[T, N, ...]`` arrays of one collection of at most ``length`` policy steps: allocated at
+    its first step (when the shapes are known), on the envs' and the policy's devices, and written
+    in place step by step, so that no list of per-step tensors is stacked (copied) at the end."""
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise ValueError(f"a collection needs at least one policy step, got {length}")
+        self.length = length
+        self.t = 0  # steps written
+        self.rows: dict[str, Tensor] = {}
+        self.samples: TensorBatch | None = None
+        self.env_steps = torch.empty(0)
+
+    def _allocate(self, values: dict[str, Tensor], step: EnvStep, sample: TensorBatch) -> None:
+        for key, value in values.items():
+            dtype = torch.float32 if key == "rewards" else value.dtype  # rewards: the env's precision -> float32
+            self.rows[key] = torch.empty((self.length, *value.shape), dtype=dtype, device=value.device)
+        self.samples = sample.map(lambda x: x.new_empty((self.length, *x.shape)))
+        self.env_steps = step.env_steps.new_empty((self.length, *step.env_steps.shape))
+
+    def write(self, obs: Tensor, step: EnvStep, valid: Tensor, sample: TensorBatch) -> None:
+        """Record one policy step of every env (``valid``: ``[N]`` bool)."""
+        values = {
+            "obs": obs,
+            "next_obs": step.reached,
+            "rewards": step.reward,
+            "terminated": step.terminated,
+            "truncated": step.truncated,
+            "valid": valid,
+        }
+        if self.samples is None:
+            self._allocate(values, step, sample)
+        assert self.samples is not None
+        t = self.t
+        for key, value in values.items():
+            self.rows[key][t].copy_(value)
+        for f in fields(sample):
+            getattr(self.samples, f.name)[t].copy_(getattr(sample, f.name))
+        self.env_steps[t].copy_(step.env_steps)
+        self.t += 1
+
+    def rollout(self, group: Tensor, env_steps: int, **episodes: Any) -> Rollout:
+        """The Rollout of the steps written: the buffers themselves when all ``length`` were, else
+        copies of their first steps (a view would carry the whole buffer through pickling)."""
+        assert self.samples is not None
+        if self.t == self.length:
+            rows, samples = self.rows, self.samples
+        else:
+            rows = {k: v[: self.t].clone() for k, v in self.rows.items()}
+            samples = self.samples.map(lambda x: x[: self.t].clone())
+        return Rollout(**rows, samples=samples, group=group, env_steps=env_steps, **episodes)
 
 
 class EnvShard:
@@ -140,32 +182,25 @@ class EnvShard:
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
-        samples = []
-        # all steps count (stacking copies it)
-        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)
-        env_steps = 0
+        buffers = _Buffers(num_steps)
+        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)  # all steps count
         ep_returns: list[float] = []
         ep_successes: list[float] = []
         ep_successes_once: list[float] = []
         for _ in range(num_steps):
             obs, sample, step = self._step(policy, iteration)
-            done = (step.terminated | step.truncated).cpu().numpy()
+            buffers.write(obs, step, every, sample)
             self._returns += step.reward.cpu().numpy()
-            for i in np.flatnonzero(done):
-                ep_returns.append(float(self._returns[i]))
-                ep_successes.append(float(bool(step.success[i])))
+            ended = np.flatnonzero((step.terminated | step.truncated).cpu().numpy())
+            if ended.size:  # the episodes' order: by step, then by env, as they end
+                ep_returns += self._returns[ended].tolist()
+                ep_successes += step.success.cpu().numpy()[ended].astype(float).tolist()
                 if step.success_once is not None:
-                    ep_successes_once.append(float(bool(step.success_once[i])))
-                self._returns[i] = 0.0
-            env_steps += int(step.env_steps.sum())
-            _record(rows, obs, step, every)
-            samples.append(sample)
-        return Rollout(
-            **{k: torch.stack(v) for k, v in rows.items()},
-            samples=type(samples[0]).stack(samples),
-            group=self.group.clone(),
-            env_steps=env_steps,
+                    ep_successes_once += step.success_once.cpu().numpy()[ended].astype(float).tolist()
+                self._returns[ended] = 0.0
+        return buffers.rollout(
+            self.group.clone(),
+            int(buffers.env_steps.sum()),
             episode_returns=ep_returns,
             episode_successes=ep_successes,
             episode_successes_once=ep_successes_once,
@@ -173,35 +208,29 @@ class EnvShard:
 
     def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
         self.reset(iteration)
-        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
-        samples = []
+        buffers = _Buffers(max_steps)
         device = self.envs.device
         active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
         returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
         success = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
         once: Tensor | None = None  # stays None for envs that do not report success_once
-        env_steps = 0
         for _ in range(max_steps):
             if not bool(active.any()):
                 break
             obs, sample, step = self._step(policy, iteration)
-            valid = active.clone()
-            returns += torch.where(valid, step.reward.double(), torch.zeros_like(returns))
-            ended = valid & (step.terminated | step.truncated)
+            buffers.write(obs, step, active, sample)
+            returns += torch.where(active, step.reward.double(), torch.zeros_like(returns))
+            ended = active & (step.terminated | step.truncated)
             success |= ended & step.success
             if step.success_once is not None:
-                once = (torch.zeros_like(success) if once is None else once) | (valid & step.success_once)
-            active &= ~ended
-            env_steps += int(step.env_steps[valid].sum())
-            _record(rows, obs, step, valid)
-            samples.append(sample)
+                once = (torch.zeros_like(success) if once is None else once) | (active & step.success_once)
+            active = active & ~ended
         done = ~active
         self._obs = None  # the next collection resets
-        return Rollout(
-            **{k: torch.stack(v) for k, v in rows.items()},
-            samples=type(samples[0]).stack(samples),
-            group=self.group.clone(),
-            env_steps=env_steps,
+        valid = buffers.rows["valid"][: buffers.t]
+        return buffers.rollout(
+            self.group.clone(),
+            int(buffers.env_steps[: buffers.t][valid].sum()),
             episode_returns=returns[done].tolist(),
             episode_successes=success[done].float().tolist(),
             episode_return=returns.float(),
