@@ -17,7 +17,7 @@ exception (the collector that runs the shard adds what to do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from flowrl.core.batch import TensorBatch
 from flowrl.core.env_step import EnvStep, VectorEnv
 from flowrl.errors import EnvError, FlowRLError, brief
 from flowrl.models.policy import Policy
-from flowrl.rollout.rollout import Rollout
+from flowrl.rollout.rollout import TIME_MAJOR, Rollout
 from flowrl.rollout.vector_env import GymVectorEnv
 from flowrl.runtime import derive_seed
 
@@ -76,57 +76,38 @@ class EnvSpec:
         return [replace(self, num_envs=self.num_envs // count, index=i) for i in range(count)]
 
 
-class _Buffers:
-    """The ``[T, N, ...]`` arrays of one collection of at most ``length`` policy steps: allocated at
-    its first step (when the shapes are known), on the envs' and the policy's devices, and written
-    in place step by step, so that no list of per-step tensors is stacked (copied) at the end."""
+class _Steps:
+    """The policy steps of one collection (at most ``length``), kept as lists of per-step tensors
+    and stacked into the Rollout's ``[T, N, ...]`` tensors once at the end. Measured against
+    buffers preallocated at the first step and written in place (issue 27): a dozen ``copy_``
+    calls per step cost about five times what these appends and the final stacks do, so the
+    lists stay (see README_rollout.md)."""
 
     def __init__(self, length: int) -> None:
         if length < 1:
             raise ValueError(f"a collection needs at least one policy step, got {length}")
-        self.length = length
-        self.t = 0  # steps written
-        self.rows: dict[str, Tensor] = {}
-        self.samples: TensorBatch | None = None
-        self.env_steps = torch.empty(0)
-
-    def _allocate(self, values: dict[str, Tensor], step: EnvStep, sample: TensorBatch) -> None:
-        for key, value in values.items():
-            dtype = torch.float32 if key == "rewards" else value.dtype  # rewards: the env's precision -> float32
-            self.rows[key] = torch.empty((self.length, *value.shape), dtype=dtype, device=value.device)
-        self.samples = sample.map(lambda x: x.new_empty((self.length, *x.shape)))
-        self.env_steps = step.env_steps.new_empty((self.length, *step.env_steps.shape))
+        self.rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
+        self.samples: list[TensorBatch] = []
+        self.env_steps: list[Tensor] = []
 
     def write(self, obs: Tensor, step: EnvStep, valid: Tensor, sample: TensorBatch) -> None:
-        """Record one policy step of every env (``valid``: ``[N]`` bool)."""
-        values = {
-            "obs": obs,
-            "next_obs": step.reached,
-            "rewards": step.reward,
-            "terminated": step.terminated,
-            "truncated": step.truncated,
-            "valid": valid,
-        }
-        if self.samples is None:
-            self._allocate(values, step, sample)
-        assert self.samples is not None
-        t = self.t
-        for key, value in values.items():
-            self.rows[key][t].copy_(value)
-        for f in fields(sample):
-            getattr(self.samples, f.name)[t].copy_(getattr(sample, f.name))
-        self.env_steps[t].copy_(step.env_steps)
-        self.t += 1
+        """Record one policy step of every env (``valid``: ``[N]`` bool; the tensors are kept, not
+        copied: nothing writes into them afterwards)."""
+        for key, value in zip(
+            TIME_MAJOR, (obs, step.reached, step.reward, step.terminated, step.truncated, valid), strict=True
+        ):
+            self.rows[key].append(value)
+        self.samples.append(sample)
+        self.env_steps.append(step.env_steps)
+
+    def valid_env_steps(self) -> int:
+        """Primitive env steps of the valid steps recorded."""
+        return int(torch.stack(self.env_steps)[torch.stack(self.rows["valid"])].sum())
 
     def rollout(self, group: Tensor, env_steps: int, **episodes: Any) -> Rollout:
-        """The Rollout of the steps written: the buffers themselves when all ``length`` were, else
-        copies of their first steps (a view would carry the whole buffer through pickling)."""
-        assert self.samples is not None
-        if self.t == self.length:
-            rows, samples = self.rows, self.samples
-        else:
-            rows = {k: v[: self.t].clone() for k, v in self.rows.items()}
-            samples = self.samples.map(lambda x: x[: self.t].clone())
+        rows = {k: torch.stack(v) for k, v in self.rows.items()}
+        rows["rewards"] = rows["rewards"].to(torch.float32)  # the env's precision (float64 for gymnasium)
+        samples = type(self.samples[0]).stack(self.samples)
         return Rollout(**rows, samples=samples, group=group, env_steps=env_steps, **episodes)
 
 
@@ -182,14 +163,14 @@ class EnvShard:
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        buffers = _Buffers(num_steps)
+        steps = _Steps(num_steps)
         every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)  # all steps count
         ep_returns: list[float] = []
         ep_successes: list[float] = []
         ep_successes_once: list[float] = []
         for _ in range(num_steps):
             obs, sample, step = self._step(policy, iteration)
-            buffers.write(obs, step, every, sample)
+            steps.write(obs, step, every, sample)
             self._returns += step.reward.cpu().numpy()
             ended = np.flatnonzero((step.terminated | step.truncated).cpu().numpy())
             if ended.size:  # the episodes' order: by step, then by env, as they end
@@ -198,9 +179,9 @@ class EnvShard:
                 if step.success_once is not None:
                     ep_successes_once += step.success_once.cpu().numpy()[ended].astype(float).tolist()
                 self._returns[ended] = 0.0
-        return buffers.rollout(
+        return steps.rollout(
             self.group.clone(),
-            int(buffers.env_steps.sum()),
+            int(torch.stack(steps.env_steps).sum()),
             episode_returns=ep_returns,
             episode_successes=ep_successes,
             episode_successes_once=ep_successes_once,
@@ -208,7 +189,7 @@ class EnvShard:
 
     def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
         self.reset(iteration)
-        buffers = _Buffers(max_steps)
+        steps = _Steps(max_steps)
         device = self.envs.device
         active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
         returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
@@ -218,7 +199,7 @@ class EnvShard:
             if not bool(active.any()):
                 break
             obs, sample, step = self._step(policy, iteration)
-            buffers.write(obs, step, active, sample)
+            steps.write(obs, step, active, sample)
             returns += torch.where(active, step.reward.double(), torch.zeros_like(returns))
             ended = active & (step.terminated | step.truncated)
             success |= ended & step.success
@@ -227,10 +208,9 @@ class EnvShard:
             active = active & ~ended
         done = ~active
         self._obs = None  # the next collection resets
-        valid = buffers.rows["valid"][: buffers.t]
-        return buffers.rollout(
+        return steps.rollout(
             self.group.clone(),
-            int(buffers.env_steps[: buffers.t][valid].sum()),
+            steps.valid_env_steps(),
             episode_returns=returns[done].tolist(),
             episode_successes=success[done].float().tolist(),
             episode_return=returns.float(),

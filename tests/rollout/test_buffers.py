@@ -1,9 +1,9 @@
-"""The preallocated rollout buffers record exactly what the old list-and-stack path recorded.
+"""The collector's reworked hot path (issue 27) records exactly what the old path recorded.
 
-Oracle: a copy of the old recording (before the buffers, issue 27), kept here: the old
-``GymVectorEnv.step`` (two float32 conversions, a per-env loop for the final observations)
-and the old ``EnvShard.collect`` / ``collect_episodes`` (a list of per-step tensors stacked at
-the end, episodes gathered env by env). A shard built from the same spec runs it, and every
+Oracle: a copy of the old recording, kept here: the old ``GymVectorEnv.step`` (two float32
+conversions, a per-env loop for the final observations) and the old ``EnvShard.collect`` /
+``collect_episodes`` (rewards converted step by step, episodes gathered env by env, env steps
+summed step by step). A shard built from the same spec runs it, and every
 field of the Rollout (each sample field, the episode lists and per-env tensors) is compared
 with the new shard's, dtype included: a field that changes fails here.
 """
@@ -20,7 +20,7 @@ from flowrl.core.env_step import EnvStep
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.rollout import Rollout
 from flowrl.rollout.shard import EnvShard, EnvSpec
-from flowrl.rollout.vector_env import _per_env
+from flowrl.rollout.vector_env import per_env
 from tests.rollout.test_collector import steer_policy, tiny_policy
 from tests.rollout.test_success_once import ENV_ID as ONCE_ID
 from tests.rollout.test_success_once import _register
@@ -36,12 +36,12 @@ def old_vector_step(shard: EnvShard, actions: torch.Tensor) -> EnvStep:
     done = terminated | truncated
     success = np.zeros(num_envs, dtype=bool)
     if done.any():
-        success = _per_env(info, "success", num_envs, False).astype(bool)
+        success = per_env(info, "success", num_envs, False).astype(bool)
         for i in np.flatnonzero(done):
             reached[i] = info["final_obs"][i]
     once = None
     if "success_once" in info or "success_once" in info.get("final_info", {}):
-        once = torch.from_numpy(_per_env(info, "success_once", num_envs, False).astype(bool))
+        once = torch.from_numpy(per_env(info, "success_once", num_envs, False).astype(bool))
     return EnvStep(
         obs=torch.as_tensor(next_obs, dtype=torch.float32),
         reached=torch.from_numpy(reached),
@@ -49,7 +49,7 @@ def old_vector_step(shard: EnvShard, actions: torch.Tensor) -> EnvStep:
         terminated=torch.as_tensor(terminated),
         truncated=torch.as_tensor(truncated),
         success=torch.from_numpy(success),
-        env_steps=torch.from_numpy(_per_env(info, "chunk_steps", num_envs, 1).astype(np.int64)),
+        env_steps=torch.from_numpy(per_env(info, "chunk_steps", num_envs, 1).astype(np.int64)),
         success_once=once,
     )
 
