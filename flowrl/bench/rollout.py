@@ -2,9 +2,12 @@
 in-process collector and the Ray collector with 1, 2, ... workers, at equal env count.
 
 Every variant runs in the same process tree, one after the other, on the same envs and
-policy, so the ratios are comparable even on a noisy machine. Each figure is the best of
-``repeats`` timed collections after one warm-up. The task names and sizes are checked before
-Ray starts: an unknown task is one line naming the choices.
+policy, so the ratios are comparable even on a noisy machine: after one warm-up each, the
+variants take turns, one timed collection each per round, for ``repeats`` rounds; each figure
+is the median over the rounds, with its spread (min, max) and the load average before and
+after in the JSON. Ray variants also report their transfers (weights out, rollouts back:
+bytes, ms). The task names and sizes are checked before Ray starts: an unknown task is one
+line naming the choices.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from flowrl.errors import FlowRLError
 from flowrl.models.build import build_actor, build_policy
 from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.shard import EnvSpec
+from flowrl.rollout.vector_env import per_env
 
 TASKS = {"toy": "flowrl/TwoGoal-v0", "mujoco": "HalfCheetah-v5"}
 
@@ -67,30 +72,19 @@ def _policy(env_id: str, horizon: int, denoising_steps: int):
     return build_policy(cfg, build_actor(cfg.policy, obs_dim, act_dim))
 
 
-def _best_rate(run, repeats: int) -> float:
-    run()  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        env_steps = run()
-        best = max(best, env_steps / (time.perf_counter() - start))
-    return best
+def _timed(run: Callable[[], int]) -> float:
+    """Env steps per second of one call of ``run`` (which returns the env steps it took)."""
+    start = time.perf_counter()
+    env_steps = run()
+    return env_steps / (time.perf_counter() - start)
 
 
-def _collector_rate(collector, policy, steps: int, repeats: int) -> float:
-    collector.reset(0)
-    try:
-        return _best_rate(lambda: collector.collect(policy, steps, 0).env_steps, repeats)
-    finally:
-        collector.close()
-
-
-def raw_env_rate(
-    env_id: str, horizon: int, num_envs: int, steps: int, repeats: int, env_kwargs: dict[str, Any] | None = None
-) -> float:
-    """Env steps per second of ``num_envs`` chunked envs stepped with uniform random actions in
-    this process (gymnasium's SyncVectorEnv, no policy): the speed the collectors are measured
-    against. ``steps`` chunk steps per timed run, the best of ``repeats`` after one warm-up."""
+def _raw_stepper(
+    env_id: str, horizon: int, num_envs: int, steps: int, env_kwargs: dict[str, Any] | None = None
+) -> tuple[Callable[[], int], Callable[[], None]]:
+    """(run, close): ``run`` steps ``num_envs`` chunked envs ``steps`` times with uniform random
+    actions in this process (gymnasium's SyncVectorEnv, no policy) and returns the primitive env
+    steps taken, counted exactly (a chunk that ends its episode early counts its own steps)."""
     vec = SyncVectorEnv(
         [lambda: flowrl_envs.make_env(env_id, horizon, env_kwargs) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
@@ -103,12 +97,63 @@ def raw_env_rate(
         total = 0
         for _ in range(steps):
             _, _, _, _, info = vec.step(rng.uniform(low, high, size=(num_envs, *low.shape)).astype(np.float32))
-            total += int(np.sum(info.get("chunk_steps", horizon))) if "final_info" not in info else num_envs * horizon
+            total += int(per_env(info, "chunk_steps", num_envs, horizon).sum())
         return total
 
-    rate = _best_rate(run, repeats)
-    vec.close()
-    return rate
+    return run, vec.close
+
+
+def raw_env_rate(
+    env_id: str, horizon: int, num_envs: int, steps: int, repeats: int, env_kwargs: dict[str, Any] | None = None
+) -> float:
+    """Env steps per second of ``num_envs`` chunked envs stepped with uniform random actions in
+    this process (gymnasium's SyncVectorEnv, no policy): the speed the collectors are measured
+    against. ``steps`` chunk steps per timed run, the best of ``repeats`` after one warm-up."""
+    run, close = _raw_stepper(env_id, horizon, num_envs, steps, env_kwargs)
+    try:
+        run()  # warm-up
+        return max(_timed(run) for _ in range(repeats))
+    finally:
+        close()
+
+
+def _spread(rates: list[float]) -> dict[str, Any]:
+    return {"median": float(np.median(rates)), "min": min(rates), "max": max(rates), "runs": rates}
+
+
+def _measure_task(env_id: str, spec: EnvSpec, worker_counts: list[int], steps: int, repeats: int, policy) -> dict:
+    """Every variant built, warmed up once, then timed in ``repeats`` rounds, one collection of
+    each per round in a rotating order, so that a burst of load elsewhere hits every variant alike
+    (the machine is rarely idle). Per variant: the median rate and its spread; per Ray variant,
+    the transfers of its last collection (RayCollector.transfer)."""
+    from flowrl.rollout.ray_collector import RayCollector
+
+    runs: dict[str, Callable[[], int]] = {}
+    closers: list[Callable[[], None]] = []
+    ray_collectors: dict[str, RayCollector] = {}
+    try:
+        runs["raw_env"], close = _raw_stepper(env_id, spec.horizon, spec.num_envs, steps)
+        closers.append(close)
+        collectors: dict[str, Any] = {"in_process": InProcessCollector(spec)}
+        closers.append(collectors["in_process"].close)
+        for w in worker_counts:
+            collectors[f"ray_{w}"] = ray_collectors[f"ray_{w}"] = RayCollector(spec, num_workers=w)
+            closers.append(ray_collectors[f"ray_{w}"].close)
+        for name, collector in collectors.items():
+            collector.reset(0)
+            runs[name] = lambda c=collector: c.collect(policy, steps, 0).env_steps
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for name in names:
+            runs[name]()  # warm-up
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                rates[name].append(_timed(runs[name]))
+        transfer = {name: dict(c.transfer) for name, c in ray_collectors.items()}
+    finally:
+        for close in closers:
+            close()
+    return {"spread": {name: _spread(r) for name, r in rates.items()}, "ray_transfer": transfer}
 
 
 def run_rollout_bench(
@@ -122,7 +167,6 @@ def run_rollout_bench(
     denoising_steps: int = 4,
 ) -> dict[str, Any]:
     """Runs the comparison, writes ``rollout.json`` and ``rollout.png`` to ``out_dir``."""
-    from flowrl.rollout.ray_collector import RayCollector
     from flowrl.rollout.ray_runtime import ray_session
 
     for flag, value in (
@@ -138,27 +182,27 @@ def run_rollout_bench(
     worker_counts = [w for w in range(1, max_workers + 1) if num_envs % w == 0]
     torch.set_num_threads(1)
     results: dict[str, Any] = {
-        "machine": {"cpus": cpus, "torch_threads": 1},
+        "machine": {"cpus": cpus, "torch_threads": 1, "load_average_before": list(os.getloadavg())},
         "num_envs": num_envs,
         "steps_per_collect": steps,
+        "repeats": repeats,
         "horizon": horizon,
         "denoising_steps": denoising_steps,
         "tasks": {},
     }
-    with ray_session(None, num_cpus=max(cpus, max_workers)):
+    # Every Ray variant's actors live through the interleaved rounds, idle but for their own turn:
+    # Ray's CPU count is a bookkeeping limit, so it is raised to hold them all.
+    with ray_session(None, num_cpus=max(cpus, sum(worker_counts))):
         for env_id in env_ids:
             policy = _policy(env_id, horizon, denoising_steps)
-            row: dict[str, float] = {"raw_env": raw_env_rate(env_id, horizon, num_envs, steps, repeats)}
             spec = EnvSpec(env_id, horizon, num_envs, seed=0)
-            local = InProcessCollector(spec)
-            row["in_process"] = _collector_rate(local, policy, steps, repeats)
-            for w in worker_counts:
-                remote = RayCollector(spec, num_workers=w)
-                row[f"ray_{w}"] = _collector_rate(remote, policy, steps, repeats)
+            measured = _measure_task(env_id, spec, worker_counts, steps, repeats, policy)
+            row = {name: s["median"] for name, s in measured["spread"].items()}
             ray1 = row[f"ray_{worker_counts[0]}"]
             ratios = {f"ray_{w}_vs_raw": row[f"ray_{w}"] / row["raw_env"] for w in worker_counts}
             scaling = {f"ray_{w}_efficiency": row[f"ray_{w}"] / (w * ray1) for w in worker_counts}
-            results["tasks"][env_id] = {"env_steps_per_s": row, **ratios, **scaling}
+            results["tasks"][env_id] = {"env_steps_per_s": row, **ratios, **scaling, **measured}
+    results["machine"]["load_average_after"] = list(os.getloadavg())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout.json").write_text(json.dumps(results, indent=2))
@@ -186,27 +230,48 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Markdown table of the results (what the README quotes)."""
-    lines = []
-    for task, res in results["tasks"].items():
-        row = res["env_steps_per_s"]
-        workers = [k for k in row if k.startswith("ray_")]
+def _range(spread: dict[str, Any], key: str) -> str:
+    return f"{spread[key]['min']:.0f}-{spread[key]['max']:.0f}" if key in spread else ""
+
+
+def _task_table(task: str, res: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    row, spread = res["env_steps_per_s"], res.get("spread", {})
+    lines = [
+        f"**{task}**, {results['num_envs']} envs, action chunk {results['horizon']}, "
+        f"K = {results['denoising_steps']}, median of {results.get('repeats', '?')} interleaved runs\n",
+        "| variant | env steps/s (median) | range | vs raw env | scaling efficiency |",
+        "|---|---|---|---|---|",
+        f"| raw vectorised env (random actions) | {row['raw_env']:.0f} | {_range(spread, 'raw_env')} | 1.00 | |",
+        f"| in-process collector | {row['in_process']:.0f} | {_range(spread, 'in_process')} | "
+        f"{row['in_process'] / row['raw_env']:.2f} | |",
+    ]
+    for key in (k for k in row if k.startswith("ray_")):
+        w = key.split("_")[1]
         lines.append(
-            f"**{task}**, {results['num_envs']} envs, action chunk {results['horizon']}, "
-            f"K = {results['denoising_steps']}\n"
+            f"| Ray collector, {w} worker{'s' if w != '1' else ''} | {row[key]:.0f} | {_range(spread, key)} | "
+            f"{res[f'{key}_vs_raw']:.2f} | {res[f'{key}_efficiency']:.2f} |"
         )
-        lines.append("| variant | env steps/s | vs raw env | scaling efficiency |")
-        lines.append("|---|---|---|---|")
-        lines.append(f"| raw vectorised env (random actions) | {row['raw_env']:.0f} | 1.00 | |")
-        lines.append(f"| in-process collector | {row['in_process']:.0f} | {row['in_process'] / row['raw_env']:.2f} | |")
-        for key in workers:
-            w = key.split("_")[1]
+    transfer = res.get("ray_transfer", {})
+    if transfer:
+        lines += ["", "| Ray, one collection | weights out | put | worker load | rollouts back | overhead |"]
+        lines.append("|---|---|---|---|---|---|")
+        for key, t in transfer.items():
             lines.append(
-                f"| Ray collector, {w} worker{'s' if w != '1' else ''} | {row[key]:.0f} | "
-                f"{res[f'{key}_vs_raw']:.2f} | {res[f'{key}_efficiency']:.2f} |"
+                f"| {key.split('_')[1]} worker(s) | {t['weights_bytes'] / 1e3:.1f} kB | {t['weights_put_ms']:.2f} ms "
+                f"| {t['worker_load_ms']:.2f} ms | {t['rollout_bytes'] / 1e3:.1f} kB | {t['overhead_ms']:.1f} ms |"
             )
-        lines.append("")
+    return [*lines, ""]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the results (what the README quotes): per variant the median rate over
+    the repeats and its range, the ratio to raw stepping and the Ray scaling efficiency; per Ray
+    variant its transfers; the load average the machine had."""
+    lines = [line for task, res in results["tasks"].items() for line in _task_table(task, res, results)]
+    machine = results["machine"]
+    if "load_average_before" in machine:
+        before, after = machine["load_average_before"][0], machine["load_average_after"][0]
+        lines.append(f"{machine['cpus']} CPUs; 1-minute load average {before:.2f} before, {after:.2f} after.")
     return "\n".join(lines)
 
 

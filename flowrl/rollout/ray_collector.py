@@ -13,8 +13,10 @@ redoes its share of the iteration; the event is logged with the worker's index a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -28,6 +30,23 @@ from flowrl.rollout.rollout import Rollout
 from flowrl.rollout.shard import EnvShard, EnvSpec
 
 log = logging.getLogger("flowrl")
+
+# What an EnvWorker measured of one collection (seconds): loading the weights, collecting.
+WORKER_TIMES = ("ray/worker_load_s", "ray/worker_collect_s")
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, a dict or list of them, a TensorBatch or
+    Rollout dataclass): what a transfer of it carries, give or take the pickling's framing."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
 
 
 class WorkerError(FlowRLError):
@@ -49,17 +68,23 @@ class EnvWorker:
         self.shard.reset(epoch)
 
     def collect(self, weights: dict[str, torch.Tensor], num_steps: int, iteration: int) -> Rollout:
-        return self.shard.collect(self._policy_with(weights, "collect"), num_steps, iteration)
+        return self._timed(weights, "collect", num_steps, iteration)
 
     def collect_episodes(self, weights: dict[str, torch.Tensor], max_steps: int, iteration: int) -> Rollout:
-        return self.shard.collect_episodes(self._policy_with(weights, "collect_episodes"), max_steps, iteration)
+        return self._timed(weights, "collect_episodes", max_steps, iteration)
 
-    def _policy_with(self, weights: dict[str, torch.Tensor], call: str) -> Policy:
-        """The policy sent once (``set_policy``), with this iteration's ``weights``."""
+    def _timed(self, weights: dict[str, torch.Tensor], call: str, steps: int, iteration: int) -> Rollout:
+        """The shard's ``call`` with the policy sent once (``set_policy``) and this iteration's
+        ``weights``; the seconds spent loading the weights and collecting ride along in the
+        rollout's metrics (WORKER_TIMES), which the RayCollector takes out before joining."""
         if self.policy is None:
             raise RuntimeError(f"EnvWorker.{call} before set_policy")
+        start = time.perf_counter()
         self.policy.load_state_dict(weights)
-        return self.policy
+        loaded = time.perf_counter()
+        rollout = getattr(self.shard, call)(self.policy, steps, iteration)
+        rollout.metrics.update({WORKER_TIMES[0]: loaded - start, WORKER_TIMES[1]: time.perf_counter() - loaded})
+        return rollout
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
@@ -84,6 +109,8 @@ class RayCollector:
         self.restarts = 0
         self._policy_ref: ray.ObjectRef | None = None
         self._epoch = 0
+        # The last collection's transfers (bytes, ms): see _collect; logged by nobody, read by the bench.
+        self.transfer: dict[str, float] = {}
         self.workers = [self._start(i) for i in range(num_workers)]
         try:
             self._run("where", ())  # surfaces a worker that cannot even start (bad env id or kwargs)
@@ -152,8 +179,23 @@ class RayCollector:
             # The module (architecture, sampler) travels once; the compact state every iteration.
             self._policy_ref = ray.put(copy.deepcopy(policy).cpu())
             self._run("set_policy", (self._policy_ref,))
-        weights = ray.put(worker_state(policy))
-        return Rollout.concat_envs(self._run(method, (weights, num_steps, iteration), iteration))
+        start = time.perf_counter()
+        state = worker_state(policy)
+        weights = ray.put(state)
+        put = time.perf_counter()
+        parts = self._run(method, (weights, num_steps, iteration), iteration)
+        done = time.perf_counter()
+        times = [[p.metrics.pop(key, 0.0) for p in parts] for key in WORKER_TIMES]
+        self.transfer = {
+            "weights_bytes": float(tensor_bytes(state)),
+            "weights_put_ms": 1e3 * (put - start),
+            "worker_load_ms": 1e3 * max(times[0]),
+            "rollout_bytes": float(sum(tensor_bytes(p) for p in parts)),
+            # The iteration's wall time beyond the slowest worker's loading and collecting: sending
+            # the call, fetching the weights, and the rollouts' way back (pickling, the object store).
+            "overhead_ms": 1e3 * (done - put - max(a + b for a, b in zip(*times, strict=True))),
+        }
+        return Rollout.concat_envs(parts)
 
     def where(self) -> list[dict[str, Any]]:
         """Node id and pid of every worker."""

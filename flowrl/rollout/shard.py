@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowrl.core.batch import TensorBatch
 from flowrl.core.env_step import EnvStep, VectorEnv
 from flowrl.errors import EnvError, FlowRLError, brief
 from flowrl.models.policy import Policy
@@ -75,17 +76,39 @@ class EnvSpec:
         return [replace(self, num_envs=self.num_envs // count, index=i) for i in range(count)]
 
 
-def _record(rows: dict[str, list[Tensor]], obs: Tensor, step: EnvStep, valid: Tensor) -> None:
-    """Append one policy step of every env to the time-major lists of a Rollout."""
-    for key, value in (
-        ("obs", obs),
-        ("next_obs", step.reached),
-        ("rewards", step.reward.to(torch.float32)),
-        ("terminated", step.terminated),
-        ("truncated", step.truncated),
-        ("valid", valid),
-    ):
-        rows[key].append(value)
+class _Steps:
+    """The policy steps of one collection (at most ``length``), kept as lists of per-step tensors
+    and stacked into the Rollout's ``[T, N, ...]`` tensors once at the end. Measured against
+    buffers preallocated at the first step and written in place (issue 27): a dozen ``copy_``
+    calls per step cost about five times what these appends and the final stacks do, so the
+    lists stay (see README_rollout.md)."""
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise ValueError(f"a collection needs at least one policy step, got {length}")
+        self.rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
+        self.samples: list[TensorBatch] = []
+        self.env_steps: list[Tensor] = []
+
+    def write(self, obs: Tensor, step: EnvStep, valid: Tensor, sample: TensorBatch) -> None:
+        """Record one policy step of every env (``valid``: ``[N]`` bool; the tensors are kept, not
+        copied: nothing writes into them afterwards)."""
+        for key, value in zip(
+            TIME_MAJOR, (obs, step.reached, step.reward, step.terminated, step.truncated, valid), strict=True
+        ):
+            self.rows[key].append(value)
+        self.samples.append(sample)
+        self.env_steps.append(step.env_steps)
+
+    def valid_env_steps(self) -> int:
+        """Primitive env steps of the valid steps recorded."""
+        return int(torch.stack(self.env_steps)[torch.stack(self.rows["valid"])].sum())
+
+    def rollout(self, group: Tensor, env_steps: int, **episodes: Any) -> Rollout:
+        rows = {k: torch.stack(v) for k, v in self.rows.items()}
+        rows["rewards"] = rows["rewards"].to(torch.float32)  # the env's precision (float64 for gymnasium)
+        samples = type(self.samples[0]).stack(self.samples)
+        return Rollout(**rows, samples=samples, group=group, env_steps=env_steps, **episodes)
 
 
 class EnvShard:
@@ -140,66 +163,61 @@ class EnvShard:
     def collect(self, policy: Policy, num_steps: int, iteration: int) -> Rollout:
         if self._obs is None:
             self.reset(0)
-        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
-        samples = []
-        # all steps count (stacking copies it)
-        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)
-        env_steps = 0
+        steps = _Steps(num_steps)
+        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.envs.device)  # all steps count
         ep_returns: list[float] = []
         ep_successes: list[float] = []
+        ep_successes_once: list[float] = []
         for _ in range(num_steps):
             obs, sample, step = self._step(policy, iteration)
-            done = (step.terminated | step.truncated).cpu().numpy()
+            steps.write(obs, step, every, sample)
             self._returns += step.reward.cpu().numpy()
-            for i in np.flatnonzero(done):
-                ep_returns.append(float(self._returns[i]))
-                ep_successes.append(float(bool(step.success[i])))
-                self._returns[i] = 0.0
-            env_steps += int(step.env_steps.sum())
-            _record(rows, obs, step, every)
-            samples.append(sample)
-        return Rollout(
-            **{k: torch.stack(v) for k, v in rows.items()},
-            samples=type(samples[0]).stack(samples),
-            group=self.group.clone(),
-            env_steps=env_steps,
+            ended = np.flatnonzero((step.terminated | step.truncated).cpu().numpy())
+            if ended.size:  # the episodes' order: by step, then by env, as they end
+                ep_returns += self._returns[ended].tolist()
+                ep_successes += step.success.cpu().numpy()[ended].astype(float).tolist()
+                if step.success_once is not None:
+                    ep_successes_once += step.success_once.cpu().numpy()[ended].astype(float).tolist()
+                self._returns[ended] = 0.0
+        return steps.rollout(
+            self.group.clone(),
+            int(torch.stack(steps.env_steps).sum()),
             episode_returns=ep_returns,
             episode_successes=ep_successes,
+            episode_successes_once=ep_successes_once,
         )
 
     def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
         self.reset(iteration)
-        rows: dict[str, list[Tensor]] = {k: [] for k in TIME_MAJOR}
-        samples = []
+        steps = _Steps(max_steps)
         device = self.envs.device
         active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
         returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
         success = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
-        env_steps = 0
+        once: Tensor | None = None  # stays None for envs that do not report success_once
         for _ in range(max_steps):
             if not bool(active.any()):
                 break
             obs, sample, step = self._step(policy, iteration)
-            valid = active.clone()
-            returns += torch.where(valid, step.reward.double(), torch.zeros_like(returns))
-            ended = valid & (step.terminated | step.truncated)
+            steps.write(obs, step, active, sample)
+            returns += torch.where(active, step.reward.double(), torch.zeros_like(returns))
+            ended = active & (step.terminated | step.truncated)
             success |= ended & step.success
-            active &= ~ended
-            env_steps += int(step.env_steps[valid].sum())
-            _record(rows, obs, step, valid)
-            samples.append(sample)
+            if step.success_once is not None:
+                once = (torch.zeros_like(success) if once is None else once) | (active & step.success_once)
+            active = active & ~ended
         done = ~active
         self._obs = None  # the next collection resets
-        return Rollout(
-            **{k: torch.stack(v) for k, v in rows.items()},
-            samples=type(samples[0]).stack(samples),
-            group=self.group.clone(),
-            env_steps=env_steps,
+        return steps.rollout(
+            self.group.clone(),
+            steps.valid_env_steps(),
             episode_returns=returns[done].tolist(),
             episode_successes=success[done].float().tolist(),
             episode_return=returns.float(),
             episode_success=success,
             episode_done=done,
+            episode_successes_once=[] if once is None else once[done].float().tolist(),
+            episode_success_once=once,
         )
 
     def close(self) -> None:

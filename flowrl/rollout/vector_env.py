@@ -19,7 +19,7 @@ import envs as flowrl_envs
 from flowrl.core.env_step import EnvStep
 
 
-def _per_env(info: dict, key: str, num_envs: int, default) -> np.ndarray:
+def per_env(info: dict, key: str, num_envs: int, default) -> np.ndarray:
     """``info[key]`` of every env after a SAME_STEP autoreset step: from ``final_info`` for
     the envs whose episode just ended, from ``info`` for the others, else ``default``."""
     out = np.full(num_envs, default)
@@ -48,21 +48,28 @@ class GymVectorEnv:
 
     def step(self, actions: Tensor) -> EnvStep:
         next_obs, reward, terminated, truncated, info = self.envs.step(actions.detach().cpu().numpy())
-        reached = np.array(next_obs, dtype=np.float32, copy=True)
+        # One float32 conversion of the observations; where no episode ended, the state reached
+        # is that same array (the collector copies what it records, nothing writes into it).
+        obs = np.asarray(next_obs, dtype=np.float32)
+        reached = obs
         done = terminated | truncated
         success = np.zeros(self.num_envs, dtype=bool)
         if done.any():
-            success = _per_env(info, "success", self.num_envs, False).astype(bool)
-            for i in np.flatnonzero(done):
-                reached[i] = info["final_obs"][i]
+            success = per_env(info, "success", self.num_envs, False).astype(bool)
+            reached = obs.copy()
+            reached[done] = np.stack(info["final_obs"][done])
+        success_once = None
+        if "success_once" in info or "success_once" in info.get("final_info", {}):
+            success_once = torch.from_numpy(per_env(info, "success_once", self.num_envs, False).astype(bool))
         return EnvStep(
-            obs=torch.as_tensor(next_obs, dtype=torch.float32),
+            obs=torch.from_numpy(obs),
             reached=torch.from_numpy(reached),
-            reward=torch.as_tensor(reward),
-            terminated=torch.as_tensor(terminated),
-            truncated=torch.as_tensor(truncated),
+            reward=torch.from_numpy(np.asarray(reward)),
+            terminated=torch.from_numpy(np.asarray(terminated)),
+            truncated=torch.from_numpy(np.asarray(truncated)),
             success=torch.from_numpy(success),
-            env_steps=torch.from_numpy(_per_env(info, "chunk_steps", self.num_envs, 1).astype(np.int64)),
+            env_steps=torch.from_numpy(per_env(info, "chunk_steps", self.num_envs, 1).astype(np.int64)),
+            success_once=success_once,
         )
 
     def close(self) -> None:

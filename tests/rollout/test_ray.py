@@ -101,6 +101,35 @@ def test_ray_and_in_process_collectors_return_identical_rollouts(local_ray, conv
         local.close()
 
 
+def test_ray_collector_measures_its_transfers(local_ray):
+    """Bytes out = the policy's state tensors; bytes back = the shards' rollouts' tensors; the
+    times are non-negative, the overhead no more than the collection's wall time; the workers'
+    timings do not reach the rollout's metrics (the trainer logs those)."""
+    policy = _policy()
+    spec = EnvSpec("flowrl/TwoGoal-v0", 4, 6, seed=11)
+    remote, local = RayCollector(spec, num_workers=2), InProcessCollector(spec, num_workers=2)
+    try:
+        remote.reset(0), local.reset(0)
+        start = time.perf_counter()
+        rollout = remote.collect(policy, 5, 0)
+        wall_ms = 1e3 * (time.perf_counter() - start)
+        parts = [shard.collect(policy, 5, 0) for shard in local.shards]
+    finally:
+        remote.close(), local.close()
+    state = policy.state_dict()
+    expected_out = sum(t.numel() * t.element_size() for t in state.values())
+    expected_back = 0
+    for part in parts:
+        tensors = [getattr(part, k) for k in FIELDS if "." not in k]
+        tensors += [getattr(part.samples, k.split(".")[1]) for k in FIELDS if "." in k]
+        expected_back += sum(t.numel() * t.element_size() for t in tensors)
+    t = remote.transfer
+    assert t["weights_bytes"] == expected_out > 0 and t["rollout_bytes"] == expected_back > 0
+    assert all(t[k] >= 0 for k in ("weights_put_ms", "worker_load_ms", "overhead_ms"))
+    assert t["weights_put_ms"] + t["overhead_ms"] + t["worker_load_ms"] <= wall_ms
+    assert rollout.metrics == {}
+
+
 @pytest.mark.parametrize("converter", ["reinflow", "flow_sde"])
 def test_ray_and_in_process_collectors_return_identical_episode_rollouts(local_ray, converter):
     # groups of 2 envs (3 per worker), episodes ended in some envs and cut by max_steps in the others, new
