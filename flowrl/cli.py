@@ -252,6 +252,12 @@ COMMANDS: tuple[Command, ...] = (
             arg("--episodes", type=int, default=20, help="successful planned episodes to record"),
             arg("--control-mode", default="pd_ee_delta_pos", help="controller the actions are converted to"),
             arg("--seed", type=int, default=0, help="first reset seed (the planner goes on from there)"),
+            arg(
+                "--hold-steps",
+                type=int,
+                default=0,
+                help="steps of holding still at the goal recorded after each success (delta controllers)",
+            ),
             _NO_PROGRESS,
         ),
     ),

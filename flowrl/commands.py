@@ -122,7 +122,9 @@ def demos(args: argparse.Namespace) -> int:
     """``flowrl demos``: ManiSkill motion-planner demonstrations of a task, and a line saying what was written."""
     from envs.maniskill_demos import motion_planning_demos  # mani_skill is imported only when used
 
-    done = motion_planning_demos(args.env, args.episodes, args.out, args.control_mode, args.seed, not args.no_progress)
+    done = motion_planning_demos(
+        args.env, args.episodes, args.out, args.control_mode, args.seed, not args.no_progress, args.hold_steps
+    )
     print(
         f"wrote {done['path']}: {done['episodes']} episodes of {args.env} ({args.control_mode}), {done['steps']} "
         f"steps, {done['length_mean']:.1f} per episode, seeds {done['seeds'][0]}-{done['seeds'][-1]}"
