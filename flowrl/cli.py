@@ -282,6 +282,12 @@ COMMANDS: tuple[Command, ...] = (
                 "in the output; with a run folder the strips also go to TensorBoard (RUN_DIR/tensorboard/videos)",
             ),
             arg(
+                "--sampled",
+                action="store_true",
+                help="evaluate the stochastic policy fine-tuning samples from (its mdp.converter noise) instead of "
+                "the deterministic one; e.g. mdp.converter.std_min=0.05 mdp.converter.std_max=0.05 for a fixed std",
+            ),
+            arg(
                 "--video-dir",
                 help="folder of the videos (default: RUN_DIR/videos/CHECKPOINT_NAME, e.g. RUN_DIR/videos/policy; for "
                 "a YAML file, videos/CHECKPOINT_NAME next to the checkpoint)",

@@ -68,10 +68,12 @@ def evaluate(args: argparse.Namespace) -> int:
     episodes = None if args.video is None else parse_episodes(args.video)
     if args.video_dir and episodes is None:
         raise FlowRLError("flowrl eval: --video-dir is where --video puts its videos; give --video too")
+    if args.sampled and episodes is not None:
+        raise FlowRLError("flowrl eval: --video films the deterministic evaluation; drop --sampled or --video")
     run = Path(args.experiment)
     cfg, checkpoint = _eval_target(args.experiment, args.checkpoint, list(args.overrides))
     if episodes is None:
-        metrics = ex.evaluate_checkpoint(cfg, checkpoint)
+        metrics = ex.evaluate_checkpoint(cfg, checkpoint, sampled=args.sampled)
         print(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
         return 0
     if args.video_dir:
