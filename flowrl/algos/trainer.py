@@ -134,6 +134,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
                 "charts/episodes": float(len(rollout.episode_returns)),
             }
         )
+    if rollout.episode_successes_once:  # only envs that report success_once (ManiSkill)
+        metrics["charts/success_once"] = float(np.mean(rollout.episode_successes_once))
     nfe = getattr(rollout.samples, "nfe", None)
     if nfe is not None:
         metrics["sampler/nfe_per_sample"] = float(nfe[rollout.valid].mean())

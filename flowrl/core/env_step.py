@@ -26,6 +26,9 @@ class EnvStep:
     reward: summed over the action chunk, in the env's own precision (float64 for gymnasium).
     terminated, truncated: bool.
     success: bool, meaningful where the episode ended. env_steps: primitive steps taken.
+    success_once: bool, whether the episode has succeeded at any step so far (the ended
+        episode's where it ended), for envs that report it (ManiSkill's ``success_once``); None
+        for envs that do not.
     """
 
     obs: Tensor
@@ -35,6 +38,7 @@ class EnvStep:
     truncated: Tensor
     success: Tensor
     env_steps: Tensor
+    success_once: Tensor | None = None
 
 
 class VectorEnv(Protocol):

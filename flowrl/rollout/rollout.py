@@ -32,8 +32,12 @@ class Rollout:
     episode_return, episode_success, episode_done: ``[N]`` per env's episode, from
         ``collect_episodes`` only (None otherwise); an episode that ran out of step budget
         has episode_done False and its return so far.
+    episode_success_once: ``[N]`` bool from ``collect_episodes``, whether the env's episode
+        succeeded at any of its steps, where the env reports it (ManiSkill's ``success_once``),
+        else None.
     env_steps: primitive env steps of the valid steps. episode_returns / episode_successes:
-    one entry per episode that ended during the collection.
+    one entry per episode that ended during the collection; episode_successes_once likewise,
+    empty where the env does not report ``success_once``.
     metrics: what the collector measured besides (the prompt collector's accuracy per
         category, JPEG size, diversity, reward timing), logged as they are; not joined by
         ``concat_envs``.
@@ -57,6 +61,8 @@ class Rollout:
     episode_return: Tensor | None = None
     episode_success: Tensor | None = None
     episode_done: Tensor | None = None
+    episode_successes_once: list[float] = field(default_factory=list)
+    episode_success_once: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     reward_components: dict[str, Tensor] | None = None
     reward_weights: dict[str, float] | None = None
@@ -69,8 +75,7 @@ class Rollout:
         parts = [p.padded(horizon) for p in parts]
         tensors = {k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in TIME_MAJOR}
         per_env = {
-            k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
-            for k in ("episode_return", "episode_success", "episode_done")
+            k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts]) for k in PER_ENV
         }
         return Rollout(
             **tensors,
@@ -80,6 +85,7 @@ class Rollout:
             env_steps=sum(p.env_steps for p in parts),
             episode_returns=[r for p in parts for r in p.episode_returns],
             episode_successes=[s for p in parts for s in p.episode_successes],
+            episode_successes_once=[s for p in parts for s in p.episode_successes_once],
         )
 
     def padded(self, horizon: int) -> Rollout:
@@ -102,11 +108,15 @@ class Rollout:
             episode_return=self.episode_return,
             episode_success=self.episode_success,
             episode_done=self.episode_done,
+            episode_successes_once=self.episode_successes_once,
+            episode_success_once=self.episode_success_once,
         )
 
 
 # The Rollout fields of shape [T, N]: joined along N, padded along T.
 TIME_MAJOR = ("obs", "next_obs", "rewards", "terminated", "truncated", "valid")
+# The per-env episode fields of collect_episodes ([N] or None): joined along N.
+PER_ENV = ("episode_return", "episode_success", "episode_done", "episode_success_once")
 
 
 class Collector(Protocol):

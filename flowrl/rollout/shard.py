@@ -147,6 +147,7 @@ class EnvShard:
         env_steps = 0
         ep_returns: list[float] = []
         ep_successes: list[float] = []
+        ep_successes_once: list[float] = []
         for _ in range(num_steps):
             obs, sample, step = self._step(policy, iteration)
             done = (step.terminated | step.truncated).cpu().numpy()
@@ -154,6 +155,8 @@ class EnvShard:
             for i in np.flatnonzero(done):
                 ep_returns.append(float(self._returns[i]))
                 ep_successes.append(float(bool(step.success[i])))
+                if step.success_once is not None:
+                    ep_successes_once.append(float(bool(step.success_once[i])))
                 self._returns[i] = 0.0
             env_steps += int(step.env_steps.sum())
             _record(rows, obs, step, every)
@@ -165,6 +168,7 @@ class EnvShard:
             env_steps=env_steps,
             episode_returns=ep_returns,
             episode_successes=ep_successes,
+            episode_successes_once=ep_successes_once,
         )
 
     def collect_episodes(self, policy: Policy, max_steps: int, iteration: int) -> Rollout:
@@ -175,6 +179,7 @@ class EnvShard:
         active = torch.ones(self.num_envs, dtype=torch.bool, device=device)
         returns = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
         success = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
+        once: Tensor | None = None  # stays None for envs that do not report success_once
         env_steps = 0
         for _ in range(max_steps):
             if not bool(active.any()):
@@ -184,6 +189,8 @@ class EnvShard:
             returns += torch.where(valid, step.reward.double(), torch.zeros_like(returns))
             ended = valid & (step.terminated | step.truncated)
             success |= ended & step.success
+            if step.success_once is not None:
+                once = (torch.zeros_like(success) if once is None else once) | (valid & step.success_once)
             active &= ~ended
             env_steps += int(step.env_steps[valid].sum())
             _record(rows, obs, step, valid)
@@ -200,6 +207,8 @@ class EnvShard:
             episode_return=returns.float(),
             episode_success=success,
             episode_done=done,
+            episode_successes_once=[] if once is None else once[done].float().tolist(),
+            episode_success_once=once,
         )
 
     def close(self) -> None:

@@ -55,6 +55,9 @@ class GymVectorEnv:
             success = _per_env(info, "success", self.num_envs, False).astype(bool)
             for i in np.flatnonzero(done):
                 reached[i] = info["final_obs"][i]
+        success_once = None
+        if "success_once" in info or "success_once" in info.get("final_info", {}):
+            success_once = torch.from_numpy(_per_env(info, "success_once", self.num_envs, False).astype(bool))
         return EnvStep(
             obs=torch.as_tensor(next_obs, dtype=torch.float32),
             reached=torch.from_numpy(reached),
@@ -63,6 +66,7 @@ class GymVectorEnv:
             truncated=torch.as_tensor(truncated),
             success=torch.from_numpy(success),
             env_steps=torch.from_numpy(_per_env(info, "chunk_steps", self.num_envs, 1).astype(np.int64)),
+            success_once=success_once,
         )
 
     def close(self) -> None:
