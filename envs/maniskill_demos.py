@@ -11,7 +11,7 @@
 3. flowrl replays the converted actions in its own env (``envs/maniskill.py``) from
    ``reset(seed=s)``, recording the observations the policy will see during fine-tuning, and
    keeps an episode only if it succeeds there. The episode ends at its first success, as
-   flowrl's env ends it.
+   flowrl's env ends it, or (``hold_steps``) holds still at the goal for that many steps more.
 
 Why replay rather than read the converter's observations: they are ManiSkill's env's, not
 flowrl's, and they differ at every reset after the first (the first observation of an episode
@@ -140,13 +140,35 @@ def _read_converted(h5_path: Path, json_path: Path) -> list[tuple[int, np.ndarra
     return out
 
 
+def hold_action(control_mode: str, last: np.ndarray) -> np.ndarray:
+    """The action that keeps the arm where it is and the gripper as it was: a zero delta with the
+    last gripper command, for the delta controllers (an absolute controller has no such action)."""
+    if "delta" not in control_mode:
+        raise FlowRLError(
+            f"flowrl demos: --hold-steps needs a delta controller (pd_ee_delta_pos, pd_joint_delta_pos), "
+            f"not {control_mode}; drop --hold-steps or choose a delta --control-mode"
+        )
+    held = np.zeros_like(last)
+    held[-1] = last[-1]
+    return held
+
+
 def replay(
-    env_id: str, episodes: list[tuple[int, np.ndarray]], control_mode: str, progress: bool = False
+    env_id: str,
+    episodes: list[tuple[int, np.ndarray]],
+    control_mode: str,
+    progress: bool = False,
+    hold_steps: int = 0,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Step 3: each (seed, actions) replayed in flowrl's env; the successful episodes and their seeds."""
+    """Step 3: each (seed, actions) replayed in flowrl's env; the successful episodes and their seeds.
+
+    ``hold_steps`` > 0: after its first success an episode goes on for that many steps of
+    ``hold_action`` (stay put, gripper as it was), recorded as demonstrations too, so that
+    behaviour cloning learns to hold the goal rather than only to reach it; an episode that
+    loses its success while holding is dropped like one that never succeeds."""
     from flowrl.runtime import progress as progress_bar
 
-    env = gym.make(env_id, control_mode=control_mode)
+    env = gym.make(env_id, control_mode=control_mode, terminate_on_success=hold_steps == 0)
     observations, actions, lengths, returns, kept = [], [], [], [], []
     try:
         for seed, planned in progress_bar(episodes, "replay in flowrl's env", progress, unit="episode"):
@@ -159,8 +181,18 @@ def replay(
                 obs, reward, terminated, truncated, info = env.step(action)
                 total += reward
                 success = bool(info["success_once"])
-                if terminated or truncated:
+                if terminated or truncated or (hold_steps and bool(info["success"])):
                     break
+            if success and hold_steps:
+                held = hold_action(control_mode, ep_act[-1])
+                for _ in range(hold_steps):
+                    if truncated:
+                        break
+                    ep_obs.append(obs)
+                    ep_act.append(held)
+                    obs, reward, terminated, truncated, info = env.step(held)
+                    total += reward
+                success = bool(info["success"])
             if not success:
                 log.warning("flowrl demos: seed %d: the converted plan does not succeed in %s; dropped", seed, env_id)
                 continue
@@ -189,10 +221,16 @@ def motion_planning_demos(
     control_mode: str = "pd_ee_delta_pos",
     seed: int = 0,
     progress: bool = True,
+    hold_steps: int = 0,
 ) -> dict[str, Any]:
-    """Writes ``out`` (.npz) with ``episodes`` planned demonstrations of ``env_id``; returns a summary."""
+    """Writes ``out`` (.npz) with ``episodes`` planned demonstrations of ``env_id``; returns a summary.
+    ``hold_steps``: steps of holding still at the goal recorded after each first success (``replay``)."""
     if episodes < 1:
         raise FlowRLError(f"flowrl demos: --episodes must be >= 1, got {episodes}")
+    if hold_steps < 0:
+        raise FlowRLError(f"flowrl demos: --hold-steps must be >= 0, got {hold_steps}")
+    if hold_steps:
+        hold_action(control_mode, np.zeros(1, dtype=np.float32))  # a controller without a hold action fails now
     if seed < 0:
         raise FlowRLError(f"flowrl demos: --seed must be >= 0, got {seed}")
     task = _maniskill_task(env_id)
@@ -206,7 +244,7 @@ def motion_planning_demos(
             )
         h5_path, json_path = _plan_and_convert(task, episodes, seed, control_mode, Path(tmp))
         converted = _read_converted(h5_path, json_path)
-    demos, kept = replay(env_id, converted, control_mode, progress)
+    demos, kept = replay(env_id, converted, control_mode, progress, hold_steps)
     save_demos(
         demos,
         out,
@@ -215,6 +253,7 @@ def motion_planning_demos(
         control_mode=control_mode,
         seeds=",".join(map(str, kept)),
         episodes=len(kept),
+        hold_steps=hold_steps,
     )
     lengths = np.diff(demos["episode_ends"], prepend=0)
     return {

@@ -252,6 +252,12 @@ COMMANDS: tuple[Command, ...] = (
             arg("--episodes", type=int, default=20, help="successful planned episodes to record"),
             arg("--control-mode", default="pd_ee_delta_pos", help="controller the actions are converted to"),
             arg("--seed", type=int, default=0, help="first reset seed (the planner goes on from there)"),
+            arg(
+                "--hold-steps",
+                type=int,
+                default=0,
+                help="steps of holding still at the goal recorded after each success (delta controllers)",
+            ),
             _NO_PROGRESS,
         ),
     ),
@@ -308,6 +314,12 @@ COMMANDS: tuple[Command, ...] = (
                 help="also film evaluation episodes: N = the first N, or indices 0,3,5 (one: 5,); per episode i an "
                 "MP4 (every env step), episode_i_last.png and episode_i_strip.png (first | last frame), their paths "
                 "in the output; with a run folder the strips also go to TensorBoard (RUN_DIR/tensorboard/videos)",
+            ),
+            arg(
+                "--sampled",
+                action="store_true",
+                help="evaluate the stochastic policy fine-tuning samples from (its mdp.converter noise) instead of "
+                "the deterministic one; e.g. mdp.converter.std_min=0.05 mdp.converter.std_max=0.05 for a fixed std",
             ),
             arg(
                 "--video-dir",

@@ -68,10 +68,12 @@ def evaluate(args: argparse.Namespace) -> int:
     episodes = None if args.video is None else parse_episodes(args.video)
     if args.video_dir and episodes is None:
         raise FlowRLError("flowrl eval: --video-dir is where --video puts its videos; give --video too")
+    if args.sampled and episodes is not None:
+        raise FlowRLError("flowrl eval: --video films the deterministic evaluation; drop --sampled or --video")
     run = Path(args.experiment)
     cfg, checkpoint = _eval_target(args.experiment, args.checkpoint, list(args.overrides))
     if episodes is None:
-        metrics = ex.evaluate_checkpoint(cfg, checkpoint)
+        metrics = ex.evaluate_checkpoint(cfg, checkpoint, sampled=args.sampled)
         print(json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
         return 0
     if args.video_dir:
@@ -122,7 +124,9 @@ def demos(args: argparse.Namespace) -> int:
     """``flowrl demos``: ManiSkill motion-planner demonstrations of a task, and a line saying what was written."""
     from envs.maniskill_demos import motion_planning_demos  # mani_skill is imported only when used
 
-    done = motion_planning_demos(args.env, args.episodes, args.out, args.control_mode, args.seed, not args.no_progress)
+    done = motion_planning_demos(
+        args.env, args.episodes, args.out, args.control_mode, args.seed, not args.no_progress, args.hold_steps
+    )
     print(
         f"wrote {done['path']}: {done['episodes']} episodes of {args.env} ({args.control_mode}), {done['steps']} "
         f"steps, {done['length_mean']:.1f} per episode, seeds {done['seeds'][0]}-{done['seeds'][-1]}"

@@ -416,9 +416,15 @@ def _method(cfg: ExperimentConfig) -> str:
     )
 
 
-def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, run_dir: Path | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    cfg: ExperimentConfig, checkpoint: str | Path, run_dir: Path | None = None, sampled: bool = False
+) -> dict[str, float]:
     """Deterministic evaluation of a checkpoint; shapes: on the held-out prompts, and with
-    ``run_dir`` its sample grid goes to ``run_dir/samples``."""
+    ``run_dir`` its sample grid goes to ``run_dir/samples``. ``sampled``: with the config's
+    stochastic sampler instead (robot tasks; a fresh noise network, e.g. at a fixed std with
+    ``mdp.converter.std_min = std_max``), labelled ``eval/sampled``."""
+    if sampled and cfg.env.type == "shapes":
+        raise FlowRLError("flowrl eval --sampled: the shapes track evaluates the ODE only; drop --sampled")
     if cfg.env.type == "shapes":
         from flowrl.rollout.image_eval import ImageEvaluator
 
@@ -429,7 +435,10 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, run_dir: 
             evaluator.close()
     obs_dim, action_dim = env_dims(cfg.env.id, cfg.env.kwargs)
     policy = build_policy(cfg, load_actor(checkpoint, cfg.policy, obs_dim, action_dim))
-    return evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs)
+    metrics = evaluate_policy(
+        policy, cfg.env.id, cfg.policy.horizon, cfg.eval.episodes, cfg.seed, cfg.env.kwargs, sampled=sampled
+    )
+    return {**metrics, "eval/sampled": 1.0} if sampled else metrics
 
 
 def record_checkpoint(

@@ -33,6 +33,7 @@ from flowrl.core.batch import TensorBatch
 from flowrl.core.losses import clipped_surrogate
 from flowrl.core.steps import gaussian_kl
 from flowrl.core.transitions import unit_values
+from flowrl.errors import FlowRLError
 from flowrl.models.policy import Evaluation, Policy, frozen_copy
 from flowrl.rewards.multi import combined_group_advantages
 from flowrl.rollout.rollout import Collector, Rollout
@@ -179,7 +180,7 @@ class GRPO(PolicyGradientAlgorithm):
     def prepare(self, rollout: Rollout) -> GRPOBatch:
         """Episode outcomes -> group advantages -> the kept steps, flattened."""
         assert rollout.episode_return is not None and rollout.episode_success is not None
-        outcome = rollout.episode_return if self.cfg.outcome == "return" else rollout.episode_success.float()
+        outcome = self._outcome(rollout)
         if rollout.reward_components is not None:  # the config allows them only with outcome: return
             assert rollout.reward_weights is not None
             adv, keep, stats = per_reward_advantages(
@@ -202,6 +203,21 @@ class GRPO(PolicyGradientAlgorithm):
             advantages=adv.unsqueeze(0).expand_as(steps)[steps].to(dev),
         )
 
+    def _outcome(self, rollout: Rollout) -> Tensor:
+        """Each episode's score ``[N]`` (``algo.outcome``)."""
+        assert rollout.episode_return is not None and rollout.episode_success is not None
+        if self.cfg.outcome == "return":
+            return rollout.episode_return
+        if self.cfg.outcome == "success":
+            return rollout.episode_success.float()
+        once = getattr(rollout, "episode_success_once", None)
+        if once is None:
+            raise FlowRLError(
+                "algo.outcome: success_once needs an env that reports success_once in its info (the ManiSkill "
+                "tasks do); use algo.outcome=success or return for this env"
+            )
+        return once.float()
+
     def update(self, batch: GRPOBatch, iteration: int) -> dict[str, float]:
         """Epochs of minibatch policy steps over the kept env steps; returns metrics."""
         cfg = self.cfg
@@ -210,14 +226,14 @@ class GRPO(PolicyGradientAlgorithm):
         if size == 0:  # every group tied: nothing to learn from this rollout
             if self.ema is not None:
                 self._update_ema()
-            return {**metrics, "train/epochs": 0.0}
+            return {**metrics, "train/epochs": 0.0, "train/kl_stop": 0.0}
         history = MetricHistory()
         old_mean = self._old_means(batch) if cfg.ratio_norm else None
-        epochs_done = run_epochs(
+        run = run_epochs(
             size, cfg, self.generator, self.device, lambda mb: self._minibatch(batch, mb, old_mean, iteration, history)
         )
         metrics.update(history.summary())
-        metrics["train/epochs"] = float(epochs_done)
+        metrics.update(run.metrics())
         metrics["train/skipped_updates"] = float(self.optimizer.guard.pop_skipped())
         metrics["train/advantage_std"] = batch.advantages.std().item() if size > 1 else 0.0
         if self.running_obs_stats:

@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -222,24 +222,42 @@ class PolicyGradientAlgorithm:
                 member.load_state_dict(state[name])
 
 
+class EpochsRun(NamedTuple):
+    """What ``run_epochs`` did: the epochs begun, and whether ``target_kl`` ended them early."""
+
+    epochs: int
+    kl_stop: bool
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/epochs": float(self.epochs), "train/kl_stop": float(self.kl_stop)}
+
+
+def minibatches(perm: Tensor, minibatch_size: int) -> tuple[Tensor, ...]:
+    """``perm`` ``[B]`` cut into ``round(B / minibatch_size)`` (at least one) near-equal
+    minibatches: a batch that is not a multiple of the size gets no small remainder minibatch,
+    whose few samples would give a noisy step (and noisy per-minibatch statistics)."""
+    count = max(1, round(perm.shape[0] / minibatch_size))
+    return torch.tensor_split(perm, count)
+
+
 def run_epochs(
     size: int,
     cfg: PolicyGradientConfig,
     generator: torch.Generator,
     device: torch.device,
     minibatch_step: Callable[[Tensor], dict[str, float]],
-) -> int:
+) -> EpochsRun:
     """``cfg.epochs`` passes over ``size`` samples, each in a fresh shuffle (drawn with
-    ``generator``) cut into minibatches of ``cfg.minibatch_size`` indices ``[m]`` for
-    ``minibatch_step``, which returns the minibatch's surrogate metrics. A minibatch whose
-    ``approx_kl`` exceeds ``cfg.target_kl`` ends the update. Returns the epochs begun."""
+    ``generator``) cut by ``minibatches`` into index tensors ``[m]`` for ``minibatch_step``,
+    which returns the minibatch's surrogate metrics. A minibatch whose ``approx_kl`` exceeds
+    ``cfg.target_kl`` ends the update (DPPO's and ReinFlow's early stop)."""
     for epoch in range(cfg.epochs):
         perm = torch.randperm(size, generator=generator).to(device)
-        for start in range(0, size, cfg.minibatch_size):
-            pg_metrics = minibatch_step(perm[start : start + cfg.minibatch_size])
+        for mb in minibatches(perm, cfg.minibatch_size):
+            pg_metrics = minibatch_step(mb)
             if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
-                return epoch + 1
-    return cfg.epochs
+                return EpochsRun(epoch + 1, True)
+    return EpochsRun(cfg.epochs, False)
 
 
 def guarded_step(

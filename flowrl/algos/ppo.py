@@ -119,6 +119,8 @@ class PPO(PolicyGradientAlgorithm):
         adv, returns = gae(
             rewards.to(dev), values, next_values, rollout.terminated.to(dev), dones.to(dev), cfg.gamma, cfg.gae_lambda
         )
+        if cfg.normalize_advantages == "batch":
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         return PPOBatch(
             cond=obs.flatten(0, 1),
             samples=rollout.samples.flatten(0, 1).to(dev),
@@ -132,7 +134,7 @@ class PPO(PolicyGradientAlgorithm):
         train only the critic (a fresh critic next to a pretrained actor)."""
         train_actor = iteration >= self.cfg.critic_warmup_iterations
         history = MetricHistory()
-        epochs_done = run_epochs(
+        run = run_epochs(
             batch.advantages.shape[0],
             self.cfg,
             self.generator,
@@ -147,7 +149,7 @@ class PPO(PolicyGradientAlgorithm):
         metrics.update(
             {
                 "train/skipped_updates": float(self.optimizer.guard.pop_skipped()),
-                "train/epochs": float(epochs_done),
+                **run.metrics(),
                 "train/explained_variance": v_metrics["explained_variance"],
                 "train/advantage_std": batch.advantages.std().item(),
                 "train/value_mean": batch.values.mean().item(),
@@ -162,7 +164,7 @@ class PPO(PolicyGradientAlgorithm):
         critic step on the env steps ``mb`` ``[m]``; returns the surrogate's metrics."""
         cfg = self.cfg
         mb_adv = batch.advantages[mb]
-        if cfg.normalize_advantages and len(mb) > 1:
+        if cfg.normalize_advantages == "minibatch" and len(mb) > 1:
             mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
         terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
         pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)

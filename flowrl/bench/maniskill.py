@@ -237,15 +237,19 @@ def _run_task(
 
 def _prepare_demos(cfg: ExperimentConfig, progress: bool) -> tuple[Path, float | None, str]:
     """The demonstrations file of the experiments; recorded now with ManiSkill's motion planner
-    when missing (as many successful episodes as the file name's number says). Returns the
-    path, the seconds it took (None when it existed) and the command that records it."""
+    when missing (as many successful episodes as the file name's number says, holding the goal
+    for N steps after each success where it says ``-holdN-``, e.g. pickcube-hold16-400.npz).
+    Returns the path, the seconds it took (None when it existed) and the command that records it."""
     from envs.maniskill_demos import motion_planning_demos
 
     path = Path(cfg.pretrain.demos.path).expanduser()
     counted = re.search(r"-(\d+)\.npz$", path.name)
+    held = re.search(r"-hold(\d+)-", path.name)
+    hold_steps = int(held.group(1)) if held else 0
     control = cfg.env.kwargs.get("control_mode")
     command = ["flowrl", "demos", cfg.env.id, "--episodes", counted.group(1) if counted else "N", "--out", str(path)]
     command += ["--control-mode", control] if control else []
+    command += ["--hold-steps", str(hold_steps)] if hold_steps else []
     if path.exists():
         return path, None, shlex.join(command)
     if counted is None:
@@ -255,7 +259,9 @@ def _prepare_demos(cfg: ExperimentConfig, progress: bool) -> tuple[Path, float |
         )
     t0 = time.perf_counter()
     controller = {"control_mode": control} if control else {}  # none set: the env's default, the runs' too
-    motion_planning_demos(cfg.env.id, int(counted.group(1)), path, progress=progress, **controller)
+    motion_planning_demos(
+        cfg.env.id, int(counted.group(1)), path, progress=progress, hold_steps=hold_steps, **controller
+    )
     return path, time.perf_counter() - t0, shlex.join(command)
 
 

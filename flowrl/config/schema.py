@@ -357,7 +357,10 @@ class PolicyGradientConfig(_Strict):
     clip: float = Field(0.2, gt=0, description="ratio clip")
     epochs: int = Field(4, ge=1, description="passes over each rollout")
     minibatch_size: int = Field(
-        256, ge=1, description="env steps per minibatch (each with its chain, or its S denoising-step samples)"
+        256,
+        ge=1,
+        description="env steps per minibatch (each with its chain, or its S denoising-step samples); a batch that "
+        "is not a multiple is cut into round(batch / minibatch_size) near-equal minibatches, never a small remainder",
     )
     actor_lr: float = Field(3e-4, gt=0, description="policy network learning rate")
     noise_lr: float = Field(3e-4, gt=0, description="noise net learning rate (reinflow / flow_noise)")
@@ -366,7 +369,12 @@ class PolicyGradientConfig(_Strict):
     )
     entropy_coef: float = Field(0.0, ge=0, description="bonus on the learned steps' entropy")
     max_grad_norm: float = Field(1.0, gt=0)
-    target_kl: float | None = Field(None, gt=0, description="stop the epochs early past this approx KL")
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="stop the epochs early once a minibatch's approx KL (per sample, in the units log_prob_reduce "
+        "gives) exceeds this; logged as train/kl_stop; null = never",
+    )
     max_skipped_updates: int = Field(
         3,
         ge=1,
@@ -386,6 +394,14 @@ class PolicyGradientConfig(_Strict):
 class PPOConfig(PolicyGradientConfig):
     """PPO over the env MDP: critic on observations, GAE over env steps."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _boolean_normalisation(cls, data: Any) -> Any:
+        """``normalize_advantages: true / false`` of files written before its scopes existed."""
+        if isinstance(data, dict) and isinstance(data.get("normalize_advantages"), bool):
+            data = {**data, "normalize_advantages": "minibatch" if data["normalize_advantages"] else "none"}
+        return data
+
     type: Literal["ppo"]
     steps_per_iteration: int = Field(16, ge=1, description="policy (action-chunk) steps per env per iteration")
     gamma: float = Field(0.99, ge=0, le=1, description="discount per policy step")
@@ -395,7 +411,11 @@ class PPOConfig(PolicyGradientConfig):
     critic_warmup_iterations: int = Field(
         0, ge=0, description="first iterations that train only the critic (a fresh critic next to a pretrained actor)"
     )
-    normalize_advantages: bool = Field(True, description="normalise advantages per minibatch")
+    normalize_advantages: Literal["minibatch", "batch", "none"] = Field(
+        "minibatch",
+        description="z-score the advantages over each minibatch (CleanRL), over the iteration's whole batch (RLinf), "
+        "or not at all; true / false (older files) mean minibatch / none",
+    )
     normalize_rewards: bool = Field(
         False, description="divide rewards by a running std of the discounted return (for training from scratch)"
     )
@@ -428,7 +448,11 @@ class GRPOConfig(PolicyGradientConfig):
         ge=1,
         description="policy (action-chunk) steps budget per episode; an unfinished episode scores its outcome so far",
     )
-    outcome: Literal["return", "success"] = Field("return", description="what an episode scores")
+    outcome: Literal["return", "success", "success_once"] = Field(
+        "return",
+        description="what an episode scores: its return, its success at the end, or whether any of its steps "
+        "succeeded (ManiSkill's success_once, the metric its benchmarks report)",
+    )
     beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (initial) policy; 0 = off")
     adv_eps: float = Field(1e-4, gt=0, description="advantage = (r - mean) / (std + adv_eps) within each group")
     ratio_norm: bool = Field(

@@ -33,8 +33,11 @@ def evaluate_policy(
     seed: int,
     env_kwargs: dict | None = None,
     on_frame: Mapping[int, FrameSink] | None = None,
+    sampled: bool = False,
 ) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
+    ``sampled``: the same episodes with the stochastic policy that fine-tuning collects with
+    (its exploration noise), to measure how much success the noise costs.
 
     ``eval/success_rate`` is the success at the episode's end; envs that report whether any step
     succeeded (ManiSkill's ``success_once``) also give ``eval/success_once``, ManiSkill's fair
@@ -56,7 +59,7 @@ def evaluate_policy(
     try:  # the envs made so far are closed however the evaluation ends (ManiSkill's hold ~0.5 GB each)
         for i in range(episodes):
             env_list.append(flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)))
-        returns, lengths, final = _run_episodes(policy, env_list, env_id, seed)
+        returns, lengths, final = _run_episodes(policy, env_list, env_id, seed, sampled)
     finally:
         for env in env_list:
             env.close()
@@ -84,7 +87,7 @@ def _eval_metrics(returns: np.ndarray, lengths: np.ndarray, final: list[dict[str
 
 
 def _run_episodes(
-    policy: Policy, env_list: list[Any], env_id: str, seed: int
+    policy: Policy, env_list: list[Any], env_id: str, seed: int, sampled: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """One episode in each env, all side by side: returns and lengths (primitive steps) ``[E]``,
     and each episode's last info (its success at the end, and ManiSkill's ``success_once``)."""
@@ -97,7 +100,9 @@ def _run_episodes(
     final: list[dict[str, Any]] = [{} for _ in range(episodes)]
     active = np.ones(episodes, dtype=bool)
     while active.any():
-        actions = policy.act(torch.as_tensor(obs), generator).numpy()
+        with torch.no_grad():
+            cond = torch.as_tensor(obs)
+            actions = (policy.sample(cond, 0, generator).final if sampled else policy.act(cond, generator)).numpy()
         for i in np.flatnonzero(active):
             obs[i], reward, ended, info = _step(env_id, i, env_list[i], actions[i])
             returns[i] += reward

@@ -91,7 +91,7 @@ def test_maniskill_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypa
         return reset(self, seed=seed, options=options)
 
     monkeypatch.setattr(ManiSkillEnv, "reset", spy)
-    demos, out, cache = tmp_path / "datasets" / "pickcube-2.npz", tmp_path / "out", tmp_path / "cache"
+    demos, out, cache = tmp_path / "datasets" / "pickcube-hold3-2.npz", tmp_path / "out", tmp_path / "cache"
     folder = _tiny_files(tmp_path / "experiments", demos)
     bench = {"tasks": ["pickcube"], "iterations": 1, "cache": cache, "progress": False, "folder": folder}
     returned = maniskill.run_maniskill_bench(out, overrides=TINY, **bench)
@@ -101,8 +101,10 @@ def test_maniskill_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypa
     assert results == json.loads(json.dumps(returned))
     task = results["tasks"]["pickcube"]
 
-    # 1. the dataset was missing: the bench recorded the 2 episodes its name asks for; held out from evaluation
+    # 1. the dataset was missing: the bench recorded the 2 episodes its name asks for, each holding the goal
+    # for the 3 steps it asks for; held out from evaluation
     seeds = [int(s) for s in read_metadata(demos)["seeds"].split(",")]
+    assert read_metadata(demos)["hold_steps"] == "3" and "--hold-steps 3" in task["commands"]["demos"]
     assert len(seeds) == 2 and task["demos"]["made_s"] > 0
     held = task["held_out"]
     assert held["demo_seeds"] == [min(seeds), max(seeds)] and held["demo_episodes"] == 2 and held["disjoint"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from envs.maniskill import ManiSkillUnavailable
-from envs.maniskill_demos import motion_planning_demos
+from envs.maniskill_demos import motion_planning_demos, replay
 from flowrl.core.demos_file import read_demos, read_metadata
 from flowrl.errors import DatasetError, FlowRLError
 
@@ -64,15 +64,46 @@ def test_demos_are_refused_for_another_env(pick_demos) -> None:
         read_demos(out, "flowrl/PushCube-v1")
 
 
+def test_held_demos_stay_put_at_the_goal_and_still_succeed(pick_demos) -> None:
+    """--hold-steps: the planned episode up to its success, then zero position deltas with the
+    gripper as it was; a fresh env that does not end on success, stepped with the recorded
+    actions, still succeeds at the last one (the cube is held at the goal)."""
+    out, _ = pick_demos
+    demos = read_demos(out, "flowrl/PickCube-v1", (42, 4))
+    seed = int(read_metadata(out)["seeds"].split(",")[0])
+    planned = demos["actions"][: demos["episode_ends"][0]]
+    held, kept = replay("flowrl/PickCube-v1", [(seed, planned)], "pd_ee_delta_pos", hold_steps=6)
+    assert kept == [seed] and len(held["actions"]) == len(planned) + 6
+    np.testing.assert_array_equal(held["actions"][: len(planned)], planned)
+    hold = held["actions"][len(planned) :]
+    assert np.all(hold[:, :3] == 0) and np.all(hold[:, 3] == planned[-1, 3])
+    env = gym.make("flowrl/PickCube-v1", terminate_on_success=False)
+    try:
+        obs, _ = env.reset(seed=seed)
+        for t, action in enumerate(held["actions"]):
+            np.testing.assert_array_equal(obs, held["observations"][t])
+            obs, _, terminated, truncated, info = env.step(action)
+        assert info["success"] and not truncated
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize(
-    ("env_id", "episodes", "message"),
+    ("env_id", "episodes", "message", "extra"),
     [
-        ("Hopper-v5", 2, "not a ManiSkill task"),
-        ("flowrl/PickCube-v1", 0, "--episodes must be >= 1"),
+        ("Hopper-v5", 2, "not a ManiSkill task", {}),
+        ("flowrl/PickCube-v1", 0, "--episodes must be >= 1", {}),
+        ("flowrl/PickCube-v1", 2, "--hold-steps must be >= 0", {"hold_steps": -1}),
+        (
+            "flowrl/PickCube-v1",
+            2,
+            "--hold-steps needs a delta controller",
+            {"hold_steps": 4, "control_mode": "pd_joint_pos"},
+        ),
     ],
 )
-def test_bad_arguments_are_one_clear_line(tmp_path, env_id: str, episodes: int, message: str) -> None:
+def test_bad_arguments_are_one_clear_line(tmp_path, env_id: str, episodes: int, message: str, extra: dict) -> None:
     with pytest.raises(FlowRLError, match=message) as info:
-        motion_planning_demos(env_id, episodes, tmp_path / "x.npz", progress=False)
+        motion_planning_demos(env_id, episodes, tmp_path / "x.npz", progress=False, **extra)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "x.npz").exists()
