@@ -321,8 +321,11 @@ class Trainer:
             )
 
     def save_policy(self) -> None:
-        """The trained policy as policy.pt (never with non-finite weights)."""
-        bad = nonfinite_entries(self.policy.network.state_dict())
+        """The evaluated policy as policy.pt (never with non-finite weights): the trained one, or
+        its EMA where the algorithm evaluates an EMA (GRPO's ema_decay), so that ``flowrl eval
+        RUN`` scores what the run's evaluations scored; the checkpoint keeps both."""
+        network = (getattr(self.algo, "eval_policy", None) or self.policy).network
+        bad = nonfinite_entries(network.state_dict())
         if bad:  # unreachable while the guards hold; never write such a policy
             raise NumericalError(f"the final policy has non-finite weights ({bad[0]}): policy.pt not written")
-        atomic_save(actor_record(self.policy.network, self.cfg.policy), self.run_dir / "policy.pt")
+        atomic_save(actor_record(network, self.cfg.policy), self.run_dir / "policy.pt")

@@ -469,7 +469,8 @@ class GRPOConfig(PolicyGradientConfig):
         ge=0,
         lt=1,
         description="evaluate an exponential moving average of the policy's weights, updated after every "
-        "iteration's update with this decay (Flow-GRPO's train.ema); 0 = evaluate the trained weights",
+        "iteration's update with this decay (Flow-GRPO's train.ema), and write it as policy.pt; 0 = the "
+        "trained weights",
     )
 
 
