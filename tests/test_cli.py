@@ -517,7 +517,9 @@ def test_every_command_and_bench_of_the_table_has_a_handler():
 def test_help_imports_no_torch():
     """``flowrl --help`` and every command's --help stay instant: the handlers (and torch) are
     imported only when a command runs."""
-    names = ["pretrain", "train", "bench", "collect", "demos", "eval"]
+    from flowrl.cli import COMMANDS
+
+    names = [command.name for command in COMMANDS]
     script = (
         "import sys\nfrom flowrl.cli import main\n"
         f"for argv in [['--help']] + [[n, '--help'] for n in {names!r}]:\n"
