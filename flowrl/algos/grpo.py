@@ -185,7 +185,12 @@ class GRPO(PolicyGradientAlgorithm):
         history = MetricHistory()
         old_mean = self._old_means(batch) if cfg.ratio_norm else None
         epochs_done = run_epochs(
-            size, cfg, self.generator, self.device, lambda mb: self._minibatch(batch, mb, old_mean, iteration, history)
+            size,
+            cfg,
+            self.generator,
+            self.device,
+            lambda mb: self._minibatch(batch, mb, old_mean, iteration, history),
+            self.data_parallel,
         )
         metrics.update(history.summary())
         metrics["train/epochs"] = float(epochs_done)
