@@ -272,11 +272,8 @@ class DataParallelLearner:
         self._wait([rank.setup.remote(address, state) for rank in self.ranks], "joining the process group")
         self.stale = False
 
-    def _cpu_state(self) -> dict[str, Any]:
-        return map_tensors(self.algo.state_dict(), lambda t: t.detach().cpu())
-
-    def update(self, batch: Any, iteration: int) -> dict[str, float]:
-        """Every rank's update on ``batch`` (in the object store once); rank 0's result loaded here."""
+    def sync(self) -> None:
+        """Start the ranks, or give them the driver's state where it changed (a loaded checkpoint)."""
         import ray
 
         if not self.ranks:
@@ -285,6 +282,15 @@ class DataParallelLearner:
             state = ray.put(self._cpu_state())
             self._wait([rank.load.remote(state) for rank in self.ranks], "loading the checkpoint")
             self.stale = False
+
+    def _cpu_state(self) -> dict[str, Any]:
+        return map_tensors(self.algo.state_dict(), lambda t: t.detach().cpu())
+
+    def update(self, batch: Any, iteration: int) -> dict[str, float]:
+        """Every rank's update on ``batch`` (in the object store once); rank 0's result loaded here."""
+        import ray
+
+        self.sync()
         ref = ray.put(map_tensors(batch, lambda t: t.detach().cpu()))
         calls = [rank.update.remote(ref, iteration, self.fraction_done) for rank in self.ranks]
         results = self._wait(calls, f"the update of iteration {iteration}")
