@@ -4,8 +4,9 @@
   (the oracle: the unchanged ``Algorithm.update``), for PPO with a critic and for GRPO, with
   minibatches that split unevenly and one smaller than the ranks;
 - a dead rank stops the update with one line naming it and its node;
-- through the CLI: a 2-rank quickstart learns, a killed rank ends the run with one line and a
-  checkpoint that resumes with one rank.
+- through the CLI (slow: a run of its own, with its Ray, pretraining and ranks): a 2-rank
+  quickstart learns, a killed rank ends the run with one line and a checkpoint that resumes
+  with one rank: ``python -m pytest -m slow tests/algos/test_distributed.py``.
 
 One local Ray serves the module's in-process tests (starting it costs seconds).
 """
@@ -173,9 +174,9 @@ def test_minibatch_shares_cover_the_minibatch_once() -> None:
     [
         (["learner.num_workers=2", "ray.enabled=false"], "set ray.enabled: true"),
         (["learner.num_workers=2", "algo.minibatch_size=127"], "multiple of learner.num_workers"),
-        (["learner.backend=gloo"], "learner.backend only applies"),
+        (["learner.backend=gloo"], "backend only applies to data-parallel learners"),
         (["learner.num_workers=2", "learner.backend=nccl"], "resources_per_worker.GPU=1"),
-        (["learner.num_workers=3", "ray.num_cpus=4"], "lower learner.num_workers"),
+        (["learner.num_workers=4", "ray.num_cpus=4"], "lower learner.num_workers"),
     ],
 )
 def test_bad_learner_settings_are_one_line_before_any_work(overrides, needle, tmp_path) -> None:
@@ -207,6 +208,7 @@ def _train(run_dir: Path, *overrides: str, resume: bool = False) -> subprocess.P
     )
 
 
+@pytest.mark.slow
 def test_a_two_rank_quickstart_learns(tmp_path) -> None:
     run = _train(tmp_path / "run", *QUICK, "algo.iterations=15", "eval.every=15", "checkpoint_every=15")
     out, err = run.communicate(timeout=900)
@@ -228,6 +230,7 @@ def _rank_pid(run_dir: Path, rank: int, deadline: float) -> int:
     raise AssertionError("the run logged no learner ranks")
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_with_one_line_and_it_resumes_with_one_rank(tmp_path) -> None:
     run_dir = tmp_path / "run"
     run = _train(run_dir, *QUICK, "algo.iterations=400", "eval.every=400", "checkpoint_every=1")
