@@ -233,7 +233,7 @@ def _rank_pid(run_dir: Path, rank: int, deadline: float) -> int:
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_with_one_line_and_it_resumes_with_one_rank(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    run = _train(run_dir, *QUICK, "algo.iterations=400", "eval.every=400", "checkpoint_every=1")
+    run = _train(run_dir, *QUICK, "pretrain.steps=50", "algo.iterations=400", "eval.every=400", "checkpoint_every=1")
     try:
         deadline = time.monotonic() + 600
         pid = _rank_pid(run_dir, 1, deadline)
@@ -253,7 +253,8 @@ def test_a_killed_rank_ends_the_run_with_one_line_and_it_resumes_with_one_rank(t
     assert errors[0].startswith("flowrl: error: learner rank 1 of 2 (node ") and f"pid {pid}" in errors[0]
     done = torch.load(last, weights_only=True)["iteration"]
     assert done >= 1
-    resumed = _train(run_dir, "learner.num_workers=1", f"algo.iterations={done + 1}", "eval.every=1000", resume=True)
+    # the whole section: its other keys (backend, ...) do nothing with one rank
+    resumed = _train(run_dir, "learner={num_workers: 1}", f"algo.iterations={done + 1}", "eval.every=1000", resume=True)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert f"resuming from {last} (iteration {done}" in out + err
