@@ -77,7 +77,7 @@ def _tasks_help() -> str:
     return (
         "comma list; rollout: toy, mujoco (HalfCheetah-v5) or env ids (default toy,mujoco); "
         f"locomotion (required): task names or all; tasks in {tasks_dir()}: {names}; maniskill: pickcube, pushcube "
-        "(default: every task with files in experiments/maniskill)"
+        "(default: every task with files in experiments/maniskill); learner: shapes, hopper (default both)"
     )
 
 
@@ -103,6 +103,7 @@ BENCHES: dict[str, str] = {
     "locomotion": "flowrl.bench.locomotion:cli_handler",
     "images": "flowrl.bench.images:cli_handler",
     "maniskill": "flowrl.bench.maniskill:cli_handler",
+    "learner": "flowrl.bench.learner:cli_handler",
 }
 
 
@@ -122,12 +123,14 @@ _BENCH_ARGS = (
         "MixGRPO and MixGRPO-Flash fine-tuning one pretrained shapes-world model side by side (held-out accuracy "
         "before / after per category, JPEG size, diversity, time per iteration, NFE, memory); maniskill: Flow-Noise "
         "and Flow-SDE, each under PPO and GRPO, fine-tuning one pretrained policy per ManiSkill task side by side "
-        "(held-out success before / after, env steps, wall time, training-step time, collection vs raw stepping)",
+        "(held-out success before / after, env steps, wall time, training-step time, collection vs raw stepping); "
+        "learner: the update of the shapes image policy and the Hopper policy with 1 learner and with N data-parallel "
+        "ranks, interleaved, and FSDP's per-rank parameter memory",
     ),
     arg(
         "overrides",
         nargs="*",
-        help="locomotion, images, maniskill: config overrides key.sub=value for every run (like --set), e.g. "
+        help="locomotion, images, maniskill, learner: config overrides key.sub=value for every run (like --set), e.g. "
         "algo.actor_lr=3e-4",
     ),
     arg("--tasks", type=_comma_list, help=_tasks_help),
@@ -193,6 +196,8 @@ _BENCH_ARGS = (
     arg("--num-envs", type=int, default=16, help="rollout: envs in total (equal for every variant)"),
     arg("--steps", type=int, default=50, help="rollout: policy steps per timed collection"),
     arg("--max-workers", type=int, help="rollout: largest Ray worker count (default: the CPU count)"),
+    arg("--repeats", type=int, default=3, help="learner: timed updates per learner count (after one warm-up each)"),
+    arg("--ranks", type=int, default=2, help="learner: data-parallel ranks compared with one learner"),
     arg(
         "--out",
         help="folder for the results (JSON, PNG; default benchmarks/results, images: benchmarks/results/images, "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
+import functools
 import json
 import logging
 import warnings
@@ -82,6 +84,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     recorded in env.id when the file says where, of the env's dims; env workers that fit a local
     Ray's CPUs), so that bad input fails before one is created."""
     resolve_device(cfg.device)
+    if cfg.learner.num_workers > 1:
+        from flowrl.algos.distributed import check_learner_resources
+
+        check_learner_resources(cfg)
     if cfg.env.type == "shapes":  # reward: keys checked by the config, the rest by its preflight
         from flowrl.rewards.registry import check_reward
 
@@ -303,6 +309,12 @@ def _build_trainer(
     actor = initial_actor(cfg, run_dir, device, progress)
     policy = build_policy(cfg, actor).to(device)
     algo = build_algorithm(cfg, policy, actor, device)
+    if cfg.learner.num_workers > 1:  # the update runs on Ray actors (started inside the run's Ray session)
+        from flowrl.algos.distributed import DataParallelLearner
+
+        build = functools.partial(rank_algorithm, cfg, copy.deepcopy(actor).cpu())
+        algo = DataParallelLearner(algo, cfg.learner, build, run_dir)
+        closing.callback(algo.close)
     evaluator = None
     if cfg.env.type == "shapes":
         from flowrl.rollout.image_eval import ImageEvaluator
@@ -318,7 +330,9 @@ def _banner(cfg: ExperimentConfig, device: torch.device) -> str:
     workers = cfg.env.reward_workers if cfg.env.type == "shapes" else cfg.env.num_workers
     where = f"{workers} Ray {kind} workers" if cfg.ray.enabled else f"{workers} in-process {kind} workers"
     what = "training" if cfg.pretrain is None and cfg.policy.pretrained is None else "fine-tuning"
-    return f"{what} ({_method(cfg)}): learner on {device}, {where}"
+    n = cfg.learner.num_workers
+    learner = f"learner on {device}" if n == 1 else f"{n} learner ranks ({cfg.learner.resolved_backend}, DDP)"
+    return f"{what} ({_method(cfg)}): {learner}, {where}"
 
 
 def _ray_session(cfg: ExperimentConfig) -> contextlib.AbstractContextManager[Any]:
@@ -396,6 +410,13 @@ def _sample_bounds(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] |
     low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (env.action_space.low, env.action_space.high))
     env.close()
     return (low, high) if bool(torch.isfinite(low).all() and torch.isfinite(high).all()) else None
+
+
+def rank_algorithm(cfg: ExperimentConfig, actor: Actor, device: torch.device) -> Algorithm:
+    """A data-parallel learner rank's algorithm (flowrl.algos.distributed): ``actor`` (a copy of
+    the driver's, whose state is loaded over it) in the experiment's policy and algorithm."""
+    policy = build_policy(cfg, actor).to(device)
+    return build_algorithm(cfg, policy, actor, device)
 
 
 def _method(cfg: ExperimentConfig) -> str:

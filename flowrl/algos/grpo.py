@@ -230,7 +230,12 @@ class GRPO(PolicyGradientAlgorithm):
         history = MetricHistory()
         old_mean = self._old_means(batch) if cfg.ratio_norm else None
         run = run_epochs(
-            size, cfg, self.generator, self.device, lambda mb: self._minibatch(batch, mb, old_mean, iteration, history)
+            size,
+            cfg,
+            self.generator,
+            self.device,
+            lambda mb: self._minibatch(batch, mb, old_mean, iteration, history),
+            self.data_parallel,
         )
         metrics.update(history.summary())
         metrics.update(run.metrics())

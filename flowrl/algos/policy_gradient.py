@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,28 @@ class NumericalError(FlowRLError, FloatingPointError):
     """Losses, gradients or weights stayed non-finite: the run stops rather than write them."""
 
 
+class DataParallel(Protocol):
+    """How one rank of a data-parallel learner (flowrl.algos.distributed) takes part in an
+    update; None everywhere in the one-process learner."""
+
+    def local(self, mb: Tensor) -> Tensor:
+        """This rank's share ``[m_r]`` of a global minibatch's indices ``[m]``."""
+        ...
+
+    def global_mean(self, value: float) -> float:
+        """The whole minibatch's mean of a per-sample mean over this rank's share."""
+        ...
+
+    def normalise(self, adv: Tensor) -> Tensor:
+        """This rank's advantages normalised with the whole minibatch's mean and std."""
+        ...
+
+    def before_backward(self, loss: Tensor, network: str) -> Tensor:
+        """The share's loss scaled and passed through the network's DDP module, whose mean
+        over the ranks' gradients is then the whole minibatch's gradient."""
+        ...
+
+
 class NonFiniteGuard:
     """Skips updates whose loss or gradient norm is non-finite, logs each, and stops the run
     after ``limit`` skipped updates of one network in a row (a diverging learning rate,
@@ -40,6 +62,8 @@ class NonFiniteGuard:
         self.limit, self.hint = limit, hint
         self.in_a_row: dict[str, int] = {}  # per network: skipped updates since its last step
         self.skipped = 0  # since the last ``pop_skipped``
+        # On a data-parallel rank: every rank must skip the same steps (flowrl.algos.distributed)
+        self.data_parallel: DataParallel | None = None
 
     def ok(self, quantity: str, value: float, iteration: int, network: str = "policy") -> bool:
         """True when ``value`` is finite (the update may go ahead); else count and log a skip."""
@@ -195,6 +219,15 @@ class PolicyGradientAlgorithm:
     optimizer: PolicyOptimizer
 
     @property
+    def data_parallel(self) -> DataParallel | None:
+        """Set on the ranks of a data-parallel learner (flowrl.algos.distributed), else None."""
+        return self.optimizer.guard.data_parallel
+
+    @data_parallel.setter
+    def data_parallel(self, value: DataParallel | None) -> None:
+        self.optimizer.guard.data_parallel = value
+
+    @property
     def actor_opt(self) -> torch.optim.Optimizer:
         """The policy's optimiser (the checkpoint's ``actor_opt``)."""
         return self.optimizer.opt
@@ -246,15 +279,21 @@ def run_epochs(
     generator: torch.Generator,
     device: torch.device,
     minibatch_step: Callable[[Tensor], dict[str, float]],
+    data_parallel: DataParallel | None = None,
 ) -> EpochsRun:
     """``cfg.epochs`` passes over ``size`` samples, each in a fresh shuffle (drawn with
     ``generator``) cut by ``minibatches`` into index tensors ``[m]`` for ``minibatch_step``,
     which returns the minibatch's surrogate metrics. A minibatch whose ``approx_kl`` exceeds
-    ``cfg.target_kl`` ends the update (DPPO's and ReinFlow's early stop)."""
+    ``cfg.target_kl`` ends the update (DPPO's and ReinFlow's early stop).
+
+    ``data_parallel``: every rank draws the same shuffle and steps on its share of each
+    minibatch; the early stop looks at the whole minibatch's approx KL, so all ranks stop together."""
     for epoch in range(cfg.epochs):
         perm = torch.randperm(size, generator=generator).to(device)
         for mb in minibatches(perm, cfg.minibatch_size):
-            pg_metrics = minibatch_step(mb)
+            pg_metrics = minibatch_step(mb if data_parallel is None else data_parallel.local(mb))
+            if data_parallel is not None and cfg.target_kl is not None:
+                pg_metrics = {**pg_metrics, "approx_kl": data_parallel.global_mean(pg_metrics["approx_kl"])}
             if cfg.target_kl is not None and pg_metrics["approx_kl"] > cfg.target_kl:
                 return EpochsRun(epoch + 1, True)
     return EpochsRun(cfg.epochs, False)
@@ -269,10 +308,16 @@ def guarded_step(
     iteration: int,
     name: str = "policy",
 ) -> float:
-    """One optimiser step unless the loss or the gradient norm is non-finite."""
+    """One optimiser step unless the loss or the gradient norm is non-finite. On a data-parallel
+    rank the loss checked is the whole minibatch's (all ranks skip together) and the gradient
+    the ranks' DDP average."""
     opt.zero_grad(set_to_none=True)
-    if not guard.ok(f"the {name} loss", float(loss.detach()), iteration, name):
+    dp = guard.data_parallel
+    value = float(loss.detach()) if dp is None else dp.global_mean(float(loss.detach()))
+    if not guard.ok(f"the {name} loss", value, iteration, name):
         return math.nan
+    if dp is not None:
+        loss = dp.before_backward(loss, name)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_(params, max_grad_norm))
     if not guard.ok(f"the {name} gradient norm", grad_norm, iteration, name):
@@ -281,6 +326,16 @@ def guarded_step(
     opt.step()
     guard.stepped(name)
     return grad_norm
+
+
+def normalise_advantages(adv: Tensor, data_parallel: DataParallel | None = None) -> Tensor:
+    """A minibatch's advantages ``[m]`` normalised to mean 0, std 1 (unchanged when m = 1); on a
+    data-parallel rank with the whole minibatch's statistics."""
+    if data_parallel is not None:
+        return data_parallel.normalise(adv)
+    if len(adv) <= 1:
+        return adv
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
 
 
 def update_obs_stats(obs: Tensor, *modules: nn.Module) -> None:

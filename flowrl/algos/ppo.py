@@ -23,6 +23,7 @@ from flowrl.algos.policy_gradient import (
     PolicyGradientAlgorithm,
     PolicyOptimizer,
     guarded_step,
+    normalise_advantages,
     pg_samples,
     run_epochs,
     update_obs_stats,
@@ -140,6 +141,7 @@ class PPO(PolicyGradientAlgorithm):
             self.generator,
             self.device,
             lambda mb: self._minibatch(batch, mb, iteration, train_actor, history),
+            self.data_parallel,
         )
         metrics = history.summary()
         with torch.no_grad():
@@ -164,8 +166,8 @@ class PPO(PolicyGradientAlgorithm):
         critic step on the env steps ``mb`` ``[m]``; returns the surrogate's metrics."""
         cfg = self.cfg
         mb_adv = batch.advantages[mb]
-        if cfg.normalize_advantages == "minibatch" and len(mb) > 1:
-            mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+        if cfg.normalize_advantages == "minibatch":
+            mb_adv = normalise_advantages(mb_adv, self.data_parallel)
         terms = pg_samples(self.policy, batch.cond[mb], batch.samples[mb], mb_adv)
         pg_loss, pg_metrics = clipped_surrogate(terms.log_prob, terms.old_log_prob, terms.advantages, cfg.clip)
         entropy_mean = terms.evaluation.entropy.mean()

@@ -84,6 +84,65 @@ class RayConfig(_Strict):
         return {}
 
 
+# --------------------------------------------------------------------------- learner
+class LearnerConfig(_Strict):
+    """The learner's processes: one in-process learner, or data-parallel ranks on Ray joined by
+    torch.distributed (flowrl.algos.distributed)."""
+
+    num_workers: int = Field(
+        1,
+        ge=1,
+        description="learner ranks; 1 = the update runs in this process (no Ray, no process group); N > 1 = N Ray "
+        "actors, each updating on 1/N of every minibatch, gradients averaged by DDP",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto = nccl when each rank has a GPU, else gloo (CPU)"
+    )
+    strategy: Literal["ddp"] = Field(
+        "ddp", description="ddp = every rank holds the whole model, DistributedDataParallel averages the gradients"
+    )
+    resources_per_worker: dict[str, float] = Field(
+        {"CPU": 1.0},
+        description="Ray resources each rank reserves: CPU, GPU (one each for nccl), or a custom resource",
+    )
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="process-group timeout: a collective waiting longer on a dead or stuck rank fails instead of "
+        "hanging",
+    )
+
+    def _inactive(self) -> dict[str, str]:
+        if self.num_workers == 1:
+            why = "to data-parallel learners (learner.num_workers > 1)"
+            return {k: why for k in ("backend", "strategy", "resources_per_worker", "timeout_s")}
+        return {}
+
+    @model_validator(mode="after")
+    def _resources(self) -> LearnerConfig:
+        bad = {k: v for k, v in self.resources_per_worker.items() if v < 0}
+        if bad:
+            raise ValueError(f"learner.resources_per_worker must be >= 0, got {bad}")
+        gpus = self.resources_per_worker.get("GPU", 0.0)
+        if self.backend == "nccl" and gpus < 1:
+            raise ValueError(
+                "learner.backend: nccl needs a GPU per rank: set learner.resources_per_worker.GPU=1 (or backend gloo)"
+            )
+        if self.backend == "gloo" and gpus > 0:
+            raise ValueError(
+                "learner.backend: gloo runs the ranks on the CPU; remove learner.resources_per_worker.GPU or use "
+                "backend auto / nccl"
+            )
+        return self
+
+    @property
+    def resolved_backend(self) -> str:
+        """gloo or nccl (auto: nccl when each rank reserves a GPU)."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.resources_per_worker.get("GPU", 0.0) >= 1 else "gloo"
+
+
 # --------------------------------------------------------------------------- policy
 FLOW_TYPES = ("rectified_flow", "shortcut", "meanflow")
 POLICY_TYPES = (*FLOW_TYPES, "diffusion", "gaussian")  # the policies of gym envs
@@ -689,6 +748,7 @@ class ExperimentConfig(_Strict):
     algo: AlgoConfig = Field(default_factory=lambda: PPOConfig(type="ppo"), description="ppo, grpo or ac_flow")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -741,6 +801,7 @@ class ExperimentConfig(_Strict):
                     f"algo.minibatch_size={self.algo.minibatch_size} is larger than the batch of env.num_envs x "
                     f"algo.steps_per_iteration = {batch}; lower it"
                 )
+        problems += self._learner_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -757,6 +818,31 @@ class ExperimentConfig(_Strict):
             problems.append(
                 f"algo.type: ac_flow trains no noise net (mdp.converter.type: {self.mdp.converter.type}); explore "
                 "with a fixed noise: mdp.converter.type flow_sde or cps"
+            )
+        return problems
+
+    def _learner_problems(self) -> list[str]:
+        """A data-parallel learner needs Ray, and minibatches that split into equal shares."""
+        n = self.learner.num_workers
+        if n == 1:
+            return []
+        problems = []
+        if not isinstance(self.algo, PPOConfig | GRPOConfig):
+            problems.append(
+                f"learner.num_workers={n}: the data-parallel learner runs ppo and grpo, not {self.algo.type}; use "
+                "learner.num_workers: 1"
+            )
+        if not self.ray.enabled:
+            problems.append(f"learner.num_workers={n} runs the learner ranks as Ray actors: set ray.enabled: true")
+        if self.algo.minibatch_size % n:
+            problems.append(
+                f"algo.minibatch_size={self.algo.minibatch_size} must be a multiple of learner.num_workers={n} "
+                "(each rank takes an equal share of every minibatch)"
+            )
+        if isinstance(self.algo, PPOConfig) and self.algo.w2_coef > 0:
+            problems.append(
+                f"algo.w2_coef draws one noise per minibatch row; learner.num_workers={n} does not split it yet: "
+                "use learner.num_workers: 1 with the W2 regulariser"
             )
         return problems
 
