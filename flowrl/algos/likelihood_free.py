@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.algos.grpo import episode_advantages, per_reward_advantages
-from flowrl.algos.policy_gradient import NonFiniteGuard, guarded_step, update_obs_stats
+from flowrl.algos.policy_gradient import CheckpointState, NonFiniteGuard, guarded_step, update_obs_stats
 from flowrl.config import LikelihoodFreeConfig
 from flowrl.core.batch import TensorBatch
 from flowrl.core.transitions import Transitions
@@ -128,7 +128,7 @@ def matching_error(v: Tensor, target: Tensor) -> Tensor:
     return (v - target).pow(2).flatten(1).mean(dim=1)
 
 
-class LikelihoodFreeAlgorithm:
+class LikelihoodFreeAlgorithm(CheckpointState):
     """Collection with the ODE in groups, group advantages, epochs of minibatch steps on
     forward-noised samples; subclasses give ``row_loss`` (and may sample with another policy,
     ``sampling_policy``, and act after each update, ``after_update``).
@@ -237,25 +237,6 @@ class LikelihoodFreeAlgorithm:
         metrics["train/skipped_updates"] = float(self.guard.pop_skipped())
         metrics.update(self.after_update(iteration))
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {}
-        for name in self.checkpoint_state:
-            member = getattr(self, name)
-            if isinstance(member, torch.Generator):
-                state[name] = member.get_state()
-            elif member is not None:
-                state[name] = member.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores every declared member; a missing one is a KeyError naming it."""
-        for name in self.checkpoint_state:
-            member = getattr(self, name)
-            if isinstance(member, torch.Generator):
-                member.set_state(state[name])
-            elif member is not None:
-                member.load_state_dict(state[name])
 
     # ------------------------------------------------------------------ what subclasses give
     def row_loss(self, rows: NoisedRows, v: Tensor) -> tuple[Tensor, dict[str, float]]:

@@ -206,34 +206,13 @@ class PolicyOptimizer:
         return guarded_step(self.opt, self.params, loss, self.cfg.max_grad_norm, self.guard, iteration)
 
 
-class PolicyGradientAlgorithm:
-    """What PPO and GRPO share: the learning-rate schedule and the checkpoint.
-
-    An algorithm declares the names of its stateful members in ``checkpoint_state`` (Stable-
-    Baselines3's ``_get_torch_save_params``): modules, optimisers and ``torch.Generator``s.
+class CheckpointState:
+    """An algorithm's checkpoint from the names of its stateful members in ``checkpoint_state``
+    (Stable-Baselines3's ``_get_torch_save_params``): modules, optimisers and ``torch.Generator``s.
     ``state_dict`` saves each under its name, ``load_state_dict`` restores each; a member that
-    is None in this configuration (no reward scaler, no reference) is neither saved nor loaded.
-    """
+    is None in this configuration (no reward scaler, no reference) is neither saved nor loaded."""
 
     checkpoint_state: tuple[str, ...] = ()
-    optimizer: PolicyOptimizer
-
-    @property
-    def data_parallel(self) -> DataParallel | None:
-        """Set on the ranks of a data-parallel learner (flowrl.algos.distributed), else None."""
-        return self.optimizer.guard.data_parallel
-
-    @data_parallel.setter
-    def data_parallel(self, value: DataParallel | None) -> None:
-        self.optimizer.guard.data_parallel = value
-
-    @property
-    def actor_opt(self) -> torch.optim.Optimizer:
-        """The policy's optimiser (the checkpoint's ``actor_opt``)."""
-        return self.optimizer.opt
-
-    def set_progress(self, fraction_done: float) -> None:
-        self.optimizer.set_progress(fraction_done)
 
     def state_dict(self) -> dict[str, Any]:
         state = {}
@@ -253,6 +232,29 @@ class PolicyGradientAlgorithm:
                 member.set_state(state[name])
             elif member is not None:
                 member.load_state_dict(state[name])
+
+
+class PolicyGradientAlgorithm(CheckpointState):
+    """What PPO and GRPO share: the learning-rate schedule and the checkpoint (``CheckpointState``)."""
+
+    optimizer: PolicyOptimizer
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """Set on the ranks of a data-parallel learner (flowrl.algos.distributed), else None."""
+        return self.optimizer.guard.data_parallel
+
+    @data_parallel.setter
+    def data_parallel(self, value: DataParallel | None) -> None:
+        self.optimizer.guard.data_parallel = value
+
+    @property
+    def actor_opt(self) -> torch.optim.Optimizer:
+        """The policy's optimiser (the checkpoint's ``actor_opt``)."""
+        return self.optimizer.opt
+
+    def set_progress(self, fraction_done: float) -> None:
+        self.optimizer.set_progress(fraction_done)
 
 
 class EpochsRun(NamedTuple):
