@@ -81,7 +81,7 @@ class _Steps:
     and stacked into the Rollout's ``[T, N, ...]`` tensors once at the end. Measured against
     buffers preallocated at the first step and written in place (issue 27): a dozen ``copy_``
     calls per step cost about five times what these appends and the final stacks do, so the
-    lists stay (see README_rollout.md)."""
+    lists stay (see README, "Where a policy step goes")."""
 
     def __init__(self, length: int) -> None:
         if length < 1:

@@ -80,7 +80,7 @@ def test_a_step_pulls_towards_positive_and_pushes_away_from_negative_samples() -
     assert after > before
 
 
-@pytest.mark.slow  # not yet measured on a quiet machine (README_nft_awm.md): the default run once it holds
+@pytest.mark.slow  # collapses late on some seeds (README, "Likelihood-free fine-tuning"): default run once it holds
 def test_awm_learns_the_two_goal_task(tmp_path) -> None:
     """The bimodal pretrained policy moves to the rewarded goal (deterministic ODE sampling)."""
     from flowrl.experiment import train
