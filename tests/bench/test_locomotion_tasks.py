@@ -90,7 +90,8 @@ def test_a_task_added_as_data_is_listed_checked_and_in_the_cli_help(tmp_path, mo
         main(["bench", "--help"])
     assert done.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "pendulum" in help_text and "hopper" not in help_text  # the names of the folder's tasks, read now
+    listed = help_text.split("locomotion (required):", 1)[1].split(";", 2)[1]  # "tasks in DIR: NAMES"
+    assert "pendulum" in listed and "hopper" not in listed  # the names of the folder's tasks, read now
 
 
 def test_the_smoke_tests_discover_and_run_a_task_added_as_data(tmp_path):
