@@ -74,6 +74,27 @@ def per_reward_advantages(
     return adv, *_kept(has_signal, group_size)
 
 
+def kept_group_steps(
+    rollout: Rollout, outcome: Tensor, group_size: int, eps: float, std: str = "group"
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """What GRPO-style algorithms share: each episode's group advantage ``[N]`` (per reward where
+    the rollout has reward components; the config allows them only with outcome: return), the
+    steps ``[T, N]`` of the groups with signal (tied groups dropped) and the ``grpo/*`` statistics."""
+    if rollout.reward_components is not None:
+        assert rollout.reward_weights is not None
+        adv, keep, stats = per_reward_advantages(
+            rollout.reward_components, rollout.reward_weights, rollout.group, group_size, eps
+        )
+    else:
+        adv, keep, stats = episode_advantages(outcome, rollout.group, group_size, eps, std)
+    steps = rollout.valid & keep.unsqueeze(0)
+    assert rollout.episode_done is not None
+    stats["grpo/outcome_mean"] = float(outcome.mean())
+    stats["grpo/unfinished_episodes"] = float((~rollout.episode_done).sum())
+    stats["grpo/kept_steps"] = float(steps.sum())
+    return adv, steps, stats
+
+
 def _check_groups(group: Tensor, group_size: int) -> None:
     n = group.shape[0]
     if n % group_size or not bool((group == torch.arange(n, device=group.device) // group_size + group[0]).all()):
@@ -181,21 +202,9 @@ class GRPO(PolicyGradientAlgorithm):
         """Episode outcomes -> group advantages -> the kept steps, flattened."""
         assert rollout.episode_return is not None and rollout.episode_success is not None
         outcome = self._outcome(rollout)
-        if rollout.reward_components is not None:  # the config allows them only with outcome: return
-            assert rollout.reward_weights is not None
-            adv, keep, stats = per_reward_advantages(
-                rollout.reward_components, rollout.reward_weights, rollout.group, self.group_size, self.cfg.adv_eps
-            )
-        else:
-            adv, keep, stats = episode_advantages(
-                outcome, rollout.group, self.group_size, self.cfg.adv_eps, self.cfg.advantages.std
-            )
-        steps = rollout.valid & keep.unsqueeze(0)  # [T, N]
-        assert rollout.episode_done is not None
-        stats["grpo/outcome_mean"] = float(outcome.mean())
-        stats["grpo/unfinished_episodes"] = float((~rollout.episode_done).sum())
-        stats["grpo/kept_steps"] = float(steps.sum())
-        self._stats = stats
+        adv, steps, self._stats = kept_group_steps(
+            rollout, outcome, self.group_size, self.cfg.adv_eps, self.cfg.advantages.std
+        )
         dev = self.device
         return GRPOBatch(
             cond=rollout.obs[steps].to(dev),

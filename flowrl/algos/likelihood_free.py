@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowrl.algos.grpo import episode_advantages, per_reward_advantages
+from flowrl.algos.grpo import kept_group_steps
 from flowrl.algos.policy_gradient import CheckpointState, NonFiniteGuard, guarded_step, update_obs_stats
 from flowrl.config import LikelihoodFreeConfig
 from flowrl.core.batch import TensorBatch
@@ -186,19 +186,7 @@ class LikelihoodFreeAlgorithm(CheckpointState):
         """Episode outcomes -> group advantages (ties dropped) -> the kept samples, flattened."""
         assert rollout.episode_return is not None and rollout.episode_success is not None
         outcome = rollout.episode_return if self.cfg.outcome == "return" else rollout.episode_success.float()
-        if rollout.reward_components is not None:  # a multi reward with per_reward advantages
-            assert rollout.reward_weights is not None
-            adv, keep, stats = per_reward_advantages(
-                rollout.reward_components, rollout.reward_weights, rollout.group, self.group_size, self.cfg.adv_eps
-            )
-        else:
-            adv, keep, stats = episode_advantages(outcome, rollout.group, self.group_size, self.cfg.adv_eps)
-        steps = rollout.valid & keep.unsqueeze(0)  # [T, N]
-        assert rollout.episode_done is not None
-        stats["grpo/outcome_mean"] = float(outcome.mean())
-        stats["grpo/unfinished_episodes"] = float((~rollout.episode_done).sum())
-        stats["grpo/kept_steps"] = float(steps.sum())
-        self._stats = stats
+        adv, steps, self._stats = kept_group_steps(rollout, outcome, self.group_size, self.cfg.adv_eps)
         dev = self.device
         samples = rollout.samples[steps].to(dev)
         if self.bounds is not None:
