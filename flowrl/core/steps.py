@@ -85,6 +85,7 @@ def gaussian_transition(
     noise: Tensor | None = None,
     next_x: Tensor | None = None,
     generator: torch.Generator | None = None,
+    positive_std: bool = False,
 ) -> StepOutput:
     """The Gaussian transition every stochastic step shares: ``next ~ N(mean, std^2)``.
 
@@ -92,14 +93,20 @@ def gaussian_transition(
     std: broadcastable to ``[B, *E]``, >= 0; a sample with a zero std in any dim is
     deterministic: its next sample is the mean and its log-prob 0 (when no sample is
     stochastic no noise is drawn at all). Samples ``next_x`` (with ``noise`` or the
-    generator) or re-evaluates a given one.
+    generator) or re-evaluates a given one. ``positive_std``: the caller knows std > 0
+    everywhere (a learned std squashed into [std_min, std_max]), so the search for
+    deterministic samples, and its two device syncs, are skipped.
     """
     b = mean.shape[0]
-    stochastic = std > 0
-    rows = torch.broadcast_to(stochastic, mean.shape).reshape(b, -1).all(dim=1)
-    all_stochastic = bool(rows.all())
+    if positive_std:
+        stochastic = rows = None
+        all_stochastic = True
+    else:
+        stochastic = std > 0
+        rows = torch.broadcast_to(stochastic, mean.shape).reshape(b, -1).all(dim=1)
+        all_stochastic = bool(rows.all())
     if next_x is None:
-        if not all_stochastic and not bool(rows.any()):
+        if not all_stochastic and not bool(rows.any()):  # type: ignore[union-attr]
             out_x = mean.to(x.dtype)
             return StepOutput(out_x, mean, torch.zeros_like(std), torch.zeros(b, dtype=mean.dtype, device=mean.device))
         if noise is None:
@@ -157,17 +164,19 @@ def gaussian_step(
     noise: Tensor | None = None,
     next_x: Tensor | None = None,
     generator: torch.Generator | None = None,
+    positive_std: bool = False,
 ) -> StepOutput:
     """ReinFlow / Flow-Noise step: ``next ~ N(x + h v, std^2)`` with a given (e.g. learned) std.
 
-    ``std``: scalar or broadcastable to ``[B, *E]``, strictly positive.
+    ``std``: scalar or broadcastable to ``[B, *E]``, strictly positive (``positive_std``:
+    known to be, see ``gaussian_transition``).
     """
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
     h = per_sample(t_next, x32) - per_sample(t, x32)
     mean = x32 + h * v32
     std_t = torch.as_tensor(std, dtype=dtype, device=x.device)
-    return gaussian_transition(x, mean, std_t, noise, next_x, generator)
+    return gaussian_transition(x, mean, std_t, noise, next_x, generator, positive_std)
 
 
 def flow_sde_std_scale(t: Tensor, noise_level: float, t_floor: float) -> Tensor:

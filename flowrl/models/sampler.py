@@ -32,8 +32,23 @@ from flowrl.core.transitions import Transitions, steps_from_mask
 from flowrl.core.windows import AllSteps, OneRandomStep, StepWindow
 from flowrl.models.networks import ReinFlowNoiseNet
 
-# (condition rows, x [B, *E], t [B] or scalar, t_next) -> velocity [B, *E]
+# (condition rows, x [B, *E], t [B] or scalar, t_next) -> velocity [B, *E]. A velocity module
+# may also offer ``for_chain(cond, times) -> ChainVelocity`` (VelocityMLP does): the field of one
+# sampling chain, with what does not change along the chain computed once.
 VelocityFn = Callable[[Any, Tensor, Tensor, Tensor], Tensor]
+# (x [B, *E], i) -> the velocity at times[i], for the step to times[i + 1]
+ChainVelocity = Callable[[Tensor, int], Tensor]
+# (x [B, *E], v, i, generator) -> the converter's step from times[i] to times[i + 1]
+ChainStep = Callable[[Tensor, Tensor, int, "torch.Generator | None"], StepOutput]
+
+
+def chain_velocity(velocity: VelocityFn, cond, times: Tensor) -> ChainVelocity:
+    """``velocity``'s ``for_chain`` where it has one, else ``velocity`` called with the times."""
+    for_chain = getattr(velocity, "for_chain", None)
+    if for_chain is not None:
+        return for_chain(cond, times)
+    points = times.unbind(0)
+    return lambda x, i: velocity(cond, x, points[i], points[i + 1])
 
 
 class _BaseConverter(nn.Module):
@@ -46,6 +61,12 @@ class _BaseConverter(nn.Module):
         """``[K]`` bool: the grid steps a window may make stochastic."""
         return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
 
+    def for_chain(self, cond, times: Tensor, t_floor: float) -> ChainStep:
+        """The step of one sampling chain of ``cond``: ``(x, v, i, generator) -> StepOutput``
+        from ``times[i]`` to ``times[i + 1]``, the same as ``forward``."""
+        points = times.unbind(0)
+        return lambda x, v, i, generator: self(cond, x, v, points[i], points[i + 1], t_floor, generator=generator)
+
 
 class ReinFlowConverter(_BaseConverter):
     """Gaussian step around the Euler mean with a learned std (ReinFlow; Flow-Noise with x)."""
@@ -57,6 +78,18 @@ class ReinFlowConverter(_BaseConverter):
     def forward(self, cond, x, v, t, t_next, t_floor, *, next_x=None, generator=None) -> StepOutput:
         std = self.noise_net(cond, t, x if self.noise_net.condition_on_x else None)
         return gaussian_step(x, v, t, t_next, std, next_x=next_x, generator=generator)
+
+    def for_chain(self, cond, times: Tensor, t_floor: float) -> ChainStep:
+        # The noise net's inputs that do not change along the chain are computed once, and its
+        # std is > std_min > 0, so the step skips the search for zero-std rows (two syncs).
+        std_at = self.noise_net.for_chain(cond, times)
+        points = times.unbind(0)
+
+        def step(x: Tensor, v: Tensor, i: int, generator: torch.Generator | None) -> StepOutput:
+            std = std_at(i, x)
+            return gaussian_step(x, v, points[i], points[i + 1], std, generator=generator, positive_std=True)
+
+        return step
 
 
 class FlowSDEConverter(_BaseConverter):
@@ -135,6 +168,10 @@ class _Solver:
         """``rows`` ``[B]`` took a stochastic step: their multistep history no longer applies."""
         self.has_history = self.has_history & ~rows
 
+    def broke_all(self) -> None:
+        """Every row took a stochastic step (``broke`` of all rows)."""
+        self.has_history = torch.zeros_like(self.has_history)
+
 
 class _ChainRecord:
     """The stored stochastic steps of a batch of chains: each row fills its S slots in order."""
@@ -191,43 +228,47 @@ class ChainSampler(nn.Module):
         self.solver = solver
         self.steps_after_window = steps_after_window
         self.register_buffer("grid", time_grid(num_steps, grid_kind, grid_shift), persistent=False)
+        self._t_floor = float(self.grid[1])  # read once: no device sync per step
 
     @property
     def t_floor(self) -> float:
-        return float(self.grid[1])
+        return self._t_floor
 
     def _require_converter(self) -> Converter:
         if self.converter is None:
             raise RuntimeError("this sampler has no MDP converter (ODE only): it can act but not sample log-probs")
         return self.converter
 
-    def _schedule(self, mask: Tensor) -> list[tuple[int | None, Tensor, Tensor]]:
-        """(grid step k or None, t, t_next) for every step the chain takes. With
+    def _schedule(self, mask: Tensor) -> tuple[Tensor, list[tuple[int | None, int]]]:
+        """``(times, plan)``: ``plan`` holds (grid step k or None, i) for every step the chain
+        takes, from ``times[i]`` to ``times[i + 1]``. ``times`` is the grid; with
         ``steps_after_window`` the steps after the window's last one are re-gridded."""
         k_all = self.num_steps
-        plan: list[tuple[int | None, Tensor, Tensor]] = [(k, self.grid[k], self.grid[k + 1]) for k in range(k_all)]
+        plan: list[tuple[int | None, int]] = [(k, k) for k in range(k_all)]
         if self.steps_after_window is None:
-            return plan
+            return self.grid, plan
         used = mask.any(dim=0).nonzero().flatten()
         if not bool((mask == mask[:1]).all()):
             raise ValueError("steps_after_window needs a window shared by the whole batch (all or sliding)")
         first = int(used.max()) + 1 if len(used) else 0
         remaining = k_all - first
         if remaining <= self.steps_after_window:
-            return plan
+            return self.grid, plan
         idx = torch.linspace(first, k_all, self.steps_after_window + 1, dtype=torch.float64).round().long()
-        points = self.grid[idx]
-        return plan[:first] + [(None, points[j], points[j + 1]) for j in range(self.steps_after_window)]
+        times = torch.cat([self.grid[:first], self.grid[idx]])  # idx[0] = first
+        return times, plan[:first] + [(None, first + j) for j in range(self.steps_after_window)]
 
-    def _stored_steps(self, mask: Tensor) -> Tensor:
-        """``[B, K]`` window -> ``[B, S]`` grid indices of each sample's stochastic steps."""
-        if bool((mask == mask[:1]).all()):  # a batch-wide window: every row holds the first's steps
+    def _stored_steps(self, mask: Tensor) -> tuple[Tensor, bool]:
+        """``[B, K]`` window -> (``[B, S]`` grid indices of each sample's stochastic steps,
+        whether the window is batch-wide)."""
+        batch_wide = bool((mask == mask[:1]).all())
+        if batch_wide:  # every row holds the first's steps
             steps = mask[0].nonzero().flatten().expand(mask.shape[0], -1).clone()
         else:
             steps = steps_from_mask(mask)
         if steps.shape[1] == 0:
             raise ValueError("the window holds no stochastic step: nothing to train")
-        return steps
+        return steps, batch_wide
 
     @torch.no_grad()
     def sample(
@@ -252,16 +293,59 @@ class ChainSampler(nn.Module):
         converter = self._require_converter()
         device = self.grid.device
         mask = self.window.mask(batch, converter.eligible(self.grid), iteration, generator).to(device)
-        steps = self._stored_steps(mask)
+        steps, batch_wide = self._stored_steps(mask)
         x = noise if noise is not None else torch.randn((batch, *event_shape), generator=generator, device=device)
         if x.shape != (batch, *event_shape):
             raise ValueError(f"noise has shape {tuple(x.shape)}, expected {(batch, *event_shape)}")
+        times, plan = self._schedule(mask)
+        if batch_wide:
+            return self._sample_batch_wide(velocity, cond, x, mask[0].tolist(), times, plan, steps, generator)
+        return self._sample_per_row(velocity, cond, x, mask, times, plan, steps, generator)
+
+    def _sample_batch_wide(self, velocity, cond, x, window, times, plan, steps, generator) -> Transitions:
+        """``sample`` where every row shares the window (``window``: K bools): each step is the
+        converter's for all rows or the solver's for all rows. This is the collection's hot
+        loop, so what does not change along the chain is computed once (``for_chain``), the
+        stored steps are stacked at the end and the step count is a Python number."""
+        converter = self._require_converter()
+        batch = x.shape[0]
+        v_at = chain_velocity(velocity, cond, times)
+        step_at = converter.for_chain(cond, times, self.t_floor)
+        points = times.unbind(0)
+        solver = _Solver(self.solver, batch, x.device)
+        every = torch.ones(batch, dtype=torch.bool, device=x.device)
+        x_in, x_out, log_prob = [], [], []
+        extra: Tensor | float = 0.0  # Heun's corrector evaluations
+        for k, i in plan:
+            v = v_at(x, i)
+            if k is not None and window[k]:
+                out = step_at(x, v, i, generator)
+                x_in.append(x)
+                x_out.append(out.next_x)
+                log_prob.append(out.log_prob)
+                solver.broke_all()
+                x = out.next_x
+            else:
+                x, added = solver.step(velocity, cond, x, v, points[i], points[i + 1], every)
+                extra = extra + added
+        nfe = torch.full((batch,), float(len(plan)), device=x.device) + extra
+        lp = torch.stack(log_prob, dim=1).to(torch.get_default_dtype())
+        return Transitions(
+            final=x, x_in=torch.stack(x_in, 1), x_out=torch.stack(x_out, 1), steps=steps, log_prob=lp, nfe=nfe
+        )
+
+    def _sample_per_row(self, velocity, cond, x, mask, times, plan, steps, generator) -> Transitions:
+        """``sample`` where rows hold different steps (one random step per sample)."""
+        converter = self._require_converter()
+        batch, device = x.shape[0], x.device
+        points = times.unbind(0)
         solver = _Solver(self.solver, batch, device)
         chains = _ChainRecord(x, steps.shape[1])
         nfe = torch.zeros(batch, device=device)
         in_window = mask.any(dim=0).tolist()  # per grid step, read once: no device sync inside the loop
         outside = torch.zeros(batch, dtype=torch.bool, device=device)  # re-gridded steps are all ODE
-        for k, t, t_next in self._schedule(mask):
+        for k, i in plan:
+            t, t_next = points[i], points[i + 1]
             v = velocity(cond, x, t, t_next)
             nfe += 1.0
             stochastic = mask[:, k] if k is not None else outside
