@@ -85,7 +85,6 @@ def gaussian_transition(
     noise: Tensor | None = None,
     next_x: Tensor | None = None,
     generator: torch.Generator | None = None,
-    positive_std: bool = False,
 ) -> StepOutput:
     """The Gaussian transition every stochastic step shares: ``next ~ N(mean, std^2)``.
 
@@ -93,25 +92,17 @@ def gaussian_transition(
     std: broadcastable to ``[B, *E]``, >= 0; a sample with a zero std in any dim is
     deterministic: its next sample is the mean and its log-prob 0 (when no sample is
     stochastic no noise is drawn at all). Samples ``next_x`` (with ``noise`` or the
-    generator) or re-evaluates a given one. ``positive_std``: the caller knows std > 0
-    everywhere (a learned std squashed into [std_min, std_max]), so the search for
-    deterministic samples, and its two device syncs, are skipped.
+    generator) or re-evaluates a given one.
     """
     b = mean.shape[0]
-    if positive_std:
-        stochastic = rows = None
-        all_stochastic = True
-    else:
-        stochastic = std > 0
-        rows = torch.broadcast_to(stochastic, mean.shape).reshape(b, -1).all(dim=1)
-        all_stochastic = bool(rows.all())
+    stochastic = std > 0
+    rows = torch.broadcast_to(stochastic, mean.shape).reshape(b, -1).all(dim=1)
+    all_stochastic = bool(rows.all())
     if next_x is None:
-        if not all_stochastic and not bool(rows.any()):  # type: ignore[union-attr]
+        if not all_stochastic and not bool(rows.any()):
             out_x = mean.to(x.dtype)
             return StepOutput(out_x, mean, torch.zeros_like(std), torch.zeros(b, dtype=mean.dtype, device=mean.device))
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        out_x = (mean + std * noise.to(mean.dtype)).to(x.dtype)
+        out_x = gaussian_draw(x, mean, std, noise, generator)
         # The log-prob is of the sample as stored (e.g. rounded to bf16), so that
         # re-evaluating the stored sample reproduces it exactly.
         sample = out_x.to(mean.dtype)
@@ -131,6 +122,16 @@ def gaussian_transition(
     return StepOutput(out_x, mean, torch.where(stochastic, std, torch.zeros_like(std)), log_prob)
 
 
+def gaussian_draw(
+    x: Tensor, mean: Tensor, std: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """``mean + std * noise`` in ``x``'s dtype, ``noise ~ N(0, I)`` drawn with ``generator``
+    unless given: the sample of ``gaussian_transition`` where every std is > 0."""
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise.to(mean.dtype)).to(x.dtype)
+
+
 def gaussian_kl(mean: Tensor, std: Tensor, ref_mean: Tensor, ref_std: Tensor) -> Tensor:
     """KL(N(mean, std^2) || N(ref_mean, ref_std^2)) of diagonal Gaussians, summed over event dims.
 
@@ -144,12 +145,19 @@ def gaussian_kl(mean: Tensor, std: Tensor, ref_mean: Tensor, ref_std: Tensor) ->
     return _sum_event(kl)
 
 
-def euler_step(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) -> StepOutput:
-    """Deterministic ODE step ``next = x + h v`` with ``h = t_next - t``; std and log-prob 0."""
+def euler_mean(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) -> Tensor:
+    """``x + h v`` with ``h = t_next - t`` in the compute dtype: the mean of the Euler step and
+    of the ReinFlow step around it."""
     dtype = _compute_dtype(x)
     x32, v32 = x.to(dtype), v.to(dtype)
     h = per_sample(t_next, x32) - per_sample(t, x32)
-    mean = x32 + h * v32
+    return x32 + h * v32
+
+
+def euler_step(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) -> StepOutput:
+    """Deterministic ODE step ``next = x + h v`` with ``h = t_next - t``; std and log-prob 0."""
+    mean = euler_mean(x, v, t, t_next)
+    dtype = mean.dtype
     zeros = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
     return StepOutput(mean.to(x.dtype), mean, torch.zeros((), dtype=dtype, device=x.device), zeros)
 
@@ -164,19 +172,14 @@ def gaussian_step(
     noise: Tensor | None = None,
     next_x: Tensor | None = None,
     generator: torch.Generator | None = None,
-    positive_std: bool = False,
 ) -> StepOutput:
     """ReinFlow / Flow-Noise step: ``next ~ N(x + h v, std^2)`` with a given (e.g. learned) std.
 
-    ``std``: scalar or broadcastable to ``[B, *E]``, strictly positive (``positive_std``:
-    known to be, see ``gaussian_transition``).
+    ``std``: scalar or broadcastable to ``[B, *E]``, strictly positive.
     """
-    dtype = _compute_dtype(x)
-    x32, v32 = x.to(dtype), v.to(dtype)
-    h = per_sample(t_next, x32) - per_sample(t, x32)
-    mean = x32 + h * v32
-    std_t = torch.as_tensor(std, dtype=dtype, device=x.device)
-    return gaussian_transition(x, mean, std_t, noise, next_x, generator, positive_std)
+    mean = euler_mean(x, v, t, t_next)
+    std_t = torch.as_tensor(std, dtype=mean.dtype, device=x.device)
+    return gaussian_transition(x, mean, std_t, noise, next_x, generator)
 
 
 def flow_sde_std_scale(t: Tensor, noise_level: float, t_floor: float) -> Tensor:

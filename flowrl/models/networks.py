@@ -20,6 +20,20 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Mo
     return nn.Sequential(*layers)
 
 
+def plain_forward(net: nn.Sequential) -> Callable[[Tensor], Tensor]:
+    """``net``'s forward as a plain function: each layer's ``forward`` in turn, the same ops
+    without the module-call machinery (hooks do not run), which costs as much as a tiny
+    layer's matmul. For the per-chain loops of sampling."""
+    layers = [layer.forward for layer in net]
+
+    def forward(h: Tensor) -> Tensor:
+        for layer in layers:
+            h = layer(h)
+        return h
+
+    return forward
+
+
 class ObsNormalizer(nn.Module):
     """``(obs - mean) / std`` clipped to ``[-clip, clip]``; the stats are buffers.
 
@@ -169,13 +183,14 @@ class VelocityMLP(ChunkNet):
         obs_n = self.obs_norm(obs)
         features = self.time_embed(times).unbind(0)
         points = times.unbind(0)
+        net = plain_forward(self.net)
 
         def velocity(x: Tensor, i: int) -> Tensor:
             parts = [obs_n, x.reshape(b, -1), features[i].expand(b, -1)]
             if self.step_conditioned:  # the step size in x's dtype, as forward takes it
                 step = points[i + 1].to(x.dtype) - points[i].to(x.dtype)
                 parts.append(self.time_embed(step).expand(b, -1))
-            return self.net(torch.cat(parts, dim=-1)).view(b, self.horizon, self.action_dim)
+            return net(torch.cat(parts, dim=-1)).view(b, self.horizon, self.action_dim)
 
         return velocity
 
@@ -229,9 +244,9 @@ class ReinFlowNoiseNet(ChunkNet):
         obs_n = self.obs_norm(obs)
         features = self.time_embed(times[:-1])
         if self.condition_on_x:
-            rows = features.unbind(0)
+            rows, net = features.unbind(0), plain_forward(self.net)
             return lambda i, x: self._squash(
-                self.net(torch.cat([obs_n, rows[i].expand(b, -1), x.reshape(b, -1)], dim=-1)).view(b, *shape)
+                net(torch.cat([obs_n, rows[i].expand(b, -1), x.reshape(b, -1)], dim=-1)).view(b, *shape)
             )
         m = features.shape[0]
         inputs = torch.cat([obs_n.expand(m, b, -1), features.unsqueeze(1).expand(m, b, -1)], dim=-1)

@@ -20,6 +20,7 @@ stochastic steps are stored, so memory grows with S, not K.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,16 @@ from torch import Tensor, nn
 
 from flowrl.core.grids import GridKind, time_grid
 from flowrl.core.solvers import SOLVERS, SolverName, dpm_solver_2m_step, heun_step, ode_solve
-from flowrl.core.steps import StepOutput, cps_step, euler_step, flow_sde_step, gaussian_step
+from flowrl.core.steps import (
+    StepOutput,
+    cps_step,
+    euler_mean,
+    euler_step,
+    flow_sde_step,
+    gaussian_draw,
+    gaussian_log_prob,
+    gaussian_step,
+)
 from flowrl.core.transitions import Transitions, steps_from_mask
 from flowrl.core.windows import AllSteps, OneRandomStep, StepWindow
 from flowrl.models.networks import ReinFlowNoiseNet
@@ -38,8 +48,23 @@ from flowrl.models.networks import ReinFlowNoiseNet
 VelocityFn = Callable[[Any, Tensor, Tensor, Tensor], Tensor]
 # (x [B, *E], i) -> the velocity at times[i], for the step to times[i + 1]
 ChainVelocity = Callable[[Tensor, int], Tensor]
+
+
+@dataclass(frozen=True)
+class ChainStepOutput:
+    """A converter's step in a sampling chain: ``next_x``, ``mean`` ``[B, *E]``, ``std``
+    (broadcastable) and ``log_prob`` ``[B]``; or ``log_prob`` None where std > 0 everywhere:
+    the sampler then takes the log-prob of next_x under N(mean, std^2) (``gaussian_log_prob``)
+    for all the chain's stored steps in one pass."""
+
+    next_x: Tensor
+    mean: Tensor
+    std: Tensor
+    log_prob: Tensor | None
+
+
 # (x [B, *E], v, i, generator) -> the converter's step from times[i] to times[i + 1]
-ChainStep = Callable[[Tensor, Tensor, int, "torch.Generator | None"], StepOutput]
+ChainStep = Callable[[Tensor, Tensor, int, "torch.Generator | None"], ChainStepOutput]
 
 
 def chain_velocity(velocity: VelocityFn, cond, times: Tensor) -> ChainVelocity:
@@ -62,10 +87,15 @@ class _BaseConverter(nn.Module):
         return torch.ones(grid.shape[0] - 1, dtype=torch.bool, device=grid.device)
 
     def for_chain(self, cond, times: Tensor, t_floor: float) -> ChainStep:
-        """The step of one sampling chain of ``cond``: ``(x, v, i, generator) -> StepOutput``
+        """The step of one sampling chain of ``cond``: ``(x, v, i, generator) -> ChainStepOutput``
         from ``times[i]`` to ``times[i + 1]``, the same as ``forward``."""
         points = times.unbind(0)
-        return lambda x, v, i, generator: self(cond, x, v, points[i], points[i + 1], t_floor, generator=generator)
+
+        def step(x: Tensor, v: Tensor, i: int, generator: torch.Generator | None) -> ChainStepOutput:
+            out = self(cond, x, v, points[i], points[i + 1], t_floor, generator=generator)
+            return ChainStepOutput(out.next_x, out.mean, out.std, out.log_prob)
+
+        return step
 
 
 class ReinFlowConverter(_BaseConverter):
@@ -80,14 +110,16 @@ class ReinFlowConverter(_BaseConverter):
         return gaussian_step(x, v, t, t_next, std, next_x=next_x, generator=generator)
 
     def for_chain(self, cond, times: Tensor, t_floor: float) -> ChainStep:
-        # The noise net's inputs that do not change along the chain are computed once, and its
-        # std is > std_min > 0, so the step skips the search for zero-std rows (two syncs).
+        # The noise net's inputs that do not change along the chain are computed once. Its std is
+        # > std_min > 0, so gaussian_transition's search for zero-std rows (two syncs) is moot, and
+        # the sampler takes the log-probs of all the chain's steps in one pass.
         std_at = self.noise_net.for_chain(cond, times)
         points = times.unbind(0)
 
-        def step(x: Tensor, v: Tensor, i: int, generator: torch.Generator | None) -> StepOutput:
-            std = std_at(i, x)
-            return gaussian_step(x, v, points[i], points[i + 1], std, generator=generator, positive_std=True)
+        def step(x: Tensor, v: Tensor, i: int, generator: torch.Generator | None) -> ChainStepOutput:
+            mean = euler_mean(x, v, points[i], points[i + 1])
+            std = std_at(i, x).to(mean.dtype)
+            return ChainStepOutput(gaussian_draw(x, mean, std, generator=generator), mean, std, None)
 
         return step
 
@@ -194,6 +226,17 @@ class _ChainRecord:
 
     def transitions(self, final: Tensor, steps: Tensor, nfe: Tensor) -> Transitions:
         return Transitions(final=final, x_in=self.x_in, x_out=self.x_out, steps=steps, log_prob=self.log_prob, nfe=nfe)
+
+
+def _stacked_log_prob(outs: list[ChainStepOutput], x_out: Tensor) -> Tensor:
+    """``[B, S]`` log-probs of the S stored steps ``outs`` (next states ``x_out`` ``[B, S, *E]``)."""
+    if outs[0].log_prob is not None:
+        return torch.stack([out.log_prob for out in outs], dim=1)  # type: ignore[misc]
+    mean = torch.stack([out.mean for out in outs], dim=1)
+    std = torch.stack([torch.broadcast_to(out.std, out.mean.shape) for out in outs], dim=1)
+    # The log-prob of the sample as stored (its dtype), as gaussian_transition takes it.
+    flat = gaussian_log_prob(x_out.flatten(0, 1).to(mean.dtype), mean.flatten(0, 1), std.flatten(0, 1))
+    return flat.view(x_out.shape[0], x_out.shape[1])
 
 
 class ChainSampler(nn.Module):
@@ -314,25 +357,23 @@ class ChainSampler(nn.Module):
         points = times.unbind(0)
         solver = _Solver(self.solver, batch, x.device)
         every = torch.ones(batch, dtype=torch.bool, device=x.device)
-        x_in, x_out, log_prob = [], [], []
+        x_in, outs = [], []
         extra: Tensor | float = 0.0  # Heun's corrector evaluations
         for k, i in plan:
             v = v_at(x, i)
             if k is not None and window[k]:
                 out = step_at(x, v, i, generator)
                 x_in.append(x)
-                x_out.append(out.next_x)
-                log_prob.append(out.log_prob)
+                outs.append(out)
                 solver.broke_all()
                 x = out.next_x
             else:
                 x, added = solver.step(velocity, cond, x, v, points[i], points[i + 1], every)
                 extra = extra + added
         nfe = torch.full((batch,), float(len(plan)), device=x.device) + extra
-        lp = torch.stack(log_prob, dim=1).to(torch.get_default_dtype())
-        return Transitions(
-            final=x, x_in=torch.stack(x_in, 1), x_out=torch.stack(x_out, 1), steps=steps, log_prob=lp, nfe=nfe
-        )
+        x_out = torch.stack([out.next_x for out in outs], dim=1)
+        log_prob = _stacked_log_prob(outs, x_out).to(torch.get_default_dtype())
+        return Transitions(final=x, x_in=torch.stack(x_in, 1), x_out=x_out, steps=steps, log_prob=log_prob, nfe=nfe)
 
     def _sample_per_row(self, velocity, cond, x, mask, times, plan, steps, generator) -> Transitions:
         """``sample`` where rows hold different steps (one random step per sample)."""
