@@ -118,9 +118,10 @@ _BENCH_ARGS = (
     arg(
         "bench",
         choices=list(BENCHES),
-        help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / GRPO / DPPO / Gaussian PPO "
-        "fine-tuning side by side on the locomotion tasks (one file each in the tasks folder); images: Flow-GRPO, "
-        "MixGRPO and MixGRPO-Flash fine-tuning one pretrained shapes-world model side by side (held-out accuracy "
+        help="rollout: env steps/s of raw envs vs collectors; locomotion: ReinFlow / GRPO / DPPO / Gaussian PPO / "
+        "DiffusionNFT / AWM / AC-Flow fine-tuning side by side on the locomotion tasks (one file each in the tasks "
+        "folder); images: Flow-GRPO, MixGRPO, MixGRPO-Flash, DiffusionNFT, AWM and AC-Flow fine-tuning one "
+        "pretrained shapes-world model side by side (held-out accuracy "
         "before / after per category, JPEG size, diversity, time per iteration, NFE, memory); maniskill: Flow-Noise "
         "and Flow-SDE, each under PPO and GRPO, fine-tuning one pretrained policy per ManiSkill task side by side "
         "(held-out success before / after, env steps, wall time, training-step time, collection vs raw stepping); "
@@ -181,7 +182,8 @@ _BENCH_ARGS = (
     arg(
         "--methods",
         type=_comma_list,
-        help="images: comma list of flow_grpo, mixgrpo, flash (default all; times relative to flow_grpo); maniskill: "
+        help="images: comma list of flow_grpo, mixgrpo, flash, nft, awm, ac_flow (default all; times relative to "
+        "flow_grpo); maniskill: "
         "flow_noise_ppo, flow_sde_ppo, flow_noise_grpo, flow_sde_grpo (default all; training-step times relative to "
         "flow_noise_ppo)",
     ),

@@ -16,7 +16,9 @@ samples of positive advantage and pushes it away from those of negative advantag
 policy-gradient view: the flow-matching error stands in for -log-likelihood). Pushing away is
 unbounded on its own: the proximal term to the policy that collected the rollout (v_old, the
 paper's ema_beta = 1) makes each row's loss convex for |w| < 1, and ``beta`` (the paper's
-"Uniform" KL) keeps the field near the initial policy.
+"Uniform" KL) keeps the field near the initial policy. Convex per update is not stable over
+iterations: where negative samples dominate, each update's minimiser moves further away than
+the last (``flowrl.algos.likelihood_free``); ``adv_mode: positive`` keeps every w >= 0.
 """
 
 from __future__ import annotations

@@ -16,6 +16,16 @@ turns the velocity predicted there into its loss; optional regularisers ``beta *
 ||v_theta - v_ref||^2`` keep the field near the reference (the initial policy, a frozen copy)
 and ``old_coef * mean ||v_theta - v_old||^2`` near the policy that collected the rollout (a
 trust region, AWM's ``ema_beta``).
+
+Negative advantages and many steps per rollout. Near a point x_t where most samples have a
+negative advantage (local mean weight m < 0), the update's minimiser moves the field away from
+those samples by a step proportional to its own distance from them (NFT: v - v* grows by
+1 + |m| / nft_beta; AWM with its proximal term: by old_coef / (old_coef - |m|)); the next
+rollout starts from there, so over iterations the field runs off geometrically. The papers take
+one optimiser step per rollout; with epochs of minibatch steps (the quickstarts: ~40) each
+iteration reaches that minimiser. ``adv_mode: positive`` (DiffusionNFT's positive_only)
+zeroes the negative advantages: every weight is >= 0 and the update contracts towards the
+better samples (README, "Likelihood-free fine-tuning", measured).
 """
 
 from __future__ import annotations
@@ -123,6 +133,13 @@ def noised_rows(cond, x1: Tensor, advantages: Tensor, times: Tensor, generator: 
     return NoisedRows(cond[idx], x1_rows, t, eps, x_t, target, advantages[idx])
 
 
+def mode_advantages(advantages: Tensor, mode: str) -> Tensor:
+    """``adv_mode``: "all" keeps the advantages ``[N]``; "positive" sets those below 0 to 0, so a
+    sample worse than its group's mean neither pulls nor pushes (NFT: r = 1/2, whose loss is
+    stationary at v_theta = v_old; AWM: weight 0)."""
+    return advantages.clamp(min=0.0) if mode == "positive" else advantages
+
+
 def matching_error(v: Tensor, target: Tensor) -> Tensor:
     """Per-row flow-matching error ``mean over the event dims of (v - target)^2``: ``[R, *E] -> [R]``."""
     return (v - target).pow(2).flatten(1).mean(dim=1)
@@ -187,6 +204,7 @@ class LikelihoodFreeAlgorithm(CheckpointState):
         assert rollout.episode_return is not None and rollout.episode_success is not None
         outcome = rollout.episode_return if self.cfg.outcome == "return" else rollout.episode_success.float()
         adv, steps, self._stats = kept_group_steps(rollout, outcome, self.group_size, self.cfg.adv_eps)
+        adv = mode_advantages(adv, self.cfg.adv_mode)
         dev = self.device
         samples = rollout.samples[steps].to(dev)
         if self.bounds is not None:

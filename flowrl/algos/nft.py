@@ -22,7 +22,10 @@ velocity (tests/algos/test_nft.py checks it on a Gaussian flow): a policy-improv
 direction, learned with the pretraining loss.
 
 After each iteration the old policy follows: old <- d old + (1 - d) theta with d =
-min(old_decay_rate * iteration, old_decay_max) (the paper's schedule, 0.001 and 0.5).
+min(old_decay_rate * iteration, old_decay_max) (the paper's schedule, 0.001 and 0.5). With
+``adv_mode: positive`` (the paper's positive_only) a negative sample has r = 1/2, whose loss is
+stationary at v_theta = v_old: it holds the field instead of pushing it away, and the minimiser
+becomes v_old + (p / beta)(u+ - v_old) (``flowrl.algos.likelihood_free`` for why).
 """
 
 from __future__ import annotations

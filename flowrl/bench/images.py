@@ -1,5 +1,5 @@
-"""``flowrl bench images``: Flow-GRPO, MixGRPO and MixGRPO-Flash fine-tuned side by side from
-one pretrained shapes-world model.
+"""``flowrl bench images``: Flow-GRPO, MixGRPO, MixGRPO-Flash and the log-prob-free methods
+(DiffusionNFT, AWM, AC-Flow) fine-tuned side by side from one pretrained shapes-world model.
 
 One command runs the whole comparison:
   1. the pretrained model: ``--pretrained`` (default ``cache/shapes/pretrain/pretrained.pt``);
@@ -101,6 +101,9 @@ METHODS = (
     Method("Flow-GRPO", "flow_grpo", "shapes_flow_grpo.yaml"),
     Method("MixGRPO", "mixgrpo", "shapes_mixgrpo.yaml"),
     Method("Flash", "flash", "shapes_flash.yaml"),
+    Method("DiffusionNFT", "nft", "shapes_nft.yaml"),
+    Method("AWM", "awm", "shapes_awm.yaml"),
+    Method("AC-Flow", "ac_flow", "shapes_ac_flow.yaml"),
 )
 BASELINE = "Flow-GRPO"  # the times are reported as ratios to it
 

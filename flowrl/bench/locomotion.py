@@ -1,6 +1,6 @@
 """``flowrl bench locomotion``: ReinFlow (rectified flow, shortcut, MeanFlow; K = 4 and
-K = 1), GRPO with ReinFlow's sampler, DPPO and Gaussian PPO fine-tuned side by side on the
-locomotion tasks.
+K = 1), GRPO with ReinFlow's sampler, DPPO, Gaussian PPO and the methods without log-prob
+ratios (DiffusionNFT, AWM, AC-Flow) fine-tuned side by side on the locomotion tasks.
 
 The tasks are data: one file per task in ``experiments/locomotion/tasks/`` (its env, its
 expert, its methods and sizes, its dataset recipes; see flowrl.bench.tasks). A task added
@@ -13,7 +13,7 @@ The whole pipeline runs in one command, each step cached under ``cache/``:
      own stochasticity, recorded by ``flowrl collect --actions sample``
      (``cache/datasets/TASK-medium.npz``; re-recorded when the file's recorded recipe differs),
   3. per method file: behaviour cloning once (K = 4 and K = 1 share the pretrained network),
-  4. per variant: PPO fine-tuning from that network, timed.
+  4. per variant: fine-tuning from that network (PPO, GRPO, NFT, AWM or AC-Flow), timed.
 ``--data-only`` stops after steps 1-2, making every dataset the task lists (expert and medium).
 Overrides reach every step: ``--set-expert`` the expert's experiment (steps 1-2), ``--set-data
 DATASET.KEY=VALUE`` the task's recipes (step 2), ``--set`` the method files (steps 3-4), so a
@@ -70,6 +70,10 @@ VARIANTS = (
     Variant("GRPO rectified flow K=4", "grpo"),
     Variant("DPPO", "dppo"),
     Variant("Gaussian PPO", "gaussian"),
+    # without log-prob ratios: the deterministic ODE with GRPO's groups, and a critic on the chain
+    Variant("DiffusionNFT rectified flow K=4", "nft"),
+    Variant("AWM rectified flow K=4", "awm"),
+    Variant("AC-Flow rectified flow K=4", "ac_flow"),
 )
 
 

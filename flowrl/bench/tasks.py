@@ -39,7 +39,7 @@ DEFAULT_TASKS_DIR = ROOT / "experiments" / "locomotion" / "tasks"
 TASKS_DIR_VAR = "FLOWRL_LOCOMOTION_TASKS"
 
 # The methods the benchmark knows (its variants, flowrl.bench.locomotion.VARIANTS, run them).
-METHODS = ("reinflow", "shortcut", "meanflow", "grpo", "dppo", "gaussian")
+METHODS = ("reinflow", "shortcut", "meanflow", "grpo", "dppo", "gaussian", "nft", "awm", "ac_flow")
 BENCH_DATASET = "medium"  # the dataset every method file of the benchmark pretrains on
 _NAME = re.compile(r"^[a-z0-9_]+$")
 

@@ -163,6 +163,12 @@ class LikelihoodFreeConfig(_Strict):
     outcome: Literal["return", "success"] = Field("return", description="what an episode scores")
     adv_eps: float = Field(1e-4, gt=0, description="advantage = (r - mean) / (std + adv_eps) within each group")
     adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    adv_mode: Literal["all", "positive"] = Field(
+        "all",
+        description="all = every sample weighs by its clipped advantage; positive = advantages below 0 count as 0 "
+        "(DiffusionNFT's positive_only): a worse-than-average sample holds the field where it is instead of "
+        "pushing it away",
+    )
     beta: float = Field(
         0.0,
         ge=0,

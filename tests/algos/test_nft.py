@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowrl.algos.likelihood_free import mode_advantages
 from flowrl.algos.nft import implicit_velocities, nft_error, nft_loss, optimality_probability
 from flowrl.config import build_config
 
@@ -75,13 +76,18 @@ def _gaussian_posterior(x: float, t: float, mean: float, std: float) -> tuple[fl
     return density, post_mean, math.sqrt(post_var)
 
 
+@pytest.mark.parametrize("mode", ["all", "positive"])
 @pytest.mark.parametrize(("x", "t", "beta"), [(0.3, 0.4, 1.0), (-0.8, 0.6, 0.5), (1.5, 0.25, 0.1)])
-def test_nft_loss_minimiser_on_a_gaussian_flow_is_the_policy_improvement(x: float, t: float, beta: float) -> None:
-    """1-D data: positive samples ~ N(1, 0.5^2) (r = 1), negative ~ N(-1, 0.7^2) (r = 0), mixed
-    40/60, the old field the mixture's exact velocity. At a point (x, t) of the forward process,
-    every clean sample consistent with x_t = x is drawn from its exact posterior; minimising the
-    plain NFT loss over the one velocity value v there must give, by the closed form,
-    v* = v_old + (2 p / beta)(u+ - v_old), p = P(positive | x_t = x), u+ the positives' velocity."""
+def test_nft_loss_minimiser_on_a_gaussian_flow_is_the_policy_improvement(
+    x: float, t: float, beta: float, mode: str
+) -> None:
+    """1-D data: positive samples ~ N(1, 0.5^2) (advantage +c), negative ~ N(-1, 0.7^2)
+    (advantage -c), mixed 40/60, the old field the mixture's exact velocity. At a point (x, t)
+    of the forward process, every clean sample consistent with x_t = x is drawn from its exact
+    posterior; minimising the plain NFT loss over the one velocity value v there must give, by
+    the closed form v* = v_old + mean[(2 r - 1)(v_target - v_old)] / beta: with adv_mode all
+    (r = 1 and 0) v_old + (2 p / beta)(u+ - v_old), p = P(positive | x_t = x), u+ the positives'
+    velocity; with adv_mode positive (r = 1 and 1/2: the negatives hold v_old) half that step."""
     pos, neg, share = (1.0, 0.5), (-1.0, 0.7), 0.4
     d_pos, m_pos, s_pos = _gaussian_posterior(x, t, *pos)
     d_neg, m_neg, s_neg = _gaussian_posterior(x, t, *neg)
@@ -92,7 +98,8 @@ def test_nft_loss_minimiser_on_a_gaussian_flow_is_the_policy_improvement(x: floa
 
     u_pos, u_neg = velocity(m_pos), velocity(m_neg)
     v_old = p * u_pos + (1 - p) * u_neg
-    closed_form = v_old + 2 * p / beta * (u_pos - v_old)
+    step = 2 * p if mode == "all" else p
+    closed_form = v_old + step / beta * (u_pos - v_old)
 
     g = torch.Generator().manual_seed(1)
     n = 400_000
@@ -101,7 +108,8 @@ def test_nft_loss_minimiser_on_a_gaussian_flow_is_the_policy_improvement(x: floa
     x1 = torch.where(positive, m_pos + s_pos * z, m_neg + s_neg * z)
     eps = (x - t * x1) / (1 - t)
     target = (x1 - eps).view(n, 1)
-    r = positive.double()
+    clip = 2.0
+    r = optimality_probability(mode_advantages(torch.where(positive, clip, -clip), mode), clip)
     t_rows = torch.full((n,), t, dtype=torch.float64)
 
     old_rows = torch.full((n, 1), v_old, dtype=torch.float64)
@@ -113,7 +121,7 @@ def test_nft_loss_minimiser_on_a_gaussian_flow_is_the_policy_improvement(x: floa
     # the loss is a parabola in v: its vertex from three values
     a, b, c = (mean_loss(v) for v in (-1.0, 0.0, 1.0))
     vertex = 0.5 * (a - c) / (a - 2 * b + c)
-    scale = abs(u_pos - v_old) * 2 * p / beta + 1.0
+    scale = abs(u_pos - v_old) * step / beta + 1.0
     assert vertex == pytest.approx(closed_form, abs=0.02 * scale), (vertex, closed_form)
 
 

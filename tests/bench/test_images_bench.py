@@ -42,7 +42,7 @@ def test_images_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypatch
     assert shlex.split(results["commands"]["bench"])[:3] == ["flowrl", "bench", "images"]
 
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["Flow-GRPO", "MixGRPO", "Flash"]
+    assert list(rows) == ["Flow-GRPO", "MixGRPO", "Flash", "DiffusionNFT", "AWM", "AC-Flow"]
     times = {}
     for method, row in rows.items():
         (run,) = row["runs"]
@@ -71,10 +71,10 @@ def test_images_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypatch
         assert row["time_vs_flow_grpo"] == pytest.approx(times[method] / times["Flow-GRPO"])
 
     grid = results["grid"]
-    assert grid["columns"] == ["pretrained", "Flow-GRPO", "MixGRPO", "Flash"] and len(grid["prompts"]) == 4
+    assert grid["columns"] == ["pretrained", *rows] and len(grid["prompts"]) == 4
     width, height = _valid_png(out / grid["file"])
-    # 4 prompts x (4 blocks of 2 images + 3 blanks), 16 px tiles with 2 px gaps, upscaled 4x
-    assert (width, height) == (4 * (11 * 18 + 2), 4 * (4 * 18 + 2))
+    # 4 prompts x (7 blocks of 2 images + 6 blanks), 16 px tiles with 2 px gaps, upscaled 4x
+    assert (width, height) == (4 * (20 * 18 + 2), 4 * (4 * 18 + 2))
     _valid_png(out / "images.png")
     assert "| Flow-GRPO |" in printed and "1.00x" in printed and "images.json" in printed
 
@@ -127,6 +127,25 @@ def test_cli_help_lists_the_images_bench(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "images: Flow-GRPO, MixGRPO and MixGRPO-Flash" in text
+    assert "images: Flow-GRPO, MixGRPO, MixGRPO-Flash, DiffusionNFT, AWM and AC-Flow" in text
     for option in ("--methods", "--iterations", "--pretrained", "--seeds", "--out", "--no-progress"):
         assert option in text
+
+
+def test_every_method_of_each_size_resolves_to_a_valid_config():
+    """Every method of the images bench loads from each size's folder (no training): the split
+    and the network of the size's pretraining file, so all fine-tune the same pretrained model;
+    the log-prob-free methods are there under their own algorithm."""
+    from flowrl.bench.images import METHODS, SIZES, select_methods
+    from flowrl.config import load_config
+
+    assert {"nft", "awm", "ac_flow"} <= {m.key for m in METHODS}
+    for folder in SIZES.values():
+        pretrain = load_config(folder / "shapes_pretrain.yaml")
+        for method in METHODS:
+            (chosen,) = select_methods([method.key])
+            assert chosen == method and select_methods([method.label]) == [method]
+            cfg = load_config(folder / method.file)
+            assert cfg.env.benchmark == pretrain.env.benchmark and cfg.policy.channels == pretrain.policy.channels
+            if method.key in ("nft", "awm", "ac_flow"):
+                assert cfg.algo.type == method.key

@@ -174,3 +174,30 @@ def test_every_method_a_task_may_list_has_bench_variants():
     assert {v.method for v in VARIANTS} == set(METHODS)
     shipped = load_tasks(DEFAULT_TASKS_DIR)  # whatever the folder holds: no list of tasks to keep in step
     assert shipped and all(task.file.parent == DEFAULT_TASKS_DIR for task in shipped.values())
+
+
+@pytest.mark.parametrize("task", load_tasks(DEFAULT_TASKS_DIR).values(), ids=lambda t: t.name)
+def test_every_variant_resolves_to_a_valid_config_side_by_side(task):
+    """Each variant of a shipped task loads (its file with the variant's overrides, each size)
+    without training; the log-prob-free methods run GRPO's budget: the likelihood-free ones
+    (nft, awm) its groups, envs, episode length and iterations, AC-Flow its envs, episode length
+    and iterations (one episode per env, no groups)."""
+    from flowrl.config import load_config
+
+    for size in task.spec.sizes:
+        grpo = load_config(task.method_file("grpo", size))
+        for variant in VARIANTS:
+            if variant.method not in task.spec.methods:
+                continue
+            cfg = load_config(task.method_file(variant.method, size), list(variant.overrides))
+            assert cfg.env.id == task.spec.env_id
+            if variant.method in ("nft", "awm", "ac_flow"):
+                assert cfg.algo.type == variant.method
+                assert (cfg.env.num_envs, cfg.algo.max_steps, cfg.algo.iterations) == (
+                    grpo.env.num_envs,
+                    grpo.algo.max_steps,
+                    grpo.algo.iterations,
+                )
+                assert cfg.policy == grpo.policy and cfg.pretrain == grpo.pretrain  # the same pretrained network
+            if variant.method in ("nft", "awm"):
+                assert cfg.env.group_size == grpo.env.group_size and cfg.algo.outcome == "return"
