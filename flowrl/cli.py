@@ -182,7 +182,8 @@ _BENCH_ARGS = (
     arg(
         "--methods",
         type=_comma_list,
-        help="images: comma list of flow_grpo, mixgrpo, flash, nft, awm, ac_flow (default all; times relative to "
+        help="images: comma list of flow_grpo, mixgrpo, flash, nft, awm, ac_flow (default flow_grpo, mixgrpo, flash; "
+        "times relative to "
         "flow_grpo); maniskill: "
         "flow_noise_ppo, flow_sde_ppo, flow_noise_grpo, flow_sde_grpo (default all; training-step times relative to "
         "flow_noise_ppo)",

@@ -106,11 +106,13 @@ METHODS = (
     Method("AC-Flow", "ac_flow", "shapes_ac_flow.yaml"),
 )
 BASELINE = "Flow-GRPO"  # the times are reported as ratios to it
+# what runs without --methods: the README's table (the methods without log-prob ratios run when named)
+DEFAULT_METHODS = ("flow_grpo", "mixgrpo", "flash")
 
 
 def select_methods(names: list[str] | None) -> list[Method]:
-    """The methods named by key or label (all for None), in the table's order."""
-    return common.select_methods(names, METHODS, "images")
+    """The methods named by key or label (``DEFAULT_METHODS`` for None), in the table's order."""
+    return common.select_methods(list(DEFAULT_METHODS) if names is None else names, METHODS, "images")
 
 
 def run_images_bench(
