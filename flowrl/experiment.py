@@ -331,7 +331,8 @@ def _banner(cfg: ExperimentConfig, device: torch.device) -> str:
     where = f"{workers} Ray {kind} workers" if cfg.ray.enabled else f"{workers} in-process {kind} workers"
     what = "training" if cfg.pretrain is None and cfg.policy.pretrained is None else "fine-tuning"
     n = cfg.learner.num_workers
-    learner = f"learner on {device}" if n == 1 else f"{n} learner ranks ({cfg.learner.resolved_backend}, DDP)"
+    ranks = f"{n} learner ranks ({cfg.learner.resolved_backend}, {cfg.learner.strategy.upper()})"
+    learner = f"learner on {device}" if n == 1 else ranks
     return f"{what} ({_method(cfg)}): {learner}, {where}"
 
 

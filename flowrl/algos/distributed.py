@@ -1,5 +1,6 @@
 """A data-parallel learner: N ranks as Ray actors, joined by one torch.distributed process
-group, gradients averaged by DistributedDataParallel (``learner.num_workers > 1``).
+group, gradients averaged by DistributedDataParallel (``learner.num_workers > 1``,
+``learner.strategy: ddp``) or by FSDP2's reduce-scatter over sharded parameters (``fsdp``).
 
 The driver (the Trainer's process) keeps the whole loop: it collects, computes the advantages
 over the whole batch (``Algorithm.prepare``: GAE, GRPO's group statistics), checks the ratio,
@@ -17,18 +18,28 @@ attached (``PolicyGradientAlgorithm.data_parallel``):
   minibatch's statistics (all-reduced), and the non-finite guard checks the whole minibatch's
   loss, so every rank takes and skips the same steps.
 
+With ``strategy: fsdp`` each rank's trained networks (policy, critic) are ``fully_shard``-ed
+(``shard_networks``): a rank keeps 1/N of their parameters and of Adam's moments, FSDP gathers
+the whole parameters for each ``evaluate`` / forward and its backward and reduce-scatters the
+gradients (their mean over the ranks, as DDP's), so the same loss scaling gives the same update.
+After the update every rank joins in gathering the full state (``full_state``) and rank 0
+returns it: the checkpoint holds whole tensors either way.
+
 Rank 0 then returns what the update changed (networks, optimisers, generator); the driver loads
 it into its own algorithm, so checkpoints are those of one learner (rank-independent: a run
-resumes with any ``learner.num_workers``).
+resumes with any ``learner.num_workers`` and either strategy).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
+import inspect
 import logging
 import os
 import socket
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +59,10 @@ log = logging.getLogger("flowrl")
 DRIVER_STATE = ("reward_scaler", "reference")
 
 AlgorithmBuilder = Callable[[torch.device], Any]  # device -> a PolicyGradientAlgorithm
+
+# The policy methods the update computes its losses through (not ``forward``): FSDP gathers the
+# parameters around each call (``register_fsdp_forward_method``).
+FSDP_FORWARD_METHODS = ("evaluate", "coupled_actions")
 
 
 class LearnerError(FlowRLError, RuntimeError):
@@ -89,19 +104,27 @@ class RankDataParallel:
     """A rank's part in a data-parallel update (``flowrl.algos.policy_gradient.DataParallel``).
 
     ``networks``: the trained networks by the names ``guarded_step`` gives them (``policy``,
-    ``value``), each wrapped in DDP here."""
+    ``value``), each wrapped in DDP here (``strategy`` ddp), or already sharded by
+    ``shard_networks`` (fsdp: FSDP's own hooks average the gradients)."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, networks: dict[str, nn.Module]) -> None:
+    def __init__(
+        self, rank: int, world: int, device: torch.device, networks: dict[str, nn.Module], strategy: str = "ddp"
+    ) -> None:
         self.rank, self.world, self.device = rank, world, device
+        self.networks = set(networks)
         ids = [device.index or 0] if device.type == "cuda" else None
         # broadcast_buffers off: buffers (observation statistics) change only in the update, the
         # same way on every rank; find_unused_parameters: a loss may not reach every parameter.
-        self.ddp = {
-            name: DistributedDataParallel(
-                _PassLoss(net), device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
-            )
-            for name, net in networks.items()
-        }
+        self.ddp = (
+            {
+                name: DistributedDataParallel(
+                    _PassLoss(net), device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
+                )
+                for name, net in networks.items()
+            }
+            if strategy == "ddp"
+            else {}
+        )
         self.weight = 1.0 / world  # this rank's share of the current minibatch, m_r / m
         self.whole = False  # a minibatch smaller than the ranks: every rank takes it whole
 
@@ -135,9 +158,60 @@ class RankDataParallel:
         return (adv - mean.to(adv)) / (std.to(adv) + 1e-8)
 
     def before_backward(self, loss: Tensor, network: str) -> Tensor:
-        if network not in self.ddp:
-            raise RuntimeError(f"data-parallel learner: no DDP module for the {network!r} network")
-        return self.ddp[network](loss * (self.weight * self.world))
+        if network not in self.networks:
+            raise RuntimeError(f"data-parallel learner: the {network!r} network is not data-parallel")
+        scaled = loss * (self.weight * self.world)
+        return self.ddp[network](scaled) if self.ddp else scaled
+
+
+def shard_networks(algo: Any, networks: dict[str, nn.Module], device: torch.device, world: int) -> None:
+    """``fully_shard`` (FSDP2) each of ``networks`` over the process group, in place, and point the
+    algorithm's optimisers (``algo.optimizer.schedule``, ``algo.optimizer.params``) at the sharded
+    parameters, their Adam moments cut into the same shards. Call after loading the full state."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    swap: dict[nn.Parameter, nn.Parameter] = {}
+    for net in networks.values():
+        before = dict(net.named_parameters())
+        fully_shard(net, mesh=mesh)  # replaces each parameter by a DTensor shard of it
+        for name in FSDP_FORWARD_METHODS:
+            if inspect.ismethod(getattr(net, name, None)):
+                register_fsdp_forward_method(net, name)
+        after = dict(net.named_parameters())
+        swap.update({before[k]: after[k] for k in before})
+    for opt in algo.optimizer.schedule:
+        _repoint(opt, swap)
+    algo.optimizer.params[:] = [swap.get(p, p) for p in algo.optimizer.params]
+
+
+def _repoint(opt: torch.optim.Optimizer, swap: dict[nn.Parameter, nn.Parameter]) -> None:
+    """``opt`` over the sharded parameters of ``swap`` (old -> new), its per-parameter state
+    (Adam's moments; not its ``step`` count) sharded like the new parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def shard(key: str, value: Any, new: nn.Parameter) -> Any:
+        if key == "step" or not isinstance(value, Tensor) or not isinstance(new, DTensor):
+            return value
+        # every rank holds the same full moments: each keeps its own shard, no communication
+        return distribute_tensor(value.to(new.device), new.device_mesh, new.placements, src_data_rank=None)
+
+    for group in opt.param_groups:
+        group["params"] = [swap.get(p, p) for p in group["params"]]
+    state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+    for p, st in opt.state.items():
+        new = swap.get(p, p)
+        state[new] = {k: shard(k, v, new) for k, v in st.items()}
+    opt.state = state
+
+
+def full_state(state: Any) -> Any:
+    """``state`` with every DTensor (FSDP's shards) gathered whole. A collective: every rank calls
+    it on the same structure, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return map_tensors(state, lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def rank_device(backend: str) -> torch.device:
@@ -151,9 +225,13 @@ def rank_device(backend: str) -> torch.device:
 class LearnerRank:
     """One rank (a Ray actor): builds the algorithm, joins the process group, runs updates."""
 
-    def __init__(self, rank: int, world: int, backend: str, timeout_s: float, build: AlgorithmBuilder) -> None:
+    def __init__(
+        self, rank: int, world: int, backend: str, timeout_s: float, build: AlgorithmBuilder, strategy: str = "ddp"
+    ) -> None:
         self.rank, self.world, self.backend, self.timeout_s, self.build = rank, world, backend, timeout_s, build
+        self.strategy = strategy
         self.algo: Any = None
+        self.networks: dict[str, nn.Module] = {}
         self.device = torch.device("cpu")
 
     def where(self) -> tuple[str, str, int]:
@@ -172,7 +250,7 @@ class LearnerRank:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def setup(self, address: str, state: dict[str, Any]) -> None:
-        """Join the process group at ``address``, build the algorithm, load ``state``, wrap DDP."""
+        """Join the process group at ``address``, then build the algorithm from ``state``."""
         dist.init_process_group(
             self.backend,
             init_method=f"tcp://{address}",
@@ -181,24 +259,41 @@ class LearnerRank:
             timeout=datetime.timedelta(seconds=self.timeout_s),
         )
         self.device = rank_device(self.backend)
-        self.algo = self.build(self.device)
+        self._build(state)
+
+    def _build(self, state: dict[str, Any]) -> None:
+        """A fresh algorithm with ``state`` loaded, its networks wrapped in DDP or sharded (FSDP).
+        The builder is copied each time: FSDP shards the modules it holds in place."""
+        self.algo = copy.deepcopy(self.build)(self.device)
         self.algo.load_state_dict(state)
         networks = {"policy": self.algo.policy}
         if getattr(self.algo, "critic", None) is not None:
             networks["value"] = self.algo.critic
-        self.algo.data_parallel = RankDataParallel(self.rank, self.world, self.device, networks)
+        self.networks = networks
+        if self.strategy == "fsdp":
+            shard_networks(self.algo, networks, self.device, self.world)
+        self.algo.data_parallel = RankDataParallel(self.rank, self.world, self.device, networks, self.strategy)
 
     def load(self, state: dict[str, Any]) -> None:
-        """The driver's state (after it loaded a checkpoint)."""
-        self.algo.load_state_dict(state)
+        """The driver's state (after it loaded a checkpoint). FSDP: sharded networks take no whole
+        tensors, so the algorithm is built again from ``state`` (every rank at once)."""
+        if self.strategy == "fsdp":
+            self._build(state)
+        else:
+            self.algo.load_state_dict(state)
 
     def update(self, batch: Any, iteration: int, fraction_done: float) -> tuple[dict[str, float], dict | None]:
         """The algorithm's update on this rank; rank 0 also returns what the update changed."""
         self.algo.set_progress(fraction_done)
         metrics = self.algo.update(map_tensors(batch, lambda t: t.to(self.device)), iteration)
+        if self.strategy == "fsdp":
+            for net in self.networks.values():
+                net.reshard()  # a last no-grad forward may have left whole parameters in place of the shards
+        state = {k: v for k, v in self.algo.state_dict().items() if k not in DRIVER_STATE}
+        if self.strategy == "fsdp":
+            state = full_state(state)  # every rank takes part in gathering the shards
         if self.rank != 0:
             return metrics, None
-        state = {k: v for k, v in self.algo.state_dict().items() if k not in DRIVER_STATE}
         return metrics, map_tensors(state, lambda t: t.detach().cpu())
 
     def close(self) -> None:
@@ -263,7 +358,7 @@ class DataParallelLearner:
 
         remote = ray.remote(LearnerRank).options(**ray_options(self.cfg))
         n, backend = self.cfg.num_workers, self.cfg.resolved_backend
-        self.ranks = [remote.remote(r, n, backend, self.cfg.timeout_s, self.build) for r in range(n)]
+        self.ranks = [remote.remote(r, n, backend, self.cfg.timeout_s, self.build, self.cfg.strategy) for r in range(n)]
         self.where = self._wait([rank.where.remote() for rank in self.ranks], "starting")
         for r, (ip, host, pid) in enumerate(self.where):
             log.info("learner rank %d: pid %d on node %s (%s)", r, pid, ip, host)

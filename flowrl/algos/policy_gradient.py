@@ -321,7 +321,9 @@ def guarded_step(
     if dp is not None:
         loss = dp.before_backward(loss, name)
     loss.backward()
-    grad_norm = float(nn.utils.clip_grad_norm_(params, max_grad_norm))
+    norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    # FSDP's sharded gradients give a DTensor norm: the whole gradient's, once gathered
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not guard.ok(f"the {name} gradient norm", grad_norm, iteration, name):
         opt.zero_grad(set_to_none=True)
         return math.nan

@@ -19,9 +19,11 @@ critic), with the file's sizes and ``--set`` overrides:
      (Ray gives an actor OMP_NUM_THREADS = its CPUs), since on a busy machine torch's default
      threads can cost more than they give.
 
-FSDP: ``fully_shard`` (torch's FSDP2) of each task's policy network over N gloo ranks, each
-rank's parameter bytes against the whole network's (``fsdp_param_bytes``); where this torch
-cannot shard on the CPU, the results say so ("needs the GPU machine").
+FSDP: the networks a rank trains (the policy, and PPO's critic) sharded as ``learner.strategy:
+fsdp`` shards them (``flowrl.algos.distributed.shard_networks``: torch's FSDP2 ``fully_shard``)
+over N gloo ranks, each rank's parameter bytes against the whole networks' (one learner's;
+``fsdp_param_bytes``); where this torch cannot shard on the CPU, the results say so ("needs the
+GPU machine").
 
 Results: ``learner.json`` in ``--out`` (default benchmarks/results), and a table on stdout.
 """
@@ -149,37 +151,47 @@ def time_updates(cfg: ExperimentConfig, repeats: int) -> dict[str, Any]:
     }
 
 
-def _fsdp_rank(rank: int, world: int, address: str, network: torch.nn.Module) -> dict[str, Any]:
-    """In a Ray task: join a gloo group, ``fully_shard`` the network, count this rank's bytes."""
+def fsdp_rank_bytes(rank: int, world: int, address: str, cfg: ExperimentConfig, actor: Any) -> dict[str, Any]:
+    """On one of ``world`` processes: join a gloo group, build a rank's algorithm around ``actor``,
+    shard its trained networks as ``learner.strategy: fsdp`` does, count this rank's bytes."""
     import torch.distributed as dist
 
+    from flowrl.algos.distributed import shard_networks
+
     dist.init_process_group(
-        "gloo", init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        "gloo", init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
     )
     try:
-        from torch.distributed.fsdp import fully_shard
+        device = torch.device("cpu")
+        algo = ex.rank_algorithm(cfg, actor, device)
+        networks = {"policy": algo.policy}
+        if getattr(algo, "critic", None) is not None:
+            networks["value"] = algo.critic
 
-        whole = sum(p.numel() * p.element_size() for p in network.parameters())
-        fully_shard(network)
-        local = sum(p.to_local().numel() * p.element_size() for p in network.parameters())
-        return {"whole_bytes": whole, "rank_bytes": local}
+        def held() -> int:
+            local = [getattr(p, "to_local", lambda p=p: p)() for net in networks.values() for p in net.parameters()]
+            return sum(t.numel() * t.element_size() for t in local)
+
+        whole = held()
+        shard_networks(algo, networks, device, world)
+        return {"whole_bytes": whole, "rank_bytes": held()}
     finally:
         dist.destroy_process_group()
 
 
 def fsdp_param_bytes(cfg: ExperimentConfig, world: int) -> dict[str, Any]:
-    """Per-rank parameter bytes of the task's policy network under FSDP over ``world`` gloo ranks."""
+    """Per-rank parameter bytes of the task's trained networks under FSDP over ``world`` gloo ranks."""
     import socket
 
     import ray
 
-    network = fresh_actor(cfg)
+    actor = fresh_actor(cfg)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    task = ray.remote(num_cpus=0)(_fsdp_rank)
+    task = ray.remote(num_cpus=0)(fsdp_rank_bytes)
     try:
-        ranks = ray.get([task.remote(r, world, address, network) for r in range(world)], timeout=300)
+        ranks = ray.get([task.remote(r, world, address, cfg, actor) for r in range(world)], timeout=600)
     except Exception as exc:  # noqa: BLE001 - FSDP on the CPU is this torch's to support or not
         first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
         return {"supported": False, "why": f"needs the GPU machine ({first})"}

@@ -112,8 +112,11 @@ class LearnerConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto = nccl when each rank has a GPU, else gloo (CPU)"
     )
-    strategy: Literal["ddp"] = Field(
-        "ddp", description="ddp = every rank holds the whole model, DistributedDataParallel averages the gradients"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp = every rank holds the whole model, DistributedDataParallel averages the gradients; fsdp = "
+        "torch's fully_shard (FSDP2): each rank holds 1/N of the trained networks' parameters and Adam moments, "
+        "gathered for each forward and backward, gradients reduce-scattered",
     )
     resources_per_worker: dict[str, float] = Field(
         {"CPU": 1.0},
