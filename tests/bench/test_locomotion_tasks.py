@@ -185,13 +185,14 @@ def test_every_variant_resolves_to_a_valid_config_side_by_side(task):
     from flowrl.config import load_config
 
     for size in task.spec.sizes:
-        grpo = load_config(task.method_file("grpo", size))
+        # a task added as data may list fewer methods (e.g. reinflow alone): no GRPO budget to compare
+        grpo = load_config(task.method_file("grpo", size)) if "grpo" in task.spec.methods else None
         for variant in VARIANTS:
             if variant.method not in task.spec.methods:
                 continue
             cfg = load_config(task.method_file(variant.method, size), list(variant.overrides))
             assert cfg.env.id == task.spec.env_id
-            if variant.method in ("nft", "awm", "ac_flow"):
+            if grpo is not None and variant.method in ("nft", "awm", "ac_flow"):
                 assert cfg.algo.type == variant.method
                 assert (cfg.env.num_envs, cfg.algo.max_steps, cfg.algo.iterations) == (
                     grpo.env.num_envs,
@@ -199,5 +200,5 @@ def test_every_variant_resolves_to_a_valid_config_side_by_side(task):
                     grpo.algo.iterations,
                 )
                 assert cfg.policy == grpo.policy and cfg.pretrain == grpo.pretrain  # the same pretrained network
-            if variant.method in ("nft", "awm"):
+            if grpo is not None and variant.method in ("nft", "awm"):
                 assert cfg.env.group_size == grpo.env.group_size and cfg.algo.outcome == "return"
