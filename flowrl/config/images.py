@@ -116,22 +116,26 @@ class TextImagePolicyConfig(_Strict):
         return dim
 
 
+# Flow-GRPO's LoRA targets: every projection of SD3's joint attention (image and text streams).
+LORA_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
 class LoRAConfig(_Strict):
     """peft LoRA on the SD3 transformer (the only trained weights)."""
 
     rank: int = Field(32, ge=1, description="LoRA rank r (Flow-GRPO: 32)")
     alpha: float = Field(64.0, gt=0, description="LoRA alpha; the adapter's scale is alpha / rank (Flow-GRPO: 64)")
     targets: list[str] = Field(
-        [
-            "attn.add_k_proj",
-            "attn.add_q_proj",
-            "attn.add_v_proj",
-            "attn.to_add_out",
-            "attn.to_k",
-            "attn.to_out.0",
-            "attn.to_q",
-            "attn.to_v",
-        ],
+        list(LORA_TARGETS),
         min_length=1,
         description="names (suffixes) of the transformer's modules that get an adapter; default: every projection "
         "of the joint attention, as Flow-GRPO",

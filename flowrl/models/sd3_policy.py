@@ -35,23 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowrl.config.images import LORA_TARGETS
 from flowrl.core.transitions import Reduce, SampleUnit, Transitions
 from flowrl.errors import CheckpointError, FlowRLError
 from flowrl.models.flow_policy import FlowPolicy
 from flowrl.models.policy import Evaluation
 from flowrl.models.sampler import ChainSampler
 
-# Flow-GRPO's LoRA targets: every projection of SD3's joint attention (image and text streams).
-DEFAULT_TARGETS = (
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_k",
-    "attn.to_out.0",
-    "attn.to_q",
-    "attn.to_v",
-)
 _SUBFOLDERS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -61,7 +51,7 @@ class LoRASpec:
 
     rank: int = 32
     alpha: float = 64.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] = LORA_TARGETS  # Flow-GRPO's: every projection of the joint attention
 
     def metadata(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
