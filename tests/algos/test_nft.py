@@ -161,29 +161,32 @@ def test_old_policy_follows_with_the_papers_schedule() -> None:
         torch.testing.assert_close(o, p.detach())  # d = 0: the old policy is the trained one
 
 
-@pytest.mark.slow  # collapses late on some seeds (README, "Likelihood-free fine-tuning"): default run once it holds
 def test_nft_learns_the_two_goal_task(tmp_path) -> None:
-    """The bimodal pretrained policy moves to the rewarded goal (deterministic ODE sampling)."""
+    """The bimodal pretrained policy moves to the rewarded goal (deterministic ODE sampling),
+    with the quickstart's recipe (32 groups of 4, adv_mode positive, c = 1, lr 1e-3) on a smaller
+    budget; success on 50 held-out episodes before and after."""
     from flowrl.experiment import train
 
     cfg = build_config(
         {
             "name": "nft-test",
             "seed": 0,
-            "env": {"id": "flowrl/TwoGoal-v0", "num_envs": 32, "num_workers": 1, "group_size": 8},
+            "env": {"id": "flowrl/TwoGoal-v0", "num_envs": 128, "num_workers": 1, "group_size": 4},
             "policy": {"horizon": 4, "denoising_steps": 4, "hidden_dims": [64, 64]},
             "mdp": {"solver": "dpm_solver_2m"},
             "pretrain": {"demos": {"episodes": 200}, "steps": 800},
             "algo": {
                 "type": "nft",
-                "iterations": 20,
+                "iterations": 15,
                 "max_steps": 8,
                 "epochs": 10,
-                "minibatch_size": 64,
+                "minibatch_size": 128,
                 "actor_lr": 1e-3,
+                "adv_mode": "positive",
+                "adv_clip_max": 1.0,
             },
-            "eval": {"episodes": 50, "every": 20},
-            "checkpoint_every": 20,
+            "eval": {"episodes": 50, "every": 15},
+            "checkpoint_every": 15,
             "ray": {"enabled": False},
         }
     )
