@@ -223,7 +223,6 @@ def _train(run_dir: Path, *overrides: str, resume: bool = False) -> subprocess.P
     )
 
 
-@pytest.mark.slow  # not yet timed on an idle machine: drop the mark once it runs in < ~90 s on 2 cores
 def test_a_two_rank_quickstart_learns(tmp_path) -> None:
     """The quickstart's own pretraining (2000 steps: 300 give a policy that PPO cannot lift) and
     10 of its iterations at a constant learning rate (its 50-iteration linear schedule's first
