@@ -259,8 +259,8 @@ def test_learner_on_cuda(tmp_path):
 
 def test_training_survives_a_worker_killed_mid_iteration(tmp_path):
     """A Ray env worker's process dies during collection (FaultInjection env, os._exit at its
-    40th step: during iteration 3; evaluation episodes never get that far): the run
-    finishes, events.log names the restart, metrics count it."""
+    40th step: during iteration 3; evaluation envs, made anew at each evaluation here, never get
+    that far): the run finishes, events.log names the restart, metrics count it."""
     marker = tmp_path / "fault-fired"
     args = [a for a in TINY if a != "ray.enabled=false"]
     assert (
@@ -272,6 +272,7 @@ def test_training_survives_a_worker_killed_mid_iteration(tmp_path):
                 "algo.iterations=3",
                 "env.id=flowrl/FaultInjection-v0",
                 f"env.kwargs={{fail_at_step: 40, mode: exit, once_marker: {marker}}}",
+                "eval.keep_envs=false",  # the fault counts an env's steps over its lifetime
                 f"runs_dir={tmp_path / 'runs'}",
                 "--no-progress",
             ]

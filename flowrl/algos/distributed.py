@@ -240,6 +240,12 @@ class LearnerRank:
 
         return ray.util.get_node_ip_address(), socket.gethostname(), os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (nodes of one machine share an IP)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous(self) -> str:
         """HOST:PORT of a free port on this node (rank 0's: the process group's store)."""
         import ray
@@ -366,6 +372,10 @@ class DataParallelLearner:
         state = ray.put(self._cpu_state())
         self._wait([rank.setup.remote(address, state) for rank in self.ranks], "joining the process group")
         self.stale = False
+
+    def nodes(self) -> list[str]:
+        """The Ray node of each rank, in rank order (after ``start``)."""
+        return self._wait([rank.node_id.remote() for rank in self.ranks], "asking the ranks' nodes")
 
     def sync(self) -> None:
         """Start the ranks, or give them the driver's state where it changed (a loaded checkpoint)."""

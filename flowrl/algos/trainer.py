@@ -27,7 +27,7 @@ from flowrl.core.batch import TensorBatch
 from flowrl.errors import CheckpointError, FlowRLError, Interrupted
 from flowrl.models.build import actor_record
 from flowrl.models.policy import Policy
-from flowrl.rollout.evaluation import evaluate_policy, headline_success
+from flowrl.rollout.evaluation import EvalEnvs, evaluate_policy, headline_success
 from flowrl.rollout.rollout import Collector, Rollout
 from flowrl.runlog import RunLog, atomic_save
 from flowrl.runtime import progress as progress_bar
@@ -179,6 +179,7 @@ class Trainer:
         self.iteration, self.env_steps = 0, 0
         self.before: dict[str, float] | None = None
         self.last_eval: dict[str, float] | None = None
+        self.eval_envs: EvalEnvs | None = None  # eval.keep_envs: made at the first evaluation
         # Envs without a success signal (MuJoCo locomotion) would always show 0.00.
         self.reports_success = cfg.env.type == "shapes" or cfg.env.id in flowrl_envs.REPORTS_SUCCESS
 
@@ -187,10 +188,10 @@ class Trainer:
         policy = getattr(self.algo, "eval_policy", None) or self.rollout_policy
         if self.evaluator is not None:
             return self.evaluator(policy, self.iteration, self.env_steps)
-        env = self.cfg.env
-        return evaluate_policy(
-            policy, env.id, self.cfg.policy.horizon, self.cfg.eval.episodes, self.cfg.seed, env.kwargs
-        )
+        env, horizon, episodes = self.cfg.env, self.cfg.policy.horizon, self.cfg.eval.episodes
+        if self.cfg.eval.keep_envs and self.eval_envs is None:
+            self.eval_envs = EvalEnvs(env.id, horizon, episodes, env.kwargs)  # closed at the end of ``run``
+        return evaluate_policy(policy, env.id, horizon, episodes, self.cfg.seed, env.kwargs, kept=self.eval_envs)
 
     def save_checkpoint(self) -> None:
         """Writes checkpoints/last.pt atomically; never with non-finite weights (the last good
@@ -276,6 +277,8 @@ class Trainer:
         finally:
             log.close()
             self.collector.close()
+            if self.eval_envs is not None:
+                self.eval_envs.close()
         self.save_policy()
         return {"before": self.before, "after": self.last_eval}
 

@@ -25,6 +25,36 @@ def headline_success(metrics: dict[str, float]) -> float:
     return metrics.get("eval/success_once", metrics["eval/success_rate"])
 
 
+class EvalEnvs:
+    """The envs of a run's evaluations, kept between them (``eval.keep_envs``): made at the first
+    ``get``, reset from the same seeds at every evaluation (a gymnasium env reset with a seed starts
+    the episode a fresh env would: tested for MuJoCo and ManiSkill), closed by ``close``, and after
+    an evaluation that raised (an env in an unknown state is not reused)."""
+
+    def __init__(self, env_id: str, horizon: int, episodes: int, env_kwargs: dict | None = None) -> None:
+        self.env_id, self.horizon, self.episodes, self.env_kwargs = env_id, horizon, episodes, env_kwargs
+        self.envs: list[Any] = []
+        self.made = 0  # envs made over the run (made once while kept)
+
+    def get(self) -> list[Any]:
+        import envs as flowrl_envs
+
+        if not self.envs:
+            try:
+                for _ in range(self.episodes):
+                    self.envs.append(flowrl_envs.make_env(self.env_id, self.horizon, self.env_kwargs))
+                    self.made += 1
+            except BaseException:
+                self.close()
+                raise
+        return self.envs
+
+    def close(self) -> None:
+        envs, self.envs = self.envs, []
+        for env in envs:
+            env.close()
+
+
 def evaluate_policy(
     policy: Policy,
     env_id: str,
@@ -34,6 +64,7 @@ def evaluate_policy(
     env_kwargs: dict | None = None,
     on_frame: Mapping[int, FrameSink] | None = None,
     sampled: bool = False,
+    kept: EvalEnvs | None = None,
 ) -> dict[str, float]:
     """Deterministic (ODE) evaluation: ``episodes`` envs, one episode each, fixed seeds.
     ``sampled``: the same episodes with the stochastic policy that fine-tuning collects with
@@ -51,9 +82,21 @@ def evaluate_policy(
     evaluation itself, is what makes a video show episode i of this evaluation: a policy step
     draws the initial noise of all ``episodes`` envs at once, so an episode depends on how many
     run beside it.
+
+    ``kept``: envs kept between evaluations (its env id, horizon, episodes and kwargs are these);
+    None = make the envs now and close them at the end.
     """
     import envs as flowrl_envs
 
+    if kept is not None:
+        if on_frame:
+            raise ValueError("recording frames needs envs of its own: pass on_frame without kept envs")
+        try:
+            returns, lengths, final = _run_episodes(policy, kept.get(), env_id, seed, sampled)
+        except BaseException:
+            kept.close()
+            raise
+        return _eval_metrics(returns, lengths, final)
     frames = on_frame or {}
     env_list: list[Any] = []
     try:  # the envs made so far are closed however the evaluation ends (ManiSkill's hold ~0.5 GB each)
@@ -140,4 +183,4 @@ def _call(env_id: str, call: str, episode: int, method: Callable[..., T], *args:
         ) from exc
 
 
-__all__ = ["evaluate_policy", "headline_success"]
+__all__ = ["EvalEnvs", "evaluate_policy", "headline_success"]

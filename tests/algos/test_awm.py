@@ -5,7 +5,6 @@ a learning run on the TwoGoal task."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flowrl.algos.awm import awm_loss

@@ -55,6 +55,7 @@ def _tiny_files(folder: Path, demos: Path) -> Path:
         data = yaml.safe_load(path.read_text())
         for section, values in SHRUNK[data["algo"]["type"]].items():
             data[section].update(values)
+        data["env"]["kwargs"]["max_episode_steps"] = 24  # 3 chunks: evaluations of seconds, not minutes
         data["pretrain"]["demos"]["path"] = str(demos)
         (folder / path.name).write_text(yaml.safe_dump(data))
     return folder
@@ -91,6 +92,7 @@ def test_maniskill_bench_fine_tunes_every_method_side_by_side(tmp_path, monkeypa
         return reset(self, seed=seed, options=options)
 
     monkeypatch.setattr(ManiSkillEnv, "reset", spy)
+    monkeypatch.setattr(maniskill, "RAW_STEPS", 4)  # the raw-stepping figure's plumbing, not its precision
     demos, out, cache = tmp_path / "datasets" / "pickcube-hold3-2.npz", tmp_path / "out", tmp_path / "cache"
     folder = _tiny_files(tmp_path / "experiments", demos)
     bench = {"tasks": ["pickcube"], "iterations": 1, "cache": cache, "progress": False, "folder": folder}

@@ -41,6 +41,7 @@ TINY = [
     "algo.iterations=3",
     "eval.episodes=4",
     "eval.every=1",
+    "eval.keep_envs=false",  # FaultInjection counts steps over its lifetime: kept eval envs would reach the fault
     "checkpoint_every=1",
     f"env.id={FAULTY}",
 ]

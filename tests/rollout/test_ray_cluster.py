@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on this machine: env workers spread over both nodes."""
+"""A two-node Ray cluster on this machine: env workers spread over both nodes, and a
+data-parallel learner with one rank per node that makes the one-process update."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.shard import EnvSpec
+from tests.algos.test_distributed import _config, _one_update_both_ways
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
     ray.shutdown()
+    # one CPU per node: each env worker (and each learner rank, one CPU each) has a node of its own
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -50,3 +53,28 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
     assert torch.equal(rollout.samples.final, expected.samples.final)
     assert torch.equal(rollout.samples.x_out, expected.samples.x_out)  # the whole stored chain, not only its end
     assert torch.equal(rollout.rewards, expected.rewards)
+
+
+def test_learner_ranks_one_per_node_make_the_one_process_update(two_node_cluster):
+    """PPO with a critic (learner.num_workers = 2, gloo over TCP between the nodes): the ranks
+    land on different nodes and their update equals the one-process one."""
+    cfg = _config(
+        {"type": "ppo", "minibatch_size": 4, "epochs": 2, "steps_per_iteration": 7, "target_kl": 10.0},
+        {"num_envs": 3},
+    )
+
+    def collect(policy):
+        collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
+        try:
+            return collector.collect(policy, cfg.algo.steps_per_iteration, iteration=0)
+        finally:
+            collector.close()
+
+    def one_per_node(learner):
+        nodes = learner.nodes()
+        assert len(set(nodes)) == 2, nodes
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert set(nodes) == alive
+
+    with ray_session(two_node_cluster.address):
+        _one_update_both_ways(cfg, collect, check_ranks=one_per_node)
