@@ -35,6 +35,7 @@ def test_the_tiny_experiment_loads_and_round_trips():
         (("env.num_envs=4",), None, "unknown key 'env.num_envs'"),
         (("algo.max_steps=3",), None, "algo.max_steps only applies to gym envs"),
         (("pretrain.demos.episodes=3",), None, "pretrain.demos only applies to gym envs"),
+        (("eval.keep_envs=false",), None, "eval.keep_envs only applies to gym envs"),
         (("env.group_size=1",), None, "algo.type: grpo needs env.group_size >= 2"),
         (("policy.channels=[8,12,8]",), None, "positive multiple of 8"),
         (("mdp.steps_after_window=2",), None, "steps_after_window needs window.type: sliding"),

@@ -642,6 +642,7 @@ class ExperimentConfig(_Strict):
             dead["algo.max_steps"] = "to gym envs (an image is one step)"
             dead["algo.gamma"] = "to gym envs (an image is one step)"
             dead["ray.cpus_per_worker"] = "to gym env workers (reward workers reserve no CPU)"
+            dead["eval.keep_envs"] = "to gym envs (an image evaluation has no envs to keep)"
         return dead
 
     def _was_set(self, dotted: str) -> bool:
