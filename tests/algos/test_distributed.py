@@ -106,23 +106,29 @@ def _one_update_both_ways(cfg, collect, reload: bool = False, check_ranks=None) 
             torch.testing.assert_close(ranks_algo.state_dict()[key]["state"][i]["exp_avg"], st["exp_avg"])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ppo_with_a_critic_two_ranks_make_the_one_process_update(ray_local, strategy) -> None:
-    # 3 envs x 7 steps = 21 env steps in minibatches of 4 and a last one of 1: every rank takes that whole
-    cfg = _config(
+def _ppo_config(strategy: str = "ddp"):
+    """PPO with a critic: 3 envs x 7 steps = 21 env steps in minibatches of 4 and a last one of 1
+    (every rank takes that whole)."""
+    return _config(
         {"type": "ppo", "minibatch_size": 4, "epochs": 2, "steps_per_iteration": 7, "target_kl": 10.0},
         {"num_envs": 3},
         strategy=strategy,
     )
 
-    def collect(policy):
-        collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
-        try:
-            return collector.collect(policy, cfg.algo.steps_per_iteration, iteration=0)
-        finally:
-            collector.close()
 
-    _one_update_both_ways(cfg, collect, reload=strategy == "fsdp")
+def _collect_steps(cfg, policy):
+    """One PPO collection of ``cfg``'s envs (seed 0) in this process."""
+    collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
+    try:
+        return collector.collect(policy, cfg.algo.steps_per_iteration, iteration=0)
+    finally:
+        collector.close()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_with_a_critic_two_ranks_make_the_one_process_update(ray_local, strategy) -> None:
+    cfg = _ppo_config(strategy)
+    _one_update_both_ways(cfg, functools.partial(_collect_steps, cfg), reload=strategy == "fsdp")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

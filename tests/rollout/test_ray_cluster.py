@@ -3,6 +3,8 @@ data-parallel learner with one rank per node that makes the one-process update."
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import ray
 import torch
@@ -14,7 +16,7 @@ from flowrl.rollout.collector import InProcessCollector
 from flowrl.rollout.ray_collector import RayCollector
 from flowrl.rollout.ray_runtime import ray_session
 from flowrl.rollout.shard import EnvSpec
-from tests.algos.test_distributed import _config, _one_update_both_ways
+from tests.algos.test_distributed import _collect_steps, _one_update_both_ways, _ppo_config
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +60,7 @@ def test_workers_spread_over_two_nodes(two_node_cluster):
 def test_learner_ranks_one_per_node_make_the_one_process_update(two_node_cluster):
     """PPO with a critic (learner.num_workers = 2, gloo over TCP between the nodes): the ranks
     land on different nodes and their update equals the one-process one."""
-    cfg = _config(
-        {"type": "ppo", "minibatch_size": 4, "epochs": 2, "steps_per_iteration": 7, "target_kl": 10.0},
-        {"num_envs": 3},
-    )
-
-    def collect(policy):
-        collector = InProcessCollector(EnvSpec(cfg.env.id, cfg.policy.horizon, cfg.env.num_envs, seed=0))
-        try:
-            return collector.collect(policy, cfg.algo.steps_per_iteration, iteration=0)
-        finally:
-            collector.close()
+    cfg = _ppo_config()
 
     def one_per_node(learner):
         nodes = learner.nodes()
@@ -77,4 +69,4 @@ def test_learner_ranks_one_per_node_make_the_one_process_update(two_node_cluster
         assert set(nodes) == alive
 
     with ray_session(two_node_cluster.address):
-        _one_update_both_ways(cfg, collect, check_ranks=one_per_node)
+        _one_update_both_ways(cfg, functools.partial(_collect_steps, cfg), check_ranks=one_per_node)
