@@ -99,7 +99,7 @@ def evaluate_policy(
         return _eval_metrics(returns, lengths, final)
     frames = on_frame or {}
     env_list: list[Any] = []
-    try:  # the envs made so far are closed however the evaluation ends (ManiSkill's hold ~0.5 GB each)
+    try:  # the envs made so far are closed however the evaluation ends (a ManiSkill env holds ~30 MB)
         for i in range(episodes):
             env_list.append(flowrl_envs.make_env(env_id, horizon, env_kwargs, frames.get(i)))
         returns, lengths, final = _run_episodes(policy, env_list, env_id, seed, sampled)
