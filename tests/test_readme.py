@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.readme import README, _FENCE
+from tests.readme import _FENCE, README
 
 # A line that is one upper-case identifier (``SOME_ROW``) is a drafting placeholder that
 # was meant to be replaced by a table row or a figure; code blocks are left out.

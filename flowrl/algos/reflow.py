@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import envs as flowrl_envs
 from flowrl.algos.bc import action_chunks, demo_batches, fit
 from flowrl.config import ExperimentConfig, FlowPolicyConfig, PretrainConfig, load_config, save_config
 from flowrl.config.schema import FLOW_TYPES
@@ -266,11 +267,15 @@ def _pairs_file(src: _Source, obs: Tensor, args: argparse.Namespace, device: tor
 
 
 def _evaluate(cfg: ExperimentConfig, actor: VelocityMLP, steps: int, episodes: int) -> dict[str, float]:
-    """The deterministic evaluation of ``actor`` integrated in ``steps`` steps: return and success."""
+    """The deterministic evaluation of ``actor`` integrated in ``steps`` steps: return, its
+    standard error, and success where the env reports one (MuJoCo locomotion has none)."""
     sampler = ChainSampler(steps, solver=cfg.mdp.solver, grid_kind="shifted", grid_shift=cfg.policy.time_shift)
     policy = FlowPolicy(actor.cpu(), sampler)
     metrics = evaluate_policy(policy, cfg.env.id, cfg.policy.horizon, episodes, cfg.seed, cfg.env.kwargs)
-    return {"return": metrics["eval/return"], "success": headline_success(metrics)}
+    found = {"return": metrics["eval/return"], "return_se": metrics["eval/return_std"] / math.sqrt(episodes)}
+    if cfg.env.id in flowrl_envs.REPORTS_SUCCESS:
+        found["success"] = headline_success(metrics)
+    return found
 
 
 def _finetune_yaml(src: _Source, student_path: Path, out: Path) -> Path | None:
@@ -372,7 +377,8 @@ def _summary(report: dict[str, Any]) -> str:
     ]
     for name, m in report.get("success", {}).items():
         if isinstance(m, dict):
-            lines.append(f"  {name}: success {m['success']:.2f}, return {m['return']:.3f}")
+            success = f"success {m['success']:.2f}, " if "success" in m else ""
+            lines.append(f"  {name}: {success}return {m['return']:.3f} ± {m['return_se']:.3f} (standard error)")
     lines.append(f"student: {report['student']}")
     if report["finetune_yaml"]:
         lines.append(f"fine-tune it at K = 1: python -m flowrl.cli train {report['finetune_yaml']}")

@@ -214,3 +214,29 @@ def test_a_run_of_another_policy_family_is_one_line(tmp_path, capsys) -> None:
     assert main(["reflow", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trains a gaussian policy; reflow straightens flow policies" in err[0]
+
+
+def test_a_locomotion_evaluation_reports_returns_and_no_success() -> None:
+    """MuJoCo locomotion has no success: the reflow report and its summary give the return with
+    its standard error only (they read 'success 0.00' before), while the quickstart's task keeps it."""
+    from flowrl.algos.reflow import _evaluate, _summary
+    from flowrl.models.build import build_actor
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    cfg = load_config(root / "locomotion" / "hopper_reinflow.yaml", ["policy.hidden_dims=[8,8]", "seed=3"])
+    found = _evaluate(cfg, build_actor(cfg.policy, 11, 3), 1, 2)
+    assert set(found) == {"return", "return_se"} and found["return_se"] >= 0
+    toy = load_config(root / "quickstart.yaml", ["policy.hidden_dims=[8,8]"])
+    assert "success" in _evaluate(toy, build_actor(toy.policy, 2, 2), 1, 2)
+    report = {
+        "teacher_steps": 32,
+        "held_out_observations": 8,
+        "straightness_gain_1_step": 2.0,
+        "student": "s.pt",
+        "finetune_yaml": None,
+        "straightness_before": {"1_step": 0.2, "2_step": 0.1},
+        "straightness_after": {"1_step": 0.1, "2_step": 0.05},
+        "success": {"student_K1": found, "episodes": 2},
+    }
+    line = next(line for line in _summary(report).splitlines() if "student_K1" in line)
+    assert "success" not in line and f"return {found['return']:.3f} ± {found['return_se']:.3f}" in line
