@@ -24,7 +24,7 @@ import envs as flowrl_envs
 from flowrl.algos.policy_gradient import NumericalError, check_ratio_of
 from flowrl.config import ExperimentConfig
 from flowrl.core.batch import TensorBatch
-from flowrl.errors import CheckpointError, FlowRLError, Interrupted
+from flowrl.errors import CheckpointError, FlowRLError, Interrupted, RewardError
 from flowrl.models.build import actor_record
 from flowrl.models.policy import Policy
 from flowrl.rollout.evaluation import EvalEnvs, evaluate_policy, headline_success
@@ -34,8 +34,9 @@ from flowrl.runtime import progress as progress_bar
 from flowrl.runtime import stop_requested
 
 
-class RewardError(FlowRLError, RuntimeError):
-    """The env returned a non-finite reward."""
+class EnvRewardError(RewardError, RuntimeError):
+    """The env returned a non-finite reward (a ``flowrl.errors.RewardError``, as a reward model's
+    failure is, so one ``except RewardError`` catches both)."""
 
 
 class ObservationError(FlowRLError, RuntimeError):
@@ -103,7 +104,7 @@ def check_rewards(rollout: Rollout, env_id: str = "the env") -> None:
     bad = ~torch.isfinite(rollout.rewards) & rollout.valid
     if bool(bad.any()):
         t, n = bad.nonzero()[0].tolist()
-        raise RewardError(
+        raise EnvRewardError(
             f"{env_id} returned reward {rollout.rewards[t, n].item()} at policy step {t} of env {n}; "
             "fix the env's reward (flowrl does not replace bad rewards)"
         )

@@ -15,9 +15,10 @@ import torch
 
 from flowrl.algos.policy_gradient import RatioCheckError, check_ratio, pg_samples
 from flowrl.algos.ppo import PPO, RewardScaler
-from flowrl.algos.trainer import RewardError, check_rewards
+from flowrl.algos.trainer import EnvRewardError, check_rewards
 from flowrl.config import build_config
 from flowrl.core.grids import time_grid
+from flowrl.errors import RewardError
 from flowrl.models.build import build_actor, build_critic, build_policy
 from flowrl.models.networks import ObsNormalizer, ValueMLP
 from flowrl.models.policy import Evaluation
@@ -112,8 +113,9 @@ def test_changed_weights_fail_the_ratio_check():
 def test_non_finite_reward_is_an_error():
     _, ppo, rollout = _setup({"type": "reinflow"})
     rollout.rewards[2, 1] = float("nan")
-    with pytest.raises(RewardError, match="reward nan at policy step 2 of env 1"):
+    with pytest.raises(EnvRewardError, match="reward nan at policy step 2 of env 1") as caught:
         _iteration(ppo, rollout)
+    assert isinstance(caught.value, RewardError)  # the shared error class, not a name of its own
     # a step outside every training episode (collect_episodes' tail, padding) is not looked at
     rollout.valid[2, 1] = False
     check_rewards(rollout)
